@@ -1,0 +1,12 @@
+//! Reading Celery's Redis broker: URL parsing, kombu's key layout, one pipelined read per broker.
+//! The operator only ever reads from the broker.
+
+pub mod keys;
+pub mod pool;
+pub mod reader;
+pub mod url;
+
+pub use self::url::{BrokerEndpoint, UrlError};
+pub use keys::DepthQuery;
+pub use pool::BrokerPool;
+pub use reader::{QueueDepth, ReadError};

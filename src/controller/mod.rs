@@ -1,0 +1,84 @@
+//! The controller: watches TaskQueues and their Deployments, polls brokers, reconciles.
+
+pub mod conditions;
+pub mod deployment;
+pub mod poller;
+pub mod reconcile;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::crd::TaskQueue;
+pub use reconcile::{error_policy, reconcile, Context, Error, SecretCache};
+
+/// Settings of `taskqueue-operator run`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch one namespace instead of all.
+    pub namespace: Option<String>,
+    /// Connect/response timeout for broker reads.
+    pub broker_timeout: Duration,
+    /// How long a broker URL read from a Secret is reused.
+    pub secret_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { namespace: None, broker_timeout: Duration::from_secs(2), secret_ttl: Duration::from_secs(30) }
+    }
+}
+
+fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run until SIGTERM/SIGINT (or until `shutdown` resolves).
+pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let (dep_store, dep_writer) = reflector::store::<Deployment>();
+    let dep_stream = watcher(api::<Deployment>(&client, &settings.namespace), watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR))
+        .default_backoff()
+        .reflect(dep_writer)
+        .applied_objects();
+    let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
+    let controller = Controller::new(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
+        .owns_stream(dep_stream)
+        .reconcile_on(trigger_rx)
+        .graceful_shutdown_on(shutdown);
+
+    let broker = Arc::new(poller::BrokerState::new(settings.broker_timeout));
+    let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx));
+    let reporter = Reporter { controller: deployment::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        deployments: dep_store,
+        broker,
+        histories: Default::default(),
+        secrets: SecretCache::new(client, settings.secret_ttl),
+    });
+    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    poller.abort();
+    info!("controller stopped");
+}

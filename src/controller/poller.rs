@@ -1,0 +1,180 @@
+//! The broker poller: every tick, one pipelined read per broker for all TaskQueues using it.
+//!
+//! Reconciles register what they need to read (a [`Target`]); the poller groups targets by broker
+//! endpoint, reads each broker once per its shortest poll interval, stores a [`Reading`] per
+//! TaskQueue and wakes the reconciler for those whose reading changed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc::UnboundedSender;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::{Mutex, Notify};
+
+use crate::broker::reader::read_depths;
+use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
+use crate::crd::TaskQueue;
+
+pub type Key = ObjectRef<TaskQueue>;
+pub type Depths = Result<Vec<Result<QueueDepth, ReadError>>, ReadError>;
+
+/// What one TaskQueue needs read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub endpoint: BrokerEndpoint,
+    pub queries: Vec<DepthQuery>,
+    pub interval: Duration,
+}
+
+/// The latest read for one TaskQueue: one entry per query of its target, in order.
+#[derive(Clone, Debug)]
+pub struct Reading {
+    pub endpoint: BrokerEndpoint,
+    pub queries: Vec<DepthQuery>,
+    pub at: Instant,
+    pub depths: Depths,
+}
+
+impl Reading {
+    /// A reading only answers the target it was taken for (not one from before a spec change).
+    pub fn matches(&self, target: &Target) -> bool {
+        self.endpoint == target.endpoint && self.queries == target.queries
+    }
+}
+
+pub struct BrokerState {
+    targets: Mutex<HashMap<Key, Target>>,
+    readings: Mutex<HashMap<Key, Reading>>,
+    pool: BrokerPool,
+    wake: Notify,
+    /// Round trips done so far (for tests and benchmarks).
+    pub round_trips: std::sync::atomic::AtomicU64,
+}
+
+impl BrokerState {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            targets: Mutex::default(),
+            readings: Mutex::default(),
+            pool: BrokerPool::new(timeout),
+            wake: Notify::new(),
+            round_trips: Default::default(),
+        }
+    }
+
+    pub async fn register(&self, key: Key, target: Target) {
+        let changed = self.targets.lock().await.insert(key, target.clone()).as_ref() != Some(&target);
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    pub async fn unregister(&self, key: &Key) {
+        self.targets.lock().await.remove(key);
+        self.readings.lock().await.remove(key);
+    }
+
+    pub async fn reading(&self, key: &Key) -> Option<Reading> {
+        self.readings.lock().await.get(key).cloned()
+    }
+
+    /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
+    async fn prune(&self, store: &Store<TaskQueue>) {
+        let mut targets = self.targets.lock().await;
+        let before = targets.len();
+        targets.retain(|k, _| store.get(k).is_some());
+        if targets.len() != before {
+            let live: std::collections::HashSet<Key> = targets.keys().cloned().collect();
+            self.readings.lock().await.retain(|k, _| live.contains(k));
+        }
+    }
+
+    /// Read every broker in `groups` once (concurrently); store per-TaskQueue readings and
+    /// return the TaskQueues whose reading changed.
+    async fn read_groups(&self, groups: Vec<(BrokerEndpoint, Vec<(Key, Target)>)>) -> Vec<Key> {
+        let reads = groups.into_iter().map(|(endpoint, members)| async move {
+            let queries: Vec<DepthQuery> = members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+            let result = self.read_one(&endpoint, &queries).await;
+            (endpoint, members, queries, result)
+        });
+        let results = futures::future::join_all(reads).await;
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        let mut readings = self.readings.lock().await;
+        for (endpoint, members, queries, result) in results {
+            for (key, target) in members {
+                let depths = match &result {
+                    Err(e) => Err(e.clone()),
+                    Ok(all) => Ok(target
+                        .queries
+                        .iter()
+                        .map(|q| queries.binary_search(q).map(|i| all[i].clone()).unwrap_or_else(|_| Ok(QueueDepth::default())))
+                        .collect()),
+                };
+                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), at: now, depths };
+                let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
+                readings.insert(key.clone(), reading);
+                if !same {
+                    changed.push(key);
+                }
+            }
+        }
+        changed
+    }
+
+    async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
+        let shown = endpoint.to_string();
+        let mut conn = self.pool.connection(endpoint).await?;
+        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
+        let result = match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
+        };
+        if result.is_err() {
+            // Dial afresh next time rather than trusting a connection that just failed.
+            self.pool.forget(endpoint).await;
+        }
+        result
+    }
+}
+
+/// Run forever: read due brokers, wake reconciles whose reading changed.
+pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
+    let mut last_read: HashMap<BrokerEndpoint, Instant> = HashMap::new();
+    loop {
+        state.prune(&store).await;
+        let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
+        for (key, target) in state.targets.lock().await.iter() {
+            let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
+            g.0 = g.0.min(target.interval);
+            g.1.push((key.clone(), target.clone()));
+        }
+        last_read.retain(|e, _| groups.contains_key(e));
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut next_wake = now + Duration::from_secs(1);
+        for (endpoint, (interval, members)) in groups {
+            let next = last_read.get(&endpoint).map_or(now, |t| *t + interval);
+            if next <= now {
+                last_read.insert(endpoint.clone(), now);
+                next_wake = next_wake.min(now + interval);
+                due.push((endpoint, members));
+            } else {
+                next_wake = next_wake.min(next);
+            }
+        }
+        if !due.is_empty() {
+            for key in state.read_groups(due).await {
+                if trigger.unbounded_send(key).is_err() {
+                    return; // controller stopped
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_wake.into()) => {}
+            _ = state.wake.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! One reconcile of one TaskQueue: observe -> validate -> decide -> apply -> status.
+//! The deciding and building steps are pure (validate.rs, scaling.rs, deployment.rs); this file
+//! is the IO around them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::conditions::{Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, SPEC_VALID};
+use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
+use super::poller::{BrokerState, Key, Target};
+use crate::broker::{BrokerEndpoint, DepthQuery};
+use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::scaling::{decide, Bounds, History};
+use crate::validate::{validate, ValidSpec};
+
+/// Everything a reconcile needs, shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    /// Deployments labelled as ours (a cache, so a steady state costs no API reads).
+    pub deployments: Store<Deployment>,
+    pub broker: Arc<BrokerState>,
+    pub histories: Mutex<HashMap<Key, History>>,
+    pub secrets: SecretCache,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading Deployment {0}: {1}")]
+    GetDeployment(String, #[source] kube::Error),
+    #[error("applying Deployment {0}: {1}")]
+    ApplyDeployment(String, #[source] kube::Error),
+    #[error("writing status of TaskQueue {0}: {1}")]
+    WriteStatus(String, #[source] kube::Error),
+}
+
+/// Broker URLs from Secrets, cached briefly so a steady state does not GET a Secret per tick.
+pub struct SecretCache {
+    client: Client,
+    ttl: Duration,
+    cache: Mutex<HashMap<(String, SecretKeyRef), (Instant, String)>>,
+}
+
+impl SecretCache {
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        Self { client, ttl, cache: Mutex::default() }
+    }
+
+    /// The broker URL, or a message that says what to fix (never the URL itself).
+    pub async fn get(&self, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
+        let k = (ns.to_string(), r.clone());
+        if let Some((at, v)) = self.cache.lock().expect("lock").get(&k) {
+            if at.elapsed() < self.ttl {
+                return Ok(v.clone());
+            }
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let secret = match api.get_opt(&r.name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err(format!("Secret {ns}/{} not found; create it with the Celery broker URL under key {:?}", r.name, r.key)),
+            Err(e) => return Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
+        };
+        let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
+        let Some(bytes) = bytes else {
+            return Err(format!("Secret {ns}/{} has no key {:?}; put the Celery broker URL there or fix spec.broker.urlSecretRef.key", r.name, r.key));
+        };
+        let url = String::from_utf8(bytes).map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))?;
+        self.cache.lock().expect("lock").insert(k, (Instant::now(), url.clone()));
+        Ok(url)
+    }
+}
+
+/// Pending messages of the pool, when the broker could be read.
+struct Depth {
+    total: i64,
+    by_queue: BTreeMap<String, i64>,
+}
+
+pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key: Key = ObjectRef::from_obj(&*tq);
+    if tq.meta().deletion_timestamp.is_some() {
+        forget(&ctx, &key).await;
+        return Ok(Action::await_change());
+    }
+    let ns = tq.namespace().unwrap_or_default();
+    let name = tq.name_any();
+    let prev = tq.status.clone().unwrap_or_default();
+    let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now is in range"));
+    let mut conds = Conditions::new(&prev.conditions, tq.metadata.generation, now.clone());
+    let mut status = TaskQueueStatus {
+        observed_generation: tq.metadata.generation,
+        last_scale_time: prev.last_scale_time.clone(),
+        last_scale_reason: prev.last_scale_reason.clone(),
+        selector: Some(selector_string(&tq)),
+        ..TaskQueueStatus::default()
+    };
+
+    // 1. Validate. An invalid spec changes nothing but this object's status.
+    let valid = match validate(&tq.spec, &name) {
+        Ok(v) => v,
+        Err(invalid) => {
+            forget(&ctx, &key).await;
+            conds.set(SPEC_VALID, false, "InvalidSpec", invalid.to_string());
+            conds.set(READY, false, "InvalidSpec", "spec is invalid; the worker Deployment is left unchanged until it is fixed");
+            for c in &prev.conditions {
+                if conds.list.iter().all(|n| n.type_ != c.type_) {
+                    conds.list.push(c.clone());
+                }
+            }
+            if conds.turned_false(SPEC_VALID) {
+                warn!(taskqueue = %key, error = %invalid, "invalid spec");
+                publish(&ctx, &tq, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
+            }
+            status.conditions = conds.list;
+            status.desired_replicas = prev.desired_replicas;
+            status.replicas = prev.replicas;
+            status.ready_replicas = prev.ready_replicas;
+            write_status(&ctx, &tq, status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    conds.set(SPEC_VALID, true, "Valid", "spec is valid");
+
+    // 2. Broker depth, as last read by the poller.
+    let depth = broker_depth(&ctx, &tq, &key, &valid, &mut conds).await;
+
+    // 3. The Deployment: never take over one we do not own.
+    let observed = observe_deployment(&ctx, &ns, &name).await?;
+    if let Some(d) = observed.as_ref().filter(|d| !owned_by(d, &tq)) {
+        let owner = d.owner_references().first().map_or("no owner".to_string(), |o| format!("owner {}/{}", o.kind, o.name));
+        let msg = format!("Deployment {ns}/{name} already exists ({owner}) and is not managed by this TaskQueue; delete or rename that Deployment, or rename the TaskQueue");
+        conds.set(DEPLOYMENT_OWNED, false, "DeploymentConflict", msg.clone());
+        conds.set(READY, false, "DeploymentConflict", "the worker Deployment belongs to someone else");
+        if conds.turned_false(DEPLOYMENT_OWNED) {
+            warn!(taskqueue = %key, "{msg}");
+            publish(&ctx, &tq, EventType::Warning, "DeploymentConflict", msg).await;
+        }
+        if let Some(d) = depth {
+            status.pending = Some(d.total);
+            status.pending_by_queue = d.by_queue;
+        }
+        status.conditions = conds.list;
+        write_status(&ctx, &tq, status).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
+
+    // 4. Decide and apply.
+    let current = observed.as_ref().map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+    let bounds = Bounds {
+        min_replicas: valid.min_replicas,
+        max_replicas: valid.max_replicas,
+        tasks_per_replica: valid.tasks_per_replica,
+        activation_threshold: valid.activation_threshold,
+        stabilization_window: valid.stabilization_window,
+    };
+    let decision = {
+        let mut histories = ctx.histories.lock().expect("lock");
+        decide(&bounds, current, depth.as_ref().map(|d| d.total), histories.entry(key.clone()).or_default(), Instant::now())
+    };
+    let desired = deployment::build(&tq, &valid, decision.replicas);
+    if observed.as_ref().is_none_or(|o| !up_to_date(o, &desired)) {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .await
+            .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
+    }
+    if current != Some(decision.replicas) {
+        info!(taskqueue = %key, replicas = decision.replicas, reason = %decision.reason, "scaled");
+        let reason = match current {
+            None => "Created",
+            Some(c) if c < decision.replicas => "ScaledUp",
+            Some(_) => "ScaledDown",
+        };
+        publish(&ctx, &tq, EventType::Normal, reason, decision.reason.clone()).await;
+        status.last_scale_time = Some(now.clone());
+        status.last_scale_reason = Some(decision.reason.clone());
+    }
+
+    // 5. Status.
+    let dstatus = observed.as_ref().and_then(|d| d.status.as_ref());
+    status.replicas = Some(dstatus.and_then(|s| s.replicas).unwrap_or(0));
+    status.ready_replicas = Some(dstatus.and_then(|s| s.ready_replicas).unwrap_or(0));
+    status.desired_replicas = Some(decision.replicas);
+    let reachable = conds.list.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
+    if let Some(d) = depth {
+        status.pending = Some(d.total);
+        status.pending_by_queue = d.by_queue;
+    }
+    let ready = status.ready_replicas.unwrap_or(0);
+    if !reachable {
+        conds.set(READY, false, "BrokerNotRead", format!("replicas held at {}: the broker could not be read (see BrokerReachable)", decision.replicas));
+    } else if ready < decision.replicas {
+        conds.set(READY, false, "WorkersNotReady", format!("{ready}/{} worker pods ready", decision.replicas));
+    } else {
+        conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
+    }
+    if conds.turned_false(BROKER_REACHABLE) {
+        let c = conds.list.iter().find(|c| c.type_ == BROKER_REACHABLE).cloned().expect("set above");
+        warn!(taskqueue = %key, reason = %c.reason, "{}", c.message);
+        publish(&ctx, &tq, EventType::Warning, &c.reason, c.message).await;
+    } else if conds.recovered(BROKER_REACHABLE) {
+        publish(&ctx, &tq, EventType::Normal, "BrokerReachable", "broker readable again; scaling resumed".into()).await;
+    }
+    status.conditions = conds.list;
+    write_status(&ctx, &tq, status).await?;
+
+    // The poller wakes us when the depth changes; a pending scale-down needs a look once per
+    // poll so it happens when the window ends.
+    Ok(if decision.replicas > decision.recommended || depth_unknown(&tq, &ctx, &key).await {
+        Action::requeue(valid.poll_interval)
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    })
+}
+
+async fn depth_unknown(_tq: &TaskQueue, ctx: &Context, key: &Key) -> bool {
+    ctx.broker.reading(key).await.is_none()
+}
+
+async fn forget(ctx: &Context, key: &Key) {
+    ctx.broker.unregister(key).await;
+    ctx.histories.lock().expect("lock").remove(key);
+}
+
+/// Resolve the broker, register what the poller must read, and return the latest reading.
+async fn broker_depth(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidSpec, conds: &mut Conditions<'_>) -> Option<Depth> {
+    let ns = tq.namespace().unwrap_or_default();
+    let sref = &tq.spec.broker.url_secret_ref;
+    let url = match ctx.secrets.get(&ns, sref).await {
+        Ok(u) => u,
+        Err(msg) => {
+            ctx.broker.unregister(key).await;
+            conds.set(BROKER_REACHABLE, false, "BrokerSecretMissing", msg);
+            return None;
+        }
+    };
+    let endpoint = match BrokerEndpoint::parse(&url) {
+        Ok(e) => e,
+        Err(e) => {
+            ctx.broker.unregister(key).await;
+            conds.set(BROKER_REACHABLE, false, "InvalidBrokerURL", format!("Secret {ns}/{} key {:?}: {e}", sref.name, sref.key));
+            return None;
+        }
+    };
+    let opts = &tq.spec.broker.transport_options;
+    let target = Target { endpoint, queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(), interval: valid.poll_interval };
+    ctx.broker.register(key.clone(), target.clone()).await;
+    let Some(reading) = ctx.broker.reading(key).await.filter(|r| r.matches(&target)) else {
+        conds.unknown(BROKER_REACHABLE, "Reading", format!("waiting for the first read of {}", target.endpoint));
+        return None;
+    };
+    let per_queue = match reading.depths {
+        Ok(d) => d,
+        Err(e) => {
+            conds.set(BROKER_REACHABLE, false, e.reason(), e.to_string());
+            return None;
+        }
+    };
+    let mut depth = Depth { total: 0, by_queue: BTreeMap::new() };
+    for (q, d) in valid.queues.iter().zip(per_queue) {
+        match d {
+            Ok(d) => {
+                depth.total += d.pending;
+                depth.by_queue.insert(q.clone(), d.pending);
+            }
+            Err(e) => {
+                conds.set(BROKER_REACHABLE, false, e.reason(), e.to_string());
+                return None;
+            }
+        }
+    }
+    conds.set(BROKER_REACHABLE, true, "Read", format!("read {} queue(s) from {}", valid.queues.len(), target.endpoint));
+    Some(depth)
+}
+
+async fn observe_deployment(ctx: &Context, ns: &str, name: &str) -> Result<Option<Deployment>, Error> {
+    if let Some(d) = ctx.deployments.get(&ObjectRef::new(name).within(ns)) {
+        return Ok(Some((*d).clone()));
+    }
+    // Not in the cache: not created yet, just created, or someone else's (not labelled as ours).
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name).await.map_err(|e| Error::GetDeployment(format!("{ns}/{name}"), e))
+}
+
+/// Server-side apply of `/status`, skipped when nothing changed (zero writes in a steady state).
+async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) -> Result<(), Error> {
+    if tq.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "status": status});
+    api.patch_status(&tq.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|e| Error::WriteStatus(tq.name_any(), e))?;
+    Ok(())
+}
+
+/// Events are best effort: a failure is logged, never fails the reconcile.
+async fn publish(ctx: &Context, tq: &TaskQueue, type_: EventType, reason: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&ev, &tq.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
+}
+
+pub fn error_policy(tq: Arc<TaskQueue>, err: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(taskqueue = %ObjectRef::from_obj(&*tq), error = %err, "reconcile failed; retrying in 5s");
+    Action::requeue(Duration::from_secs(5))
+}

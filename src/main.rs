@@ -1,0 +1,129 @@
+//! `taskqueue-operator` CLI: `run` the controller, print the `crd`, read queue `depth`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use taskqueue_operator::broker::reader::read_depths;
+use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
+use taskqueue_operator::controller::{self, Settings};
+use taskqueue_operator::crd::{self, TransportOptions};
+
+#[derive(Parser)]
+#[command(name = "taskqueue-operator", version, about = "Celery worker pools per queue on Kubernetes, scaled from the Redis broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller (kubeconfig or in-cluster config, as kubectl finds it).
+    Run {
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Connect and reply timeout for broker reads, e.g. `2s`.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        broker_timeout: Duration,
+        /// Log as JSON lines instead of text.
+        #[arg(long, env = "LOG_JSON")]
+        log_json: bool,
+    },
+    /// Print the TaskQueue CustomResourceDefinition as YAML.
+    Crd,
+    /// Read the broker once and print one JSON line per queue: pending messages by priority.
+    Depth {
+        /// Celery broker URL (redis:// or rediss://).
+        #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
+        broker_url: String,
+        /// Queue to measure (repeat for more).
+        #[arg(long = "queue", required = true)]
+        queues: Vec<String>,
+        /// kombu `global_keyprefix`.
+        #[arg(long, default_value = "")]
+        key_prefix: String,
+        /// kombu `priority_steps`, comma separated.
+        #[arg(long, default_value = "0,3,6,9", value_delimiter = ',')]
+        priority_steps: Vec<u8>,
+        /// kombu `sep` (default: the two bytes 0x06 0x16).
+        #[arg(long, default_value = crd::DEFAULT_SEP, hide_default_value = true)]
+        sep: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    taskqueue_operator::validate::parse_duration_str(s)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Depth { broker_url, queues, key_prefix, priority_steps, sep } => {
+            let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep };
+            match depth(&broker_url, &queues, &opts).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { namespace, broker_timeout, log_json } => {
+            init_tracing(log_json);
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "no Kubernetes configuration found (KUBECONFIG, ~/.kube/config or in-cluster)");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let settings = Settings { namespace, broker_timeout, ..Settings::default() };
+            controller::run(client, settings, shutdown_signal()).await;
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<(), String> {
+    let endpoint = BrokerEndpoint::parse(url).map_err(|e| e.to_string())?;
+    let pool = BrokerPool::new(Duration::from_secs(5));
+    let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
+    let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
+    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries).await.map_err(|e| e.to_string())?;
+    let mut failed = None;
+    for (q, d) in queues.iter().zip(depths) {
+        match d {
+            Ok(d) => {
+                let by: serde_json::Map<String, serde_json::Value> = d.by_priority.iter().map(|(s, n)| (s.to_string(), (*n).into())).collect();
+                println!("{}", serde_json::json!({"queue": q, "pending": d.pending, "byPriority": by}));
+            }
+            Err(e) => failed = Some(format!("queue {q}: {e}")),
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::{fmt, EnvFilter};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    if json {
+        fmt().with_env_filter(filter).json().init();
+    } else {
+        fmt().with_env_filter(filter).init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,11 +33,11 @@ pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
     namespaced,
     status = "TaskQueueStatus",
     doc = "A Celery queue, the task routes sent to it and the worker pool that consumes it, scaled from the Redis broker.",
-    printcolumn(name = "Queue", type_ = "string", json_path = ".spec.queue", description = "Celery queue consumed by the workers"),
-    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending", description = "Messages waiting in Redis (all priorities, all queues of this pool)"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas", description = "Replicas the operator asks for"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready worker pods"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".spec.queue","description":"Celery queue consumed by the workers"}"#,
+    printcolumn = r#"{"name":"Pending","type":"integer","jsonPath":".status.pending","description":"Messages waiting in Redis (all priorities, all queues of this pool)"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas","description":"Replicas the operator asks for"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Ready worker pods"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TaskQueueSpec {
@@ -49,7 +49,10 @@ pub struct TaskQueueSpec {
     /// Further queues the same workers consume, e.g. `[reports, notifications]` for a general
     /// pool on `celery`. Their pending messages count towards this pool's demand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$")))]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$"))
+    )]
     pub extra_queues: Vec<String>,
 
     /// Ordered Celery task routes served by this pool. Order matters (first match wins), which is
@@ -118,7 +121,7 @@ fn default_secret_key() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct TransportOptions {
     /// kombu `global_keyprefix`: prepended verbatim (no separator added) to every key.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 200))]
     pub global_keyprefix: String,
     /// kombu `priority_steps`: one Redis list per step. Default `[0, 3, 6, 9]`.
@@ -274,7 +277,9 @@ pub struct ScaleDownSpec {
 
 impl Default for ScaleDownSpec {
     fn default() -> Self {
-        Self { stabilization_window: default_stabilization_window() }
+        Self {
+            stabilization_window: default_stabilization_window(),
+        }
     }
 }
 
@@ -362,7 +367,9 @@ pub fn crd() -> CustomResourceDefinition {
     let mut value = serde_json::to_value(TaskQueue::crd()).expect("CRD serializes");
     let schema = &mut value["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
     for (path, rule, message) in CEL_RULES {
-        let node = schema.pointer_mut(path).expect("CEL rule path exists in schema");
+        let node = schema
+            .pointer_mut(path)
+            .expect("CEL rule path exists in schema");
         let rules = node
             .as_object_mut()
             .expect("schema node is an object")
@@ -379,7 +386,32 @@ pub fn crd() -> CustomResourceDefinition {
         .expect("status.conditions in schema");
     conditions["x-kubernetes-list-type"] = json!("map");
     conditions["x-kubernetes-list-map-keys"] = json!(["type"]);
+    strip_empty_string_defaults(schema);
     serde_json::from_value(value).expect("patched CRD deserializes")
+}
+
+/// API servers up to at least 1.20 read a `default: ""` as null and reject the CRD ("must be of
+/// type string"). An empty string is serde's default anyway, so those defaults are left out.
+fn strip_empty_string_defaults(node: &mut serde_json::Value) {
+    let Some(obj) = node.as_object_mut() else {
+        return;
+    };
+    match obj.get_mut("default") {
+        Some(serde_json::Value::String(s)) if s.is_empty() => {
+            obj.remove("default");
+        }
+        Some(serde_json::Value::Object(d)) => d.retain(|_, v| v.as_str() != Some("")),
+        _ => {}
+    }
+    for child in obj.values_mut() {
+        match child {
+            serde_json::Value::Object(_) => strip_empty_string_defaults(child),
+            serde_json::Value::Array(items) => {
+                items.iter_mut().for_each(strip_empty_string_defaults)
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `taskqueue-operator crd` output and the content of `crds/taskqueue.yaml`.
@@ -394,8 +426,9 @@ mod tests {
 
     #[test]
     fn committed_crd_matches_generated() {
-        let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/taskqueue.yaml"))
-            .expect("crds/taskqueue.yaml exists");
+        let committed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/taskqueue.yaml"))
+                .expect("crds/taskqueue.yaml exists");
         assert!(
             committed == crd_yaml(),
             "crds/taskqueue.yaml is stale: run `cargo run -- crd > crds/taskqueue.yaml`"
@@ -404,19 +437,29 @@ mod tests {
 
     #[test]
     fn chart_crd_matches_generated() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/taskqueue-operator/crds/taskqueue.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/charts/taskqueue-operator/crds/taskqueue.yaml"
+        );
         if let Ok(chart) = std::fs::read_to_string(path) {
-            assert!(chart == crd_yaml(), "{path} is stale: copy crds/taskqueue.yaml");
+            assert!(
+                chart == crd_yaml(),
+                "{path} is stale: copy crds/taskqueue.yaml"
+            );
         }
     }
 
     #[test]
     fn every_schema_property_has_a_description() {
         let value = serde_json::to_value(crd()).unwrap();
-        let schema = &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let schema =
+            &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let mut missing = Vec::new();
         walk(schema, "spec", &mut missing);
-        assert!(missing.is_empty(), "fields without description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields without description: {missing:?}"
+        );
 
         fn walk(node: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
             if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
@@ -444,7 +487,10 @@ mod tests {
         .unwrap();
         assert_eq!(spec.broker.url_secret_ref.key, "url");
         assert_eq!(spec.broker.transport_options.sep, "\u{6}\u{16}");
-        assert_eq!(spec.broker.transport_options.priority_steps, vec![0, 3, 6, 9]);
+        assert_eq!(
+            spec.broker.transport_options.priority_steps,
+            vec![0, 3, 6, 9]
+        );
         assert_eq!(spec.worker.concurrency, 1);
         assert_eq!(spec.scaling.max_replicas, 10);
         assert_eq!(spec.scaling.poll_interval, "2s");

@@ -10,7 +10,11 @@ use taskqueue_operator::controller::{self, Settings};
 use taskqueue_operator::crd::{self, TransportOptions};
 
 #[derive(Parser)]
-#[command(name = "taskqueue-operator", version, about = "Celery worker pools per queue on Kubernetes, scaled from the Redis broker")]
+#[command(
+    name = "taskqueue-operator",
+    version,
+    about = "Celery worker pools per queue on Kubernetes, scaled from the Redis broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,8 +68,18 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Depth { broker_url, queues, key_prefix, priority_steps, sep } => {
-            let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep };
+        Command::Depth {
+            broker_url,
+            queues,
+            key_prefix,
+            priority_steps,
+            sep,
+        } => {
+            let opts = TransportOptions {
+                global_keyprefix: key_prefix,
+                priority_steps,
+                sep,
+            };
             match depth(&broker_url, &queues, &opts).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -74,7 +88,11 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { namespace, broker_timeout, log_json } => {
+        Command::Run {
+            namespace,
+            broker_timeout,
+            log_json,
+        } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
@@ -83,7 +101,11 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let settings = Settings { namespace, broker_timeout, ..Settings::default() };
+            let settings = Settings {
+                namespace,
+                broker_timeout,
+                ..Settings::default()
+            };
             controller::run(client, settings, shutdown_signal()).await;
             ExitCode::SUCCESS
         }
@@ -93,15 +115,27 @@ async fn main() -> ExitCode {
 async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<(), String> {
     let endpoint = BrokerEndpoint::parse(url).map_err(|e| e.to_string())?;
     let pool = BrokerPool::new(Duration::from_secs(5));
-    let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
+    let mut conn = pool
+        .connection(&endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
-    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries).await.map_err(|e| e.to_string())?;
+    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut failed = None;
     for (q, d) in queues.iter().zip(depths) {
         match d {
             Ok(d) => {
-                let by: serde_json::Map<String, serde_json::Value> = d.by_priority.iter().map(|(s, n)| (s.to_string(), (*n).into())).collect();
-                println!("{}", serde_json::json!({"queue": q, "pending": d.pending, "byPriority": by}));
+                let by: serde_json::Map<String, serde_json::Value> = d
+                    .by_priority
+                    .iter()
+                    .map(|(s, n)| (s.to_string(), (*n).into()))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"queue": q, "pending": d.pending, "byPriority": by})
+                );
             }
             Err(e) => failed = Some(format!("queue {q}: {e}")),
         }
@@ -111,7 +145,8 @@ async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::{fmt, EnvFilter};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     if json {
         fmt().with_env_filter(filter).json().init();
     } else {

@@ -14,7 +14,12 @@ pub struct DepthQuery {
 
 impl DepthQuery {
     pub fn new(queue: &str, opts: &TransportOptions) -> Self {
-        Self { queue: queue.to_string(), prefix: opts.global_keyprefix.clone(), sep: opts.sep.clone(), steps: opts.priority_steps.clone() }
+        Self {
+            queue: queue.to_string(),
+            prefix: opts.global_keyprefix.clone(),
+            sep: opts.sep.clone(),
+            steps: opts.priority_steps.clone(),
+        }
     }
 
     /// `(step, key)` for every priority list of this queue, in step order as configured.
@@ -22,7 +27,11 @@ impl DepthQuery {
         self.steps
             .iter()
             .map(|&s| {
-                let key = if s == 0 { format!("{}{}", self.prefix, self.queue) } else { format!("{}{}{}{}", self.prefix, self.queue, self.sep, s) };
+                let key = if s == 0 {
+                    format!("{}{}", self.prefix, self.queue)
+                } else {
+                    format!("{}{}{}{}", self.prefix, self.queue, self.sep, s)
+                };
                 (s, key.into_bytes())
             })
             .collect()
@@ -36,19 +45,41 @@ mod tests {
     #[test]
     fn default_layout_matches_kombu() {
         let keys = DepthQuery::new("celery", &TransportOptions::default()).keys();
-        let want: Vec<(u8, Vec<u8>)> =
-            vec![(0, b"celery".to_vec()), (3, b"celery\x06\x163".to_vec()), (6, b"celery\x06\x166".to_vec()), (9, b"celery\x06\x169".to_vec())];
+        let want: Vec<(u8, Vec<u8>)> = vec![
+            (0, b"celery".to_vec()),
+            (3, b"celery\x06\x163".to_vec()),
+            (6, b"celery\x06\x166".to_vec()),
+            (9, b"celery\x06\x169".to_vec()),
+        ];
         assert_eq!(keys, want);
     }
 
     #[test]
     fn prefix_sep_and_steps_are_honoured() {
-        let opts = TransportOptions { global_keyprefix: "pfx:".into(), priority_steps: vec![0, 1, 5, 9], sep: ":".into() };
-        let keys: Vec<String> = DepthQuery::new("alpha", &opts).keys().into_iter().map(|(_, k)| String::from_utf8(k).unwrap()).collect();
-        assert_eq!(keys, ["pfx:alpha", "pfx:alpha:1", "pfx:alpha:5", "pfx:alpha:9"]);
+        let opts = TransportOptions {
+            global_keyprefix: "pfx:".into(),
+            priority_steps: vec![0, 1, 5, 9],
+            sep: ":".into(),
+        };
+        let keys: Vec<String> = DepthQuery::new("alpha", &opts)
+            .keys()
+            .into_iter()
+            .map(|(_, k)| String::from_utf8(k).unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["pfx:alpha", "pfx:alpha:1", "pfx:alpha:5", "pfx:alpha:9"]
+        );
         // Steps without 0: no bare key (kombu maps priority 0 to the last step then).
-        let opts = TransportOptions { priority_steps: vec![1, 5], ..TransportOptions::default() };
-        let keys: Vec<Vec<u8>> = DepthQuery::new("q", &opts).keys().into_iter().map(|(_, k)| k).collect();
+        let opts = TransportOptions {
+            priority_steps: vec![1, 5],
+            ..TransportOptions::default()
+        };
+        let keys: Vec<Vec<u8>> = DepthQuery::new("q", &opts)
+            .keys()
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
         assert_eq!(keys, vec![b"q\x06\x161".to_vec(), b"q\x06\x165".to_vec()]);
     }
 }

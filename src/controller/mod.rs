@@ -31,13 +31,20 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { namespace: None, broker_timeout: Duration::from_secs(2), secret_ttl: Duration::from_secs(30) }
+        Self {
+            namespace: None,
+            broker_timeout: Duration::from_secs(2),
+            secret_ttl: Duration::from_secs(30),
+        }
     }
 }
 
 fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
     match ns {
@@ -47,21 +54,34 @@ where
 }
 
 /// Run until SIGTERM/SIGINT (or until `shutdown` resolves).
-pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let (dep_store, dep_writer) = reflector::store::<Deployment>();
-    let dep_stream = watcher(api::<Deployment>(&client, &settings.namespace), watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR))
-        .default_backoff()
-        .reflect(dep_writer)
-        .applied_objects();
+    let dep_stream = watcher(
+        api::<Deployment>(&client, &settings.namespace),
+        watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(dep_writer)
+    .applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
-        .owns_stream(dep_stream)
-        .reconcile_on(trigger_rx)
-        .graceful_shutdown_on(shutdown);
+    let controller = Controller::new(
+        api::<TaskQueue>(&client, &settings.namespace),
+        watcher::Config::default(),
+    )
+    .owns_stream(dep_stream)
+    .reconcile_on(trigger_rx)
+    .graceful_shutdown_on(shutdown);
 
     let broker = Arc::new(poller::BrokerState::new(settings.broker_timeout));
     let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx));
-    let reporter = Reporter { controller: deployment::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+    let reporter = Reporter {
+        controller: deployment::MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -70,7 +90,10 @@ pub async fn run(client: Client, settings: Settings, shutdown: impl std::future:
         histories: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
     });
-    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
+    info!(
+        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
+        "controller starting"
+    );
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -64,7 +64,13 @@ impl BrokerState {
     }
 
     pub async fn register(&self, key: Key, target: Target) {
-        let changed = self.targets.lock().await.insert(key, target.clone()).as_ref() != Some(&target);
+        let changed = self
+            .targets
+            .lock()
+            .await
+            .insert(key, target.clone())
+            .as_ref()
+            != Some(&target);
         if changed {
             self.wake.notify_one();
         }
@@ -94,7 +100,12 @@ impl BrokerState {
     /// return the TaskQueues whose reading changed.
     async fn read_groups(&self, groups: Vec<(BrokerEndpoint, Vec<(Key, Target)>)>) -> Vec<Key> {
         let reads = groups.into_iter().map(|(endpoint, members)| async move {
-            let queries: Vec<DepthQuery> = members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+            let queries: Vec<DepthQuery> = members
+                .iter()
+                .flat_map(|(_, t)| t.queries.iter().cloned())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let result = self.read_one(&endpoint, &queries).await;
             (endpoint, members, queries, result)
         });
@@ -109,11 +120,23 @@ impl BrokerState {
                     Ok(all) => Ok(target
                         .queries
                         .iter()
-                        .map(|q| queries.binary_search(q).map(|i| all[i].clone()).unwrap_or_else(|_| Ok(QueueDepth::default())))
+                        .map(|q| {
+                            queries
+                                .binary_search(q)
+                                .map(|i| all[i].clone())
+                                .unwrap_or_else(|_| Ok(QueueDepth::default()))
+                        })
                         .collect()),
                 };
-                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), at: now, depths };
-                let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
+                let reading = Reading {
+                    endpoint: endpoint.clone(),
+                    queries: target.queries.clone(),
+                    at: now,
+                    depths,
+                };
+                let same = readings
+                    .get(&key)
+                    .is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
                 readings.insert(key.clone(), reading);
                 if !same {
                     changed.push(key);
@@ -126,12 +149,17 @@ impl BrokerState {
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
         let shown = endpoint.to_string();
         let mut conn = self.pool.connection(endpoint).await?;
-        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.round_trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
-        let result = match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
-            Ok(r) => r,
-            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
-        };
+        let result =
+            match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
+                Ok(r) => r,
+                Err(_) => Err(ReadError::Unreachable {
+                    endpoint: shown,
+                    cause: format!("no reply within {timeout:?}"),
+                }),
+            };
         if result.is_err() {
             // Dial afresh next time rather than trusting a connection that just failed.
             self.pool.forget(endpoint).await;
@@ -147,7 +175,9 @@ pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: Unbo
         state.prune(&store).await;
         let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
         for (key, target) in state.targets.lock().await.iter() {
-            let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
+            let g = groups
+                .entry(target.endpoint.clone())
+                .or_insert((target.interval, Vec::new()));
             g.0 = g.0.min(target.interval);
             g.1.push((key.clone(), target.clone()));
         }

@@ -1,0 +1,34 @@
+"""The Celery app of the seed setup (`celery -A app.worker`), used by the demo and the tests.
+
+Broker URL from CELERY_BROKER_URL (the operator sets it in every worker pod from the TaskQueue's
+Secret). Routes: the seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set
+(the format the operator's routing ConfigMap holds).
+"""
+import json
+import os
+
+from celery import Celery
+
+app = Celery("app.worker", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+
+SEED_ROUTES = {
+    "app.worker.tasks.ai_tasks.*": {"queue": "ai_processing"},
+    "app.worker.tasks.demo_tasks.*": {"queue": "demo_tasks"},
+    "app.worker.tasks.urgent.*": {"queue": "urgent"},
+    "app.worker.tasks.reports.*": {"queue": "reports"},
+    "app.worker.tasks.emails.*": {"queue": "notifications"},
+}
+
+routes_file = os.environ.get("TASK_ROUTES_FILE")
+app.conf.update(
+    task_routes=(json.load(open(routes_file)),) if routes_file else SEED_ROUTES,
+    # No result backend: the demo only cares where messages go and who consumes them.
+    task_ignore_result=True,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+)
+app.autodiscover_tasks(["app.worker"], related_name="tasks.ai_tasks", force=True)
+app.autodiscover_tasks(["app.worker"], related_name="tasks.demo_tasks", force=True)
+app.autodiscover_tasks(["app.worker"], related_name="tasks.urgent", force=True)
+app.autodiscover_tasks(["app.worker"], related_name="tasks.reports", force=True)
+app.autodiscover_tasks(["app.worker"], related_name="tasks.emails", force=True)

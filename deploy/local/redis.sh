@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# redis.sh up|down|port|env - Debian's redis-server on a free 127.0.0.1 port, no persistence.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+PORTF=$STATE/redis.port
+port() { cat "$PORTF" 2>/dev/null || die "redis is not up (no $PORTF)"; }
+pong() { [ "$(redis-cli -h 127.0.0.1 -p "$(port)" ping 2>/dev/null)" = PONG ]; }
+
+case "${1:-}" in
+  up)
+    if alive redis-server && pong; then log "already running on 127.0.0.1:$(port)"; exit 0; fi
+    stop_pid redis-server
+    free_ports 1 > "$PORTF"
+    # Foreground (not --daemonize) so start_bg's PID is redis itself. --save '' --appendonly no:
+    # nothing on disk, every `up` is an empty broker; --dir keeps any stray file in $STATE.
+    start_bg redis-server redis-server --bind 127.0.0.1 --port "$(port)" --save '' --appendonly no --dir "$STATE"
+    wait_for redis-server 20 "redis PING" pong
+    log "redis up on 127.0.0.1:$(port)" ;;
+  down) stop_pid redis-server; rm -f "$PORTF" ;;
+  port) port ;;
+  env) printf 'export TQ_REDIS_URL=redis://127.0.0.1:%s/0\n' "$(port)" ;;
+  *) echo "usage: $0 up|down|port|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,374 @@
+//! End to end against the real stack: kube-apiserver + kube-controller-manager, redis-server,
+//! real Celery producers and workers. Marked `#[ignore]` so a bare `cargo test` without the
+//! stack reports them as ignored; `make test` starts the stack and runs them.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, PostParams};
+use kube::Api;
+use serde_json::json;
+use support::*;
+use taskqueue_operator::crd::TaskQueue;
+
+const T: Duration = Duration::from_secs(60);
+
+fn pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "queue": queue,
+            "broker": {"urlSecretRef": {"name": "celery-broker", "key": "url"}},
+            "worker": {"image": "example/celery-app:1.0", "app": "app.worker", "concurrency": 4, "nodeName": format!("{name}-worker")},
+            "scaling": scaling
+        }
+    })
+}
+
+async fn wait_replicas(client: &kube::Client, ns: &str, name: &str, want: i32) {
+    wait_for(&format!("{ns}/{name} at {want} replicas"), T, || async {
+        deployment(client, ns, name)
+            .await
+            .filter(|d| replicas(d) == want)
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "seed").await;
+    let redis = Redis::start().await;
+
+    // Apply deploy/examples/seed.yaml as a user would, pointing the Secret at the test Redis.
+    let manifests = std::fs::read_to_string(repo().join("deploy/examples/seed.yaml")).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&manifests) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Secret") => {
+                let mut s: Secret = serde_json::from_value(v).unwrap();
+                s.string_data = Some([("url".to_string(), redis.url())].into());
+                Api::<Secret>::namespaced(client.clone(), &ns)
+                    .create(&PostParams::default(), &s)
+                    .await
+                    .unwrap();
+            }
+            Some("TaskQueue") => {
+                let mut v = v;
+                v["spec"]["scaling"]["pollInterval"] = json!("500ms");
+                create_taskqueue(&client, &ns, v).await;
+            }
+            other => panic!("unexpected kind {other:?} in seed.yaml"),
+        }
+    }
+    let operator = Operator::start(&client, &ns);
+
+    let want = [
+        ("urgent", "celery -A app.worker worker --queues=urgent --concurrency=1 -n urgent-worker@%h", 1),
+        ("ai-processing", "celery -A app.worker worker --queues=ai_processing --concurrency=2 -n ai-worker@%h --prefetch-multiplier=1", 0),
+        ("demo-tasks", "celery -A app.worker worker --queues=demo_tasks --concurrency=4 -n demo-worker@%h", 0),
+        ("general", "celery -A app.worker worker --queues=celery,reports,notifications --concurrency=3 -n general-worker@%h", 1),
+    ];
+    for (name, cmd, min) in want {
+        let d = wait_for(&format!("Deployment {name}"), T, || {
+            deployment(&client, &ns, name)
+        })
+        .await;
+        assert_eq!(command(&d).join(" "), cmd, "{name}");
+        wait_replicas(&client, &ns, name, min).await;
+    }
+
+    // 6 x the seed's register_user: 12 demo_tasks messages, 6 ai_processing messages.
+    celery(&redis.url(), &["register", "6"]);
+    celery(
+        &redis.url(),
+        &["send", "app.worker.tasks.reports.build_monthly_report", "7"],
+    );
+    for (name, queue, kombu_queues, replicas_want) in [
+        ("demo-tasks", "demo_tasks", vec!["demo_tasks"], 3), // ceil(12 / 4)
+        ("ai-processing", "ai_processing", vec!["ai_processing"], 3), // ceil(6 / 2)
+        (
+            "general",
+            "celery",
+            vec!["celery", "reports", "notifications"],
+            3,
+        ), // ceil(7 / 3)
+    ] {
+        let kombu: i64 = kombu_queues
+            .iter()
+            .map(|q| kombu_count(&redis.url(), q))
+            .sum();
+        assert!(kombu > 0, "{queue}: producer put messages in Redis");
+        let tq = wait_for(&format!("{name} status.pending = {kombu}"), T, || async {
+            Some(taskqueue(&client, &ns, name).await)
+                .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))
+        })
+        .await;
+        assert_eq!(
+            tq.status.as_ref().unwrap().desired_replicas,
+            Some(replicas_want),
+            "{name}"
+        );
+        wait_replicas(&client, &ns, name, replicas_want).await;
+    }
+    assert_eq!(
+        replicas(&deployment(&client, &ns, "urgent").await.unwrap()),
+        1,
+        "urgent untouched"
+    );
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_after_the_window() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "prio").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    create_taskqueue(
+        &client,
+        &ns,
+        pool("demo", "demo_tasks", json!({"minReplicas": 0, "maxReplicas": 10, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "8s"}})),
+    )
+    .await;
+    let operator = Operator::start(&client, &ns);
+    wait_replicas(&client, &ns, "demo", 0).await;
+
+    let task = "app.worker.tasks.demo_tasks.simple_calculation";
+    celery(&redis.url(), &["send", task, "9"]); // no priority -> demo_tasks
+    celery(&redis.url(), &["send", task, "6", "4"]); // priority 4 -> demo_tasks\x06\x163
+    celery(&redis.url(), &["send", task, "5", "9"]); // priority 9 -> demo_tasks\x06\x169
+    let kombu = kombu_count(&redis.url(), "demo_tasks");
+    assert_eq!(kombu, 20);
+
+    // The CLI reads the same numbers, split by priority list.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
+        .args([
+            "depth",
+            "--broker-url",
+            &redis.url(),
+            "--queue",
+            "demo_tasks",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        line,
+        json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}})
+    );
+
+    wait_for("status.pending = kombu's count", T, || async {
+        Some(taskqueue(&client, &ns, "demo").await)
+            .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))
+    })
+    .await;
+    wait_replicas(&client, &ns, "demo", 5).await; // ceil(20 / 4)
+
+    // A real worker with the Deployment's own command line drains the queue.
+    let d = deployment(&client, &ns, "demo").await.unwrap();
+    let worker = Worker::start(&redis.url(), &command(&d));
+    let drained = wait_for("queue drained", T, || async {
+        Some(taskqueue(&client, &ns, "demo").await)
+            .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(0))
+    })
+    .await;
+    // Inside the 8 s window the operator keeps the workers it had.
+    assert_eq!(
+        drained.status.as_ref().unwrap().desired_replicas,
+        Some(5),
+        "scale-down waits for the window"
+    );
+    drop(worker);
+    wait_replicas(&client, &ns, "demo", 0).await;
+    let tq = taskqueue(&client, &ns, "demo").await;
+    let reason = tq
+        .status
+        .as_ref()
+        .unwrap()
+        .last_scale_reason
+        .clone()
+        .unwrap();
+    assert!(reason.starts_with("scaled down 5 -> 0"), "{reason}");
+    assert!(!events(&client, &ns, "demo", "ScaledDown").await.is_empty());
+    assert!(!events(&client, &ns, "demo", "ScaledUp").await.is_empty());
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn redis_outage_freezes_replicas_and_recovers() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "outage").await;
+    let mut redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    create_taskqueue(&client, &ns, pool("ai", "ai_processing", json!({"maxReplicas": 10, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "1s"}}))).await;
+    let operator = Operator::start(&client, &ns);
+
+    celery(
+        &redis.url(),
+        &[
+            "send",
+            "app.worker.tasks.ai_tasks.run_ai_text_generation",
+            "8",
+        ],
+    );
+    wait_replicas(&client, &ns, "ai", 2).await;
+
+    redis.stop();
+    let tq = wait_for("BrokerReachable=False", T, || async {
+        let t = taskqueue(&client, &ns, "ai").await;
+        condition(&t, "BrokerReachable")
+            .filter(|c| c.0 == "False")
+            .map(|_| t)
+    })
+    .await;
+    let (_, reason, message) = condition(&tq, "BrokerReachable").unwrap();
+    assert_eq!(reason, "BrokerUnreachable", "{message}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{message}"
+    );
+    // Several polls later, still frozen (the window is 1 s, so a decision on missing data
+    // would have scaled down by now) and one event for the transition, not one per poll.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(replicas(&deployment(&client, &ns, "ai").await.unwrap()), 2);
+    assert_eq!(
+        events(&client, &ns, "ai", "BrokerUnreachable").await.len(),
+        1
+    );
+
+    redis.restart().await; // empty: no persistence
+    celery(
+        &redis.url(),
+        &[
+            "send",
+            "app.worker.tasks.ai_tasks.run_ai_text_generation",
+            "12",
+        ],
+    );
+    wait_replicas(&client, &ns, "ai", 3).await;
+    let tq = taskqueue(&client, &ns, "ai").await;
+    assert_eq!(condition(&tq, "BrokerReachable").unwrap().0, "True");
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn deleting_a_taskqueue_garbage_collects_its_deployment() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "gc").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    create_taskqueue(
+        &client,
+        &ns,
+        pool(
+            "urgent",
+            "urgent",
+            json!({"minReplicas": 1, "pollInterval": "500ms"}),
+        ),
+    )
+    .await;
+    let operator = Operator::start(&client, &ns);
+    let d = wait_for("Deployment", T, || deployment(&client, &ns, "urgent")).await;
+    assert_eq!(
+        d.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "TaskQueue"
+    );
+
+    Api::<TaskQueue>::namespaced(client.clone(), &ns)
+        .delete("urgent", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("Deployment garbage-collected", T, || async {
+        deployment(&client, &ns, "urgent")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn an_invalid_taskqueue_is_reported_and_others_are_unaffected() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "invalid").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    // min > max: the 1.20 API server has no CEL, so only the operator can catch this.
+    create_taskqueue(
+        &client,
+        &ns,
+        pool(
+            "broken",
+            "broken",
+            json!({"minReplicas": 5, "maxReplicas": 2, "pollInterval": "500ms"}),
+        ),
+    )
+    .await;
+    create_taskqueue(
+        &client,
+        &ns,
+        pool(
+            "fine",
+            "fine",
+            json!({"minReplicas": 0, "pollInterval": "500ms"}),
+        ),
+    )
+    .await;
+    let operator = Operator::start(&client, &ns);
+
+    let broken = wait_for("SpecValid=False", T, || async {
+        let t = taskqueue(&client, &ns, "broken").await;
+        condition(&t, "SpecValid")
+            .filter(|c| c.0 == "False")
+            .map(|_| t)
+    })
+    .await;
+    let (_, reason, message) = condition(&broken, "SpecValid").unwrap();
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message
+            .contains("spec.scaling.minReplicas: 5 must not exceed spec.scaling.maxReplicas (2)"),
+        "{message}"
+    );
+    assert_eq!(events(&client, &ns, "broken", "InvalidSpec").await.len(), 1);
+
+    // The valid neighbour works normally.
+    celery(&redis.url(), &["sendq", "fine", "1"]);
+    wait_replicas(&client, &ns, "fine", 1).await;
+    assert!(
+        deployment(&client, &ns, "broken").await.is_none(),
+        "no workload for an invalid spec"
+    );
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}

@@ -1,0 +1,423 @@
+//! Reconcile scenarios against a mocked API server (tower-test): every request the reconciler
+//! makes is checked in order, and a steady state must make none.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use http::{Request, Response};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{json, Value};
+use taskqueue_operator::controller::poller::BrokerState;
+use taskqueue_operator::controller::{reconcile, Context, SecretCache};
+use taskqueue_operator::crd::TaskQueue;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+struct Harness {
+    ctx: Arc<Context>,
+    handle: Handle,
+    deployments: reflector::store::Writer<Deployment>,
+}
+
+fn harness() -> Harness {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let (store, writer) = reflector::store::<Deployment>();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "taskqueue-operator".into(),
+                instance: None,
+            },
+        ),
+        deployments: store,
+        broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
+        histories: Mutex::default(),
+        secrets: SecretCache::new(client, Duration::from_secs(3600)),
+    });
+    Harness {
+        ctx,
+        handle,
+        deployments: writer,
+    }
+}
+
+fn taskqueue(spec: Value) -> TaskQueue {
+    serde_json::from_value(json!({
+        "apiVersion": "taskqueue.dev/v1alpha1",
+        "kind": "TaskQueue",
+        "metadata": {"name": "ai", "namespace": "prod", "uid": "tq-uid", "generation": 3},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn ai_spec() -> Value {
+    json!({
+        "queue": "ai_processing",
+        "routes": [{"pattern": "app.worker.tasks.ai_tasks.*"}],
+        "broker": {"urlSecretRef": {"name": "celery-broker", "key": "url"}},
+        "worker": {"image": "example/app:1", "app": "app.worker", "concurrency": 2, "nodeName": "ai-worker"},
+        "scaling": {"minReplicas": 1, "maxReplicas": 5}
+    })
+}
+
+/// Receive the next request, check method and path, answer with `status` + `body`;
+/// returns the request body as JSON (Null when empty).
+async fn expect(handle: &mut Handle, method: &str, path: &str, status: u16, body: Value) -> Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request arrived; expected {method} {path}"))
+        .expect("service open");
+    assert_eq!(req.method().as_str(), method, "method of {}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let sent = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+    sent
+}
+
+/// What the API server answers to a status patch (the mock's answer is not used for decisions).
+fn tq_json() -> Value {
+    serde_json::to_value(taskqueue(ai_spec())).unwrap()
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+fn broker_secret() -> Value {
+    // "redis://127.0.0.1:1/0" base64-encoded
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "celery-broker", "namespace": "prod"}, "data": {"url": "cmVkaXM6Ly8xMjcuMC4wLjE6MS8w"}})
+}
+
+fn no_more_requests(handle: &mut Handle) {
+    if let Some(Some((req, _))) = handle.next_request().now_or_never() {
+        panic!("unexpected request {} {}", req.method(), req.uri());
+    }
+}
+
+#[tokio::test]
+async fn create_then_steady_state_makes_no_writes() {
+    let mut h = harness();
+    let tq = Arc::new(taskqueue(ai_spec()));
+    let ctx = h.ctx.clone();
+    let run = tokio::spawn(reconcile(tq.clone(), ctx));
+
+    expect(
+        &mut h.handle,
+        "GET",
+        "/api/v1/namespaces/prod/secrets/celery-broker",
+        200,
+        broker_secret(),
+    )
+    .await;
+    expect(
+        &mut h.handle,
+        "GET",
+        "/apis/apps/v1/namespaces/prod/deployments/ai",
+        404,
+        not_found(),
+    )
+    .await;
+    let (req, send) = h.handle.next_request().await.unwrap();
+    assert_eq!(
+        (req.method().as_str(), req.uri().path()),
+        ("PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai")
+    );
+    assert!(
+        req.uri()
+            .query()
+            .unwrap()
+            .contains("fieldManager=taskqueue-operator"),
+        "{:?}",
+        req.uri()
+    );
+    assert!(req.uri().query().unwrap().contains("force=true"));
+    let applied: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    send.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(&applied).unwrap()))
+            .unwrap(),
+    );
+    assert_eq!(
+        applied["spec"]["replicas"], 1,
+        "created at minReplicas while the broker is not read yet"
+    );
+    assert_eq!(
+        applied["spec"]["template"]["spec"]["containers"][0]["command"],
+        json!([
+            "celery",
+            "-A",
+            "app.worker",
+            "worker",
+            "--queues=ai_processing",
+            "--concurrency=2",
+            "-n",
+            "ai-worker@%h"
+        ])
+    );
+    assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "tq-uid");
+
+    let event = expect(
+        &mut h.handle,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(event["reason"], "Created");
+    let status_patch = expect(
+        &mut h.handle,
+        "PATCH",
+        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
+        200,
+        tq_json(),
+    )
+    .await;
+    run.await.unwrap().unwrap();
+    let status = &status_patch["status"];
+    assert_eq!(status["desiredReplicas"], 1);
+    assert_eq!(status["observedGeneration"], 3);
+    let conds: Vec<(String, String)> = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().into(),
+                c["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        conds.contains(&("SpecValid".into(), "True".into())),
+        "{conds:?}"
+    );
+    assert!(
+        conds.contains(&("BrokerReachable".into(), "Unknown".into())),
+        "{conds:?}"
+    );
+
+    // Steady state: the Deployment is in the cache, the status is what we wrote.
+    let mut deployed: Deployment = serde_json::from_value(applied).unwrap();
+    deployed.metadata.resource_version = Some("1".into());
+    h.deployments
+        .apply_watcher_event(&watcher::Event::Apply(deployed));
+    let mut tq2 = taskqueue(ai_spec());
+    tq2.status = Some(serde_json::from_value(status.clone()).unwrap());
+    reconcile(Arc::new(tq2), h.ctx.clone()).await.unwrap();
+    no_more_requests(&mut h.handle);
+}
+
+#[tokio::test]
+async fn foreign_deployment_is_never_taken_over() {
+    let mut h = harness();
+    let tq = Arc::new(taskqueue(ai_spec()));
+    let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
+    expect(
+        &mut h.handle,
+        "GET",
+        "/api/v1/namespaces/prod/secrets/celery-broker",
+        200,
+        broker_secret(),
+    )
+    .await;
+    let foreign = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "ai", "namespace": "prod", "uid": "someone-else"},
+        "spec": {"replicas": 7, "selector": {"matchLabels": {"app": "legacy"}}, "template": {"metadata": {"labels": {"app": "legacy"}}, "spec": {"containers": [{"name": "x", "image": "legacy"}]}}}
+    });
+    expect(
+        &mut h.handle,
+        "GET",
+        "/apis/apps/v1/namespaces/prod/deployments/ai",
+        200,
+        foreign,
+    )
+    .await;
+    // No PATCH of the Deployment: the next requests are the warning event and the status.
+    let event = expect(
+        &mut h.handle,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(event["reason"], "DeploymentConflict");
+    assert_eq!(event["type"], "Warning");
+    let status = expect(
+        &mut h.handle,
+        "PATCH",
+        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
+        200,
+        tq_json(),
+    )
+    .await;
+    run.await.unwrap().unwrap();
+    let owned = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "DeploymentOwned")
+        .unwrap()
+        .clone();
+    assert_eq!(owned["status"], "False");
+    assert!(
+        owned["message"]
+            .as_str()
+            .unwrap()
+            .contains("already exists"),
+        "{owned}"
+    );
+    no_more_requests(&mut h.handle);
+}
+
+#[tokio::test]
+async fn invalid_spec_only_touches_its_status() {
+    let mut h = harness();
+    let mut spec = ai_spec();
+    spec["scaling"] = json!({"minReplicas": 4, "maxReplicas": 2, "pollInterval": "soon"});
+    let tq = Arc::new(taskqueue(spec.clone()));
+    let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
+    // No Secret read, no Deployment read or write: straight to the event and the status.
+    let event = expect(
+        &mut h.handle,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(event["reason"], "InvalidSpec");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains("spec.scaling.minReplicas: 4 must not exceed spec.scaling.maxReplicas (2)"),
+        "{note}"
+    );
+    assert!(note.contains("spec.scaling.pollInterval"), "{note}");
+    let status = expect(
+        &mut h.handle,
+        "PATCH",
+        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
+        200,
+        tq_json(),
+    )
+    .await;
+    run.await.unwrap().unwrap();
+    let valid = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "SpecValid")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (valid["status"].as_str(), valid["reason"].as_str()),
+        (Some("False"), Some("InvalidSpec"))
+    );
+    no_more_requests(&mut h.handle);
+
+    // Reconciled again unchanged: no second event, no status write.
+    let mut again = taskqueue(spec);
+    again.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+    reconcile(Arc::new(again), h.ctx.clone()).await.unwrap();
+    no_more_requests(&mut h.handle);
+}
+
+#[tokio::test]
+async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
+    let mut h = harness();
+    let tq = Arc::new(taskqueue(ai_spec()));
+    let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
+    expect(
+        &mut h.handle,
+        "GET",
+        "/api/v1/namespaces/prod/secrets/celery-broker",
+        404,
+        not_found(),
+    )
+    .await;
+    let existing = {
+        let mut d = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "ai", "namespace": "prod", "ownerReferences": [{"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "name": "ai", "uid": "tq-uid", "controller": true}]},
+            "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": []}}}
+        });
+        d["metadata"]["annotations"] = json!({});
+        d
+    };
+    expect(
+        &mut h.handle,
+        "GET",
+        "/apis/apps/v1/namespaces/prod/deployments/ai",
+        200,
+        existing.clone(),
+    )
+    .await;
+    let applied = expect(
+        &mut h.handle,
+        "PATCH",
+        "/apis/apps/v1/namespaces/prod/deployments/ai",
+        200,
+        existing.clone(),
+    )
+    .await;
+    assert_eq!(
+        applied["spec"]["replicas"], 3,
+        "replicas stay where they are without broker data"
+    );
+    let event = expect(
+        &mut h.handle,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+        201,
+        json!({}),
+    )
+    .await;
+    assert_eq!(event["reason"], "BrokerSecretMissing");
+    let status = expect(
+        &mut h.handle,
+        "PATCH",
+        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
+        200,
+        tq_json(),
+    )
+    .await;
+    run.await.unwrap().unwrap();
+    let c = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "BrokerReachable")
+        .unwrap()
+        .clone();
+    assert_eq!(c["status"], "False");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret prod/celery-broker not found"),
+        "{c}"
+    );
+}

@@ -1,0 +1,339 @@
+//! Shared plumbing for the tests that run against the real stack started by
+//! `deploy/local/up.sh` (kube-apiserver + controller-manager, redis-server, Celery venv).
+//! Each test gets its own namespace, its own redis-server and its own in-process operator.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use taskqueue_operator::controller::{self, Settings};
+use taskqueue_operator::crd::TaskQueue;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: these tests need the local stack; run `make test`, or `deploy/local/up.sh` and `source` the env file it prints")
+    })
+}
+
+pub async fn client() -> Client {
+    require("KUBECONFIG");
+    Client::try_default()
+        .await
+        .expect("kubeconfig from KUBECONFIG")
+}
+
+/// Install the CRD as it is committed (the 1.20 test API server drops the CEL rules on create).
+pub async fn ensure_crd(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = taskqueue_operator::crd::crd();
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating CRD: {e}"),
+    }
+    wait_for("CRD established", Duration::from_secs(30), || async {
+        let c = api.get("taskqueues.taskqueue.dev").await.ok()?;
+        let established = c
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+}
+
+/// Poll `f` every 200 ms until it returns Some, or panic naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server on a free loopback port, stoppable and restartable.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (deploy/local/deps.sh installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(
+            "redis-server to answer PING",
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = redis::Client::open(url).ok()?;
+                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+                }
+            },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh namespace per test, so tests never see each other's objects.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = format!(
+        "{prefix}-{}",
+        std::process::id() as u64 * 1000 + u64::from(free_port() % 1000)
+    );
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+    )
+    .await
+    .expect("create namespace");
+    name
+}
+
+pub async fn delete_namespace(client: &Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(ns, &DeleteParams::default()).await;
+}
+
+pub async fn broker_secret(client: &Client, ns: &str, url: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "celery-broker"}, "stringData": {"url": url}}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &s)
+        .await
+        .expect("create broker secret");
+}
+
+/// The operator, in process, watching one namespace.
+pub struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    pub fn start(client: &Client, ns: &str) -> Self {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            namespace: Some(ns.to_string()),
+            broker_timeout: Duration::from_secs(1),
+            secret_ttl: Duration::from_secs(1),
+        };
+        let task = tokio::spawn(controller::run(client.clone(), settings, async move {
+            let _ = rx.await;
+        }));
+        Operator {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+/// `python deploy/demo/produce.py ARGS...` with the test venv: the real Celery producer.
+pub fn celery(broker_url: &str, args: &[&str]) -> String {
+    let out = python(broker_url)
+        .arg(repo().join("deploy/demo/produce.py"))
+        .args(args)
+        .output()
+        .expect("run produce.py");
+    assert!(
+        out.status.success(),
+        "produce.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// kombu's own `message_count` for `queue`.
+pub fn kombu_count(broker_url: &str, queue: &str) -> i64 {
+    let line = celery(broker_url, &["count", queue]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    v["pending"].as_i64().unwrap()
+}
+
+pub fn python(broker_url: &str) -> Command {
+    let venv = require("TQ_VENV");
+    let mut c = Command::new(PathBuf::from(venv).join("bin/python"));
+    c.env("PYTHONPATH", repo().join("deploy/demo"))
+        .env("CELERY_BROKER_URL", broker_url)
+        .env("TASK_SCALE", "0.01");
+    c
+}
+
+/// A real Celery worker process running exactly the command line of a worker Deployment.
+pub struct Worker(Child);
+
+impl Worker {
+    pub fn start(broker_url: &str, command: &[String]) -> Self {
+        assert_eq!(command[0], "celery");
+        let child = python(broker_url)
+            .arg("-m")
+            .args(command)
+            .args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start celery worker");
+        Worker(child)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn deployment(client: &Client, ns: &str, name: &str) -> Option<Deployment> {
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+pub fn replicas(d: &Deployment) -> i32 {
+    d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+}
+
+pub fn command(d: &Deployment) -> Vec<String> {
+    d.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .command
+        .clone()
+        .unwrap()
+}
+
+pub async fn taskqueue(client: &Client, ns: &str, name: &str) -> TaskQueue {
+    Api::<TaskQueue>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+}
+
+pub fn condition(tq: &TaskQueue, type_: &str) -> Option<(String, String, String)> {
+    tq.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Events the operator published about `name` with `reason`.
+pub async fn events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    api.list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .collect()
+}
+
+/// Create a TaskQueue from JSON in `ns`.
+pub async fn create_taskqueue(client: &Client, ns: &str, tq: serde_json::Value) -> TaskQueue {
+    let tq: TaskQueue = serde_json::from_value(tq).unwrap();
+    Api::<TaskQueue>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &tq)
+        .await
+        .expect("create TaskQueue")
+}

@@ -38,7 +38,7 @@ echo "== starting the operator (log: $TQ_STATE/logs/demo-operator.log)"
 OP=$!
 trap 'kill $OP 2>/dev/null; wait $OP 2>/dev/null || true' EXIT
 
-PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py --namespace "$NS" --logs "$TQ_STATE/logs"
+CELERY_BROKER_URL=$TQ_REDIS_URL PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py --namespace "$NS" --logs "$TQ_STATE/logs"
 echo
 kubectl -n "$NS" get tq
 echo "The stack keeps running for a look around (kubectl -n $NS get tq,deploy,events); 'make down' stops it."

@@ -60,13 +60,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--namespace", required=True)
     ap.add_argument("--logs", required=True)
-    ap.add_argument("--users", type=int, default=24)
+    ap.add_argument("--users", type=int, default=60)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     os.environ.setdefault("TASK_SCALE", "0.3")  # AI tasks ~2.4 s, demo tasks ~0.3 s
     kubelet = KubeletStandIn(a.namespace, a.logs)
     t0 = time.time()
-    burst_sent = False
+    burst_sent = shown = False
     peak = {p: 0 for p in POOLS}
     print(f"{'t':>5}  " + "  ".join(f"{p:>22}" for p in POOLS))
     print(f"{'':>5}  " + "  ".join(f"{'pending/desired/workers':>22}" for _ in POOLS))
@@ -84,6 +84,9 @@ def main():
                 row.append(f"{str(pending):>10}/{str(desired):>4}/{kubelet.running(p):>6}")
                 settled &= pending == 0 and desired == spec.get("minReplicas", 0)
             print(f"{time.time() - t0:5.0f}  " + "  ".join(f"{r:>22}" for r in row), flush=True)
+            if burst_sent and not shown and all((tqs[p].get("status", {}).get("pending") or 0) > 0 for p in POOLS):
+                subprocess.run(["kubectl", "-n", a.namespace, "get", "taskqueues"], check=False)
+                shown = True
             if not burst_sent and all(p in tqs and "desiredReplicas" in tqs[p].get("status", {}) for p in POOLS):
                 print(f"       -> {a.users} x register_user (the seed's example) + 9 reports + 3 urgent pages", flush=True)
                 for i in range(a.users):

@@ -100,8 +100,11 @@ pub async fn read_depths<C: redis::aio::ConnectionLike>(
                         cause: e.to_string(),
                     });
                 }
-                (Ok(_), Err(e)) => depth = Err(ReadError::from_redis(endpoint, &e)),
-                (Err(_), _) => {}
+                // Anything else (NOAUTH, NOPERM, ...) concerns the whole broker, not this queue.
+                (_, Err(e)) if e.code() != Some("WRONGTYPE") => {
+                    return Err(ReadError::from_redis(endpoint, &e))
+                }
+                _ => {}
             }
         }
         out.push(depth);

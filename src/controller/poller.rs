@@ -170,41 +170,62 @@ impl BrokerState {
 
 /// Run forever: read due brokers, wake reconciles whose reading changed.
 pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
-    let mut last_read: HashMap<BrokerEndpoint, Instant> = HashMap::new();
+    let mut schedule = Schedule::default();
     loop {
         state.prune(&store).await;
-        let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
-        for (key, target) in state.targets.lock().await.iter() {
-            let g = groups
-                .entry(target.endpoint.clone())
-                .or_insert((target.interval, Vec::new()));
-            g.0 = g.0.min(target.interval);
-            g.1.push((key.clone(), target.clone()));
-        }
-        last_read.retain(|e, _| groups.contains_key(e));
-        let now = Instant::now();
-        let mut due = Vec::new();
-        let mut next_wake = now + Duration::from_secs(1);
-        for (endpoint, (interval, members)) in groups {
-            let next = last_read.get(&endpoint).map_or(now, |t| *t + interval);
-            if next <= now {
-                last_read.insert(endpoint.clone(), now);
-                next_wake = next_wake.min(now + interval);
-                due.push((endpoint, members));
-            } else {
-                next_wake = next_wake.min(next);
-            }
-        }
-        if !due.is_empty() {
-            for key in state.read_groups(due).await {
-                if trigger.unbounded_send(key).is_err() {
-                    return; // controller stopped
-                }
+        let (changed, next_wake) = state.poll_due(&mut schedule, Instant::now()).await;
+        for key in changed {
+            if trigger.unbounded_send(key).is_err() {
+                return; // controller stopped
             }
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next_wake.into()) => {}
             _ = state.wake.notified() => {}
         }
+    }
+}
+
+/// When each broker was last read.
+#[derive(Default)]
+pub struct Schedule {
+    last_read: HashMap<BrokerEndpoint, Instant>,
+}
+
+impl BrokerState {
+    /// One tick: read every broker whose shortest poll interval has elapsed (one pipelined round
+    /// trip each, shared by all its TaskQueues). Returns the TaskQueues whose reading changed and
+    /// when the next broker falls due.
+    pub async fn poll_due(&self, schedule: &mut Schedule, now: Instant) -> (Vec<Key>, Instant) {
+        let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
+        for (key, target) in self.targets.lock().await.iter() {
+            let g = groups
+                .entry(target.endpoint.clone())
+                .or_insert((target.interval, Vec::new()));
+            g.0 = g.0.min(target.interval);
+            g.1.push((key.clone(), target.clone()));
+        }
+        schedule.last_read.retain(|e, _| groups.contains_key(e));
+        let mut due = Vec::new();
+        let mut next_wake = now + Duration::from_secs(1);
+        for (endpoint, (interval, members)) in groups {
+            let next = schedule
+                .last_read
+                .get(&endpoint)
+                .map_or(now, |t| *t + interval);
+            if next <= now {
+                schedule.last_read.insert(endpoint.clone(), now);
+                next_wake = next_wake.min(now + interval);
+                due.push((endpoint, members));
+            } else {
+                next_wake = next_wake.min(next);
+            }
+        }
+        let changed = if due.is_empty() {
+            Vec::new()
+        } else {
+            self.read_groups(due).await
+        };
+        (changed, next_wake)
     }
 }

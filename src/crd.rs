@@ -386,13 +386,14 @@ pub fn crd() -> CustomResourceDefinition {
         .expect("status.conditions in schema");
     conditions["x-kubernetes-list-type"] = json!("map");
     conditions["x-kubernetes-list-map-keys"] = json!(["type"]);
-    strip_empty_string_defaults(schema);
+    clean_schema(schema);
     serde_json::from_value(value).expect("patched CRD deserializes")
 }
 
-/// API servers up to at least 1.20 read a `default: ""` as null and reject the CRD ("must be of
-/// type string"). An empty string is serde's default anyway, so those defaults are left out.
-fn strip_empty_string_defaults(node: &mut serde_json::Value) {
+/// Schema details some API servers choke on. Versions up to at least 1.20 read a `default: ""` as
+/// null and reject the CRD ("must be of type string"); an empty string is serde's default anyway,
+/// so those defaults are left out. Unknown `format`s only draw warnings, but noisy ones.
+fn clean_schema(node: &mut serde_json::Value) {
     let Some(obj) = node.as_object_mut() else {
         return;
     };
@@ -405,10 +406,8 @@ fn strip_empty_string_defaults(node: &mut serde_json::Value) {
     }
     for child in obj.values_mut() {
         match child {
-            serde_json::Value::Object(_) => strip_empty_string_defaults(child),
-            serde_json::Value::Array(items) => {
-                items.iter_mut().for_each(strip_empty_string_defaults)
-            }
+            serde_json::Value::Object(_) => clean_schema(child),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(clean_schema),
             _ => {}
         }
     }

@@ -243,3 +243,97 @@ async fn total_connections(c: &mut redis::aio::MultiplexedConnection) -> i64 {
         .parse()
         .unwrap()
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server and openssl: make test"]
+async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
+    let dir = std::env::temp_dir().join(format!("tq-tls-{}", support::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let port = support::free_port();
+    let _server = support::ChildGuard(
+        std::process::Command::new(
+            std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
+        )
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-port",
+            &port.to_string(),
+        ])
+        .args(["--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("key.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    support::wait_for("TLS port open", Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+
+    // A self-signed certificate is not trusted: the read fails instead of silently connecting.
+    let verified = format!("rediss://127.0.0.1:{port}/0");
+    let pool = BrokerPool::new(Duration::from_secs(2));
+    let refused = match pool.connection(&endpoint(&verified)).await {
+        Err(e) => e,
+        Ok(mut conn) => read_depths(
+            &mut conn,
+            "test",
+            &[DepthQuery::new("q", &TransportOptions::default())],
+        )
+        .await
+        .unwrap_err(),
+    };
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+    // Celery's explicit opt-out is honoured.
+    let insecure = format!("rediss://127.0.0.1:{port}/0?ssl_cert_reqs=CERT_NONE");
+    let mut conn = BrokerPool::new(Duration::from_secs(2))
+        .connection(&endpoint(&insecure))
+        .await
+        .unwrap();
+    let depth = read_depths(
+        &mut conn,
+        "test",
+        &[DepthQuery::new("q", &TransportOptions::default())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(depth[0].as_ref().unwrap().pending, 0);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -149,6 +149,17 @@ impl Drop for Redis {
     }
 }
 
+/// A child process killed when the guard drops (also when a test panics), so no server
+/// outlives its test and holds the test runner's output open.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fresh namespace per test, so tests never see each other's objects.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let name = format!(

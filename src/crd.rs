@@ -397,6 +397,14 @@ fn clean_schema(node: &mut serde_json::Value) {
     let Some(obj) = node.as_object_mut() else {
         return;
     };
+    // schemars writes `format: uint8` for u8; Kubernetes warns about formats it does not know.
+    if obj
+        .get("format")
+        .and_then(|f| f.as_str())
+        .is_some_and(|f| f.starts_with("uint"))
+    {
+        obj.remove("format");
+    }
     match obj.get_mut("default") {
         Some(serde_json::Value::String(s)) if s.is_empty() => {
             obj.remove("default");

@@ -127,20 +127,30 @@ async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<
     for (q, d) in queues.iter().zip(depths) {
         match d {
             Ok(d) => {
-                let by: serde_json::Map<String, serde_json::Value> = d
-                    .by_priority
-                    .iter()
-                    .map(|(s, n)| (s.to_string(), (*n).into()))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"queue": q, "pending": d.pending, "byPriority": by})
-                );
+                let line = DepthLine {
+                    queue: q,
+                    pending: d.pending,
+                    by_priority: d
+                        .by_priority
+                        .iter()
+                        .map(|(s, n)| (s.to_string(), *n))
+                        .collect(),
+                };
+                println!("{}", serde_json::to_string(&line).expect("serializes"));
             }
             Err(e) => failed = Some(format!("queue {q}: {e}")),
         }
     }
     failed.map_or(Ok(()), Err)
+}
+
+/// One `depth` output line; fields in the documented order.
+#[derive(serde::Serialize)]
+struct DepthLine<'a> {
+    queue: &'a str,
+    pending: i64,
+    #[serde(rename = "byPriority")]
+    by_priority: std::collections::BTreeMap<String, i64>,
 }
 
 fn init_tracing(json: bool) {

@@ -49,10 +49,7 @@ pub struct TaskQueueSpec {
     /// Further queues the same workers consume, e.g. `[reports, notifications]` for a general
     /// pool on `celery`. Their pending messages count towards this pool's demand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(
-        length(max = 32),
-        inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$"))
-    )]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$")))]
     pub extra_queues: Vec<String>,
 
     /// Ordered Celery task routes served by this pool. Order matters (first match wins), which is
@@ -137,11 +134,7 @@ pub struct TransportOptions {
 
 impl Default for TransportOptions {
     fn default() -> Self {
-        Self {
-            global_keyprefix: String::new(),
-            priority_steps: default_priority_steps(),
-            sep: default_sep(),
-        }
+        Self { global_keyprefix: String::new(), priority_steps: default_priority_steps(), sep: default_sep() }
     }
 }
 
@@ -277,9 +270,7 @@ pub struct ScaleDownSpec {
 
 impl Default for ScaleDownSpec {
     fn default() -> Self {
-        Self {
-            stabilization_window: default_stabilization_window(),
-        }
+        Self { stabilization_window: default_stabilization_window() }
     }
 }
 
@@ -367,23 +358,17 @@ pub fn crd() -> CustomResourceDefinition {
     let mut value = serde_json::to_value(TaskQueue::crd()).expect("CRD serializes");
     let schema = &mut value["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
     for (path, rule, message) in CEL_RULES {
-        let node = schema
-            .pointer_mut(path)
-            .expect("CEL rule path exists in schema");
+        let node = schema.pointer_mut(path).expect("CEL rule path exists in schema");
         let rules = node
             .as_object_mut()
             .expect("schema node is an object")
             .entry("x-kubernetes-validations")
             .or_insert_with(|| json!([]));
-        rules
-            .as_array_mut()
-            .expect("validations is a list")
-            .push(json!({"rule": rule, "message": message}));
+        rules.as_array_mut().expect("validations is a list").push(json!({"rule": rule, "message": message}));
     }
     // metav1.Condition lists are maps keyed by `type`, so SSA merges conditions by type.
-    let conditions = schema
-        .pointer_mut("/properties/status/properties/conditions")
-        .expect("status.conditions in schema");
+    let conditions =
+        schema.pointer_mut("/properties/status/properties/conditions").expect("status.conditions in schema");
     conditions["x-kubernetes-list-type"] = json!("map");
     conditions["x-kubernetes-list-map-keys"] = json!(["type"]);
     clean_schema(schema);
@@ -398,11 +383,7 @@ fn clean_schema(node: &mut serde_json::Value) {
         return;
     };
     // schemars writes `format: uint8` for u8; Kubernetes warns about formats it does not know.
-    if obj
-        .get("format")
-        .and_then(|f| f.as_str())
-        .is_some_and(|f| f.starts_with("uint"))
-    {
+    if obj.get("format").and_then(|f| f.as_str()).is_some_and(|f| f.starts_with("uint")) {
         obj.remove("format");
     }
     match obj.get_mut("default") {
@@ -433,40 +414,26 @@ mod tests {
 
     #[test]
     fn committed_crd_matches_generated() {
-        let committed =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/taskqueue.yaml"))
-                .expect("crds/taskqueue.yaml exists");
-        assert!(
-            committed == crd_yaml(),
-            "crds/taskqueue.yaml is stale: run `cargo run -- crd > crds/taskqueue.yaml`"
-        );
+        let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/taskqueue.yaml"))
+            .expect("crds/taskqueue.yaml exists");
+        assert!(committed == crd_yaml(), "crds/taskqueue.yaml is stale: run `cargo run -- crd > crds/taskqueue.yaml`");
     }
 
     #[test]
     fn chart_crd_matches_generated() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/charts/taskqueue-operator/crds/taskqueue.yaml"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/taskqueue-operator/crds/taskqueue.yaml");
         if let Ok(chart) = std::fs::read_to_string(path) {
-            assert!(
-                chart == crd_yaml(),
-                "{path} is stale: copy crds/taskqueue.yaml"
-            );
+            assert!(chart == crd_yaml(), "{path} is stale: copy crds/taskqueue.yaml");
         }
     }
 
     #[test]
     fn every_schema_property_has_a_description() {
         let value = serde_json::to_value(crd()).unwrap();
-        let schema =
-            &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let schema = &value["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
         let mut missing = Vec::new();
         walk(schema, "spec", &mut missing);
-        assert!(
-            missing.is_empty(),
-            "fields without description: {missing:?}"
-        );
+        assert!(missing.is_empty(), "fields without description: {missing:?}");
 
         fn walk(node: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
             if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
@@ -494,10 +461,7 @@ mod tests {
         .unwrap();
         assert_eq!(spec.broker.url_secret_ref.key, "url");
         assert_eq!(spec.broker.transport_options.sep, "\u{6}\u{16}");
-        assert_eq!(
-            spec.broker.transport_options.priority_steps,
-            vec![0, 3, 6, 9]
-        );
+        assert_eq!(spec.broker.transport_options.priority_steps, vec![0, 3, 6, 9]);
         assert_eq!(spec.worker.concurrency, 1);
         assert_eq!(spec.scaling.max_replicas, 10);
         assert_eq!(spec.scaling.poll_interval, "2s");

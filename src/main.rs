@@ -68,18 +68,8 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Depth {
-            broker_url,
-            queues,
-            key_prefix,
-            priority_steps,
-            sep,
-        } => {
-            let opts = TransportOptions {
-                global_keyprefix: key_prefix,
-                priority_steps,
-                sep,
-            };
+        Command::Depth { broker_url, queues, key_prefix, priority_steps, sep } => {
+            let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep };
             match depth(&broker_url, &queues, &opts).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -88,11 +78,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run {
-            namespace,
-            broker_timeout,
-            log_json,
-        } => {
+        Command::Run { namespace, broker_timeout, log_json } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
@@ -101,11 +87,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let settings = Settings {
-                namespace,
-                broker_timeout,
-                ..Settings::default()
-            };
+            let settings = Settings { namespace, broker_timeout, ..Settings::default() };
             controller::run(client, settings, shutdown_signal()).await;
             ExitCode::SUCCESS
         }
@@ -115,14 +97,9 @@ async fn main() -> ExitCode {
 async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<(), String> {
     let endpoint = BrokerEndpoint::parse(url).map_err(|e| e.to_string())?;
     let pool = BrokerPool::new(Duration::from_secs(5));
-    let mut conn = pool
-        .connection(&endpoint)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
-    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries)
-        .await
-        .map_err(|e| e.to_string())?;
+    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries).await.map_err(|e| e.to_string())?;
     let mut failed = None;
     for (q, d) in queues.iter().zip(depths) {
         match d {
@@ -130,11 +107,7 @@ async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<
                 let line = DepthLine {
                     queue: q,
                     pending: d.pending,
-                    by_priority: d
-                        .by_priority
-                        .iter()
-                        .map(|(s, n)| (s.to_string(), *n))
-                        .collect(),
+                    by_priority: d.by_priority.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
                 };
                 println!("{}", serde_json::to_string(&line).expect("serializes"));
             }
@@ -155,8 +128,7 @@ struct DepthLine<'a> {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::{fmt, EnvFilter};
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     if json {
         fmt().with_env_filter(filter).json().init();
     } else {

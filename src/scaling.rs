@@ -84,21 +84,14 @@ pub fn decide(
     let tpr = bounds.tasks_per_replica.max(1);
     let mut why = format!("{pending} pending / {tpr} per replica");
     let raw = if current_or_min == 0 && pending < bounds.activation_threshold {
-        why = format!(
-            "{pending} pending, below activationThreshold {}",
-            bounds.activation_threshold
-        );
+        why = format!("{pending} pending, below activationThreshold {}", bounds.activation_threshold);
         0
     } else {
         i32::try_from((pending + tpr - 1) / tpr).unwrap_or(i32::MAX)
     };
     let recommended = raw.clamp(bounds.min_replicas, bounds.max_replicas);
     if recommended != raw {
-        let bound = if raw < bounds.min_replicas {
-            "minReplicas"
-        } else {
-            "maxReplicas"
-        };
+        let bound = if raw < bounds.min_replicas { "minReplicas" } else { "maxReplicas" };
         why = format!("{why} = {raw}, clamped to {bound} {recommended}");
     }
     history.record(now, recommended, bounds.stabilization_window);
@@ -106,10 +99,7 @@ pub fn decide(
     let replicas = if recommended >= current_or_min {
         recommended
     } else {
-        let held = history
-            .highest()
-            .unwrap_or(recommended)
-            .clamp(bounds.min_replicas, bounds.max_replicas);
+        let held = history.highest().unwrap_or(recommended).clamp(bounds.min_replicas, bounds.max_replicas);
         if held > recommended {
             why = format!(
                 "{why}; scale-down to {recommended} waits out the {} stabilization window",
@@ -124,11 +114,7 @@ pub fn decide(
         Some(c) => format!("steady at {c}: {why}"),
         None => format!("created at {replicas}: {why}"),
     };
-    Decision {
-        replicas,
-        recommended,
-        reason,
-    }
+    Decision { replicas, recommended, reason }
 }
 
 #[cfg(test)]
@@ -152,108 +138,24 @@ mod tests {
         type Case = (&'static str, Bounds, Option<i32>, Option<i64>, i32);
         let cases: &[Case] = &[
             // name,                        bounds,                   current, pending, want
-            (
-                "empty queue at min 0",
-                bounds(0, 10, 2, 1, 0),
-                Some(0),
-                Some(0),
-                0,
-            ),
-            (
-                "one task leaves zero",
-                bounds(0, 10, 2, 1, 0),
-                Some(0),
-                Some(1),
-                1,
-            ),
+            ("empty queue at min 0", bounds(0, 10, 2, 1, 0), Some(0), Some(0), 0),
+            ("one task leaves zero", bounds(0, 10, 2, 1, 0), Some(0), Some(1), 1),
             ("ceil division", bounds(0, 10, 2, 1, 0), Some(1), Some(5), 3),
-            (
-                "exact division",
-                bounds(0, 10, 2, 1, 0),
-                Some(1),
-                Some(6),
-                3,
-            ),
-            (
-                "clamped to max",
-                bounds(0, 4, 1, 1, 0),
-                Some(1),
-                Some(100),
-                4,
-            ),
+            ("exact division", bounds(0, 10, 2, 1, 0), Some(1), Some(6), 3),
+            ("clamped to max", bounds(0, 4, 1, 1, 0), Some(1), Some(100), 4),
             ("clamped to min", bounds(2, 4, 1, 1, 0), Some(2), Some(0), 2),
-            (
-                "below activation stays 0",
-                bounds(0, 10, 1, 5, 0),
-                Some(0),
-                Some(4),
-                0,
-            ),
-            (
-                "at activation leaves 0",
-                bounds(0, 10, 1, 5, 0),
-                Some(0),
-                Some(5),
-                5,
-            ),
-            (
-                "activation only from zero",
-                bounds(0, 10, 1, 5, 0),
-                Some(2),
-                Some(3),
-                3,
-            ),
-            (
-                "no data keeps current",
-                bounds(0, 10, 1, 1, 0),
-                Some(7),
-                None,
-                7,
-            ),
-            (
-                "no data, no deployment: min",
-                bounds(1, 10, 1, 1, 0),
-                None,
-                None,
-                1,
-            ),
-            (
-                "new deployment sized",
-                bounds(0, 10, 4, 1, 0),
-                None,
-                Some(9),
-                3,
-            ),
-            (
-                "max 0 means off",
-                bounds(0, 0, 1, 1, 0),
-                Some(0),
-                Some(50),
-                0,
-            ),
-            (
-                "max lowered below current",
-                bounds(0, 2, 1, 1, 300),
-                Some(5),
-                Some(50),
-                2,
-            ),
-            (
-                "huge backlog saturates",
-                bounds(0, 10000, 1, 1, 0),
-                Some(1),
-                Some(i64::MAX / 2),
-                10000,
-            ),
+            ("below activation stays 0", bounds(0, 10, 1, 5, 0), Some(0), Some(4), 0),
+            ("at activation leaves 0", bounds(0, 10, 1, 5, 0), Some(0), Some(5), 5),
+            ("activation only from zero", bounds(0, 10, 1, 5, 0), Some(2), Some(3), 3),
+            ("no data keeps current", bounds(0, 10, 1, 1, 0), Some(7), None, 7),
+            ("no data, no deployment: min", bounds(1, 10, 1, 1, 0), None, None, 1),
+            ("new deployment sized", bounds(0, 10, 4, 1, 0), None, Some(9), 3),
+            ("max 0 means off", bounds(0, 0, 1, 1, 0), Some(0), Some(50), 0),
+            ("max lowered below current", bounds(0, 2, 1, 1, 300), Some(5), Some(50), 2),
+            ("huge backlog saturates", bounds(0, 10000, 1, 1, 0), Some(1), Some(i64::MAX / 2), 10000),
         ];
         for (name, b, current, pending, want) in cases {
-            let got = decide(
-                b,
-                *current,
-                *pending,
-                &mut History::default(),
-                Instant::now(),
-            );
+            let got = decide(b, *current, *pending, &mut History::default(), Instant::now());
             assert_eq!(got.replicas, *want, "{name}: {}", got.reason);
         }
     }
@@ -267,33 +169,18 @@ mod tests {
         // Queue drains: the 6 seen 10 s ago still wins inside the 60 s window.
         let d = decide(&b, Some(6), Some(0), &mut h, t0 + Duration::from_secs(10));
         assert_eq!(d.replicas, 6);
-        assert!(
-            d.reason.contains("waits out the 1m stabilization window"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.contains("waits out the 1m stabilization window"), "{}", d.reason);
         // A smaller spike inside the window: still 6.
-        assert_eq!(
-            decide(&b, Some(6), Some(2), &mut h, t0 + Duration::from_secs(40)).replicas,
-            6
-        );
+        assert_eq!(decide(&b, Some(6), Some(2), &mut h, t0 + Duration::from_secs(40)).replicas, 6);
         // 6 left the window; the 2 from t=40 s is now the highest.
         let d = decide(&b, Some(6), Some(0), &mut h, t0 + Duration::from_secs(61));
         assert_eq!(d.replicas, 2, "{}", d.reason);
         assert!(d.reason.starts_with("scaled down 6 -> 2"), "{}", d.reason);
-        assert_eq!(
-            decide(&b, Some(2), Some(0), &mut h, t0 + Duration::from_secs(101)).replicas,
-            0
-        );
+        assert_eq!(decide(&b, Some(2), Some(0), &mut h, t0 + Duration::from_secs(101)).replicas, 0);
         // And straight back up, no waiting.
         let d = decide(&b, Some(0), Some(3), &mut h, t0 + Duration::from_secs(102));
         assert_eq!(d.replicas, 3);
-        assert!(
-            d.reason
-                .starts_with("scaled up 0 -> 3: 3 pending / 1 per replica"),
-            "{}",
-            d.reason
-        );
+        assert!(d.reason.starts_with("scaled up 0 -> 3: 3 pending / 1 per replica"), "{}", d.reason);
     }
 
     #[test]
@@ -302,10 +189,7 @@ mod tests {
         let t0 = Instant::now();
         let mut h = History::default(); // fresh operator, Deployment already at 4
         assert_eq!(decide(&b, Some(4), Some(0), &mut h, t0).replicas, 4);
-        assert_eq!(
-            decide(&b, Some(4), Some(0), &mut h, t0 + Duration::from_secs(31)).replicas,
-            0
-        );
+        assert_eq!(decide(&b, Some(4), Some(0), &mut h, t0 + Duration::from_secs(31)).replicas, 0);
     }
 
     #[test]
@@ -321,27 +205,9 @@ mod tests {
     #[test]
     fn reasons_explain_the_numbers() {
         let mut h = History::default();
-        let d = decide(
-            &bounds(0, 4, 2, 1, 0),
-            Some(1),
-            Some(20),
-            &mut h,
-            Instant::now(),
-        );
-        assert_eq!(
-            d.reason,
-            "scaled up 1 -> 4: 20 pending / 2 per replica = 10, clamped to maxReplicas 4"
-        );
-        let d = decide(
-            &bounds(0, 4, 1, 3, 0),
-            Some(0),
-            Some(2),
-            &mut History::default(),
-            Instant::now(),
-        );
-        assert_eq!(
-            d.reason,
-            "steady at 0: 2 pending, below activationThreshold 3"
-        );
+        let d = decide(&bounds(0, 4, 2, 1, 0), Some(1), Some(20), &mut h, Instant::now());
+        assert_eq!(d.reason, "scaled up 1 -> 4: 20 pending / 2 per replica = 10, clamped to maxReplicas 4");
+        let d = decide(&bounds(0, 4, 1, 3, 0), Some(0), Some(2), &mut History::default(), Instant::now());
+        assert_eq!(d.reason, "steady at 0: 2 pending, below activationThreshold 3");
     }
 }

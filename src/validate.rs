@@ -55,45 +55,26 @@ const MIN_POLL: Duration = Duration::from_millis(100);
 
 pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, InvalidSpec> {
     let mut errors = Vec::new();
-    let mut err = |field: &str, message: String| {
-        errors.push(FieldError {
-            field: field.into(),
-            message,
-        })
-    };
+    let mut err = |field: &str, message: String| errors.push(FieldError { field: field.into(), message });
 
     check_queue_name(&spec.queue, "spec.queue", &mut err);
     for (i, q) in spec.extra_queues.iter().enumerate() {
         let field = format!("spec.extraQueues[{i}]");
         check_queue_name(q, &field, &mut err);
         if q == &spec.queue {
-            err(
-                &field,
-                format!("repeats spec.queue {q:?}; remove it from extraQueues"),
-            );
+            err(&field, format!("repeats spec.queue {q:?}; remove it from extraQueues"));
         } else if spec.extra_queues[..i].contains(q) {
-            err(
-                &field,
-                format!("{q:?} is listed twice; remove the duplicate"),
-            );
+            err(&field, format!("{q:?} is listed twice; remove the duplicate"));
         }
     }
-    let queues: Vec<String> = std::iter::once(spec.queue.clone())
-        .chain(spec.extra_queues.iter().cloned())
-        .collect();
+    let queues: Vec<String> = std::iter::once(spec.queue.clone()).chain(spec.extra_queues.iter().cloned()).collect();
 
     for (i, route) in spec.routes.iter().enumerate() {
         let field = format!("spec.routes[{i}].pattern");
         if route.pattern.is_empty() {
-            err(
-                &field,
-                "must not be empty; use a task name or a glob such as `app.tasks.*`".into(),
-            );
+            err(&field, "must not be empty; use a task name or a glob such as `app.tasks.*`".into());
         } else if route.pattern.chars().count() > 253 {
-            err(
-                &field,
-                "is longer than 253 characters; shorten the pattern".into(),
-            );
+            err(&field, "is longer than 253 characters; shorten the pattern".into());
         } else if route.pattern.chars().any(char::is_control) {
             err(&field, "contains a control character; remove it".into());
         }
@@ -101,7 +82,10 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
             if !queues.contains(q) {
                 err(
                     &format!("spec.routes[{i}].queue"),
-                    format!("{q:?} is not consumed by this pool; use spec.queue or one of spec.extraQueues ({})", queues.join(", ")),
+                    format!(
+                        "{q:?} is not consumed by this pool; use spec.queue or one of spec.extraQueues ({})",
+                        queues.join(", ")
+                    ),
                 );
             }
         }
@@ -109,16 +93,10 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
 
     let opts = &spec.broker.transport_options;
     if spec.broker.url_secret_ref.name.is_empty() {
-        err(
-            "spec.broker.urlSecretRef.name",
-            "must name the Secret holding the broker URL".into(),
-        );
+        err("spec.broker.urlSecretRef.name", "must name the Secret holding the broker URL".into());
     }
     if spec.broker.url_secret_ref.key.is_empty() {
-        err(
-            "spec.broker.urlSecretRef.key",
-            "must name the Secret key holding the broker URL (e.g. `url`)".into(),
-        );
+        err("spec.broker.urlSecretRef.key", "must name the Secret key holding the broker URL (e.g. `url`)".into());
     }
     if opts.priority_steps.is_empty() {
         err(
@@ -140,33 +118,18 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         }
     }
     if opts.sep.is_empty() {
-        err(
-            "spec.broker.transportOptions.sep",
-            "must not be empty; kombu's default is \"\\u0006\\u0016\"".into(),
-        );
+        err("spec.broker.transportOptions.sep", "must not be empty; kombu's default is \"\\u0006\\u0016\"".into());
     }
 
     let w = &spec.worker;
     if w.image.trim().is_empty() {
-        err(
-            "spec.worker.image",
-            "must name the container image with the Celery app".into(),
-        );
+        err("spec.worker.image", "must name the container image with the Celery app".into());
     }
     if w.app.trim().is_empty() || w.app.chars().any(char::is_whitespace) {
-        err(
-            "spec.worker.app",
-            format!(
-                "{:?} is not a Celery app for `celery -A`; use e.g. `app.worker`",
-                w.app
-            ),
-        );
+        err("spec.worker.app", format!("{:?} is not a Celery app for `celery -A`; use e.g. `app.worker`", w.app));
     }
     if w.concurrency < 1 {
-        err(
-            "spec.worker.concurrency",
-            format!("{} must be at least 1", w.concurrency),
-        );
+        err("spec.worker.concurrency", format!("{} must be at least 1", w.concurrency));
     }
     if let Some(p) = w.prefetch_multiplier {
         if p < 1 {
@@ -176,33 +139,23 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
             );
         }
     }
-    let node_name = w
-        .node_name
-        .clone()
-        .unwrap_or_else(|| object_name.to_string());
-    if node_name.is_empty() || node_name.contains('@') || node_name.chars().any(char::is_whitespace)
-    {
+    let node_name = w.node_name.clone().unwrap_or_else(|| object_name.to_string());
+    if node_name.is_empty() || node_name.contains('@') || node_name.chars().any(char::is_whitespace) {
         err(
             "spec.worker.nodeName",
-            format!(
-                "{node_name:?} must be non-empty without '@' or spaces; the operator appends `@%h`"
-            ),
+            format!("{node_name:?} must be non-empty without '@' or spaces; the operator appends `@%h`"),
         );
     }
     if let Some(g) = w.termination_grace_period_seconds {
         if g < 0 {
-            err(
-                "spec.worker.terminationGracePeriodSeconds",
-                format!("{g} must not be negative"),
-            );
+            err("spec.worker.terminationGracePeriodSeconds", format!("{g} must not be negative"));
         }
     }
     for (i, e) in w.env.iter().enumerate() {
         if e.name == "CELERY_BROKER_URL" {
             err(
                 &format!("spec.worker.env[{i}].name"),
-                "CELERY_BROKER_URL is set by the operator from spec.broker.urlSecretRef; remove it"
-                    .into(),
+                "CELERY_BROKER_URL is set by the operator from spec.broker.urlSecretRef; remove it".into(),
             );
         }
     }
@@ -211,10 +164,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         Some(v) => match serde_json::from_value::<PodTemplateSpec>(v.clone()) {
             Ok(t) => Some(t),
             Err(e) => {
-                err(
-                    "spec.worker.podTemplate",
-                    format!("is not a valid partial PodTemplateSpec: {e}"),
-                );
+                err("spec.worker.podTemplate", format!("is not a valid partial PodTemplateSpec: {e}"));
                 None
             }
         },
@@ -222,21 +172,18 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
 
     let s = &spec.scaling;
     if s.min_replicas < 0 {
-        err(
-            "spec.scaling.minReplicas",
-            format!("{} must not be negative", s.min_replicas),
-        );
+        err("spec.scaling.minReplicas", format!("{} must not be negative", s.min_replicas));
     }
     if s.max_replicas < 0 {
-        err(
-            "spec.scaling.maxReplicas",
-            format!("{} must not be negative", s.max_replicas),
-        );
+        err("spec.scaling.maxReplicas", format!("{} must not be negative", s.max_replicas));
     }
     if s.min_replicas > s.max_replicas {
         err(
             "spec.scaling.minReplicas",
-            format!("{} must not exceed spec.scaling.maxReplicas ({}); lower minReplicas or raise maxReplicas", s.min_replicas, s.max_replicas),
+            format!(
+                "{} must not exceed spec.scaling.maxReplicas ({}); lower minReplicas or raise maxReplicas",
+                s.min_replicas, s.max_replicas
+            ),
         );
     }
     if let Some(t) = s.tasks_per_replica {
@@ -248,25 +195,16 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         }
     }
     if s.activation_threshold < 0 {
-        err(
-            "spec.scaling.activationThreshold",
-            format!("{} must not be negative", s.activation_threshold),
-        );
+        err("spec.scaling.activationThreshold", format!("{} must not be negative", s.activation_threshold));
     }
     let poll_interval = parse_duration(&s.poll_interval, "spec.scaling.pollInterval", &mut err);
     if let Some(p) = poll_interval {
         if p < MIN_POLL {
-            err(
-                "spec.scaling.pollInterval",
-                format!("{:?} is below the minimum 100ms", s.poll_interval),
-            );
+            err("spec.scaling.pollInterval", format!("{:?} is below the minimum 100ms", s.poll_interval));
         }
     }
-    let window = parse_duration(
-        &s.scale_down.stabilization_window,
-        "spec.scaling.scaleDown.stabilizationWindow",
-        &mut err,
-    );
+    let window =
+        parse_duration(&s.scale_down.stabilization_window, "spec.scaling.scaleDown.stabilizationWindow", &mut err);
 
     if !errors.is_empty() {
         return Err(InvalidSpec(errors));
@@ -286,15 +224,9 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
 
 fn check_queue_name(q: &str, field: &str, err: &mut impl FnMut(&str, String)) {
     if q.is_empty() {
-        err(
-            field,
-            "must not be empty; name the Celery queue (e.g. `celery`)".into(),
-        );
+        err(field, "must not be empty; name the Celery queue (e.g. `celery`)".into());
     } else if q.chars().any(|c| c.is_whitespace() || c == ',') {
-        err(
-            field,
-            format!("{q:?} contains whitespace or ','; Celery's --queues takes plain names"),
-        );
+        err(field, format!("{q:?} contains whitespace or ','; Celery's --queues takes plain names"));
     } else if q.len() > 200 {
         err(field, "is longer than 200 bytes".into());
     }
@@ -308,27 +240,17 @@ pub fn parse_duration_str(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let (num, tail) = rest.split_at(num_len);
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
+        let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration"))?;
+        let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
         let secs = match unit {
             "ms" => value / 1000.0,
             "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
-            _ => {
-                return Err(format!(
-                    "{s:?} has unit {unit:?}; use ms, s, m or h (e.g. `2s`, `5m`)"
-                ))
-            }
+            _ => return Err(format!("{s:?} has unit {unit:?}; use ms, s, m or h (e.g. `2s`, `5m`)")),
         };
         total += Duration::from_secs_f64(secs);
         rest = tail;
@@ -376,12 +298,7 @@ mod tests {
     }
 
     fn errors(patch: serde_json::Value) -> Vec<String> {
-        validate(&spec(patch), "general")
-            .unwrap_err()
-            .0
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        validate(&spec(patch), "general").unwrap_err().0.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -404,12 +321,7 @@ mod tests {
     fn route_to_foreign_queue_is_rejected() {
         let e = errors(json!({"routes": [{"pattern": "a.*", "queue": "ai_processing"}]}));
         assert_eq!(e.len(), 1);
-        assert!(
-            e[0].starts_with(
-                "spec.routes[0].queue: \"ai_processing\" is not consumed by this pool"
-            ),
-            "{e:?}"
-        );
+        assert!(e[0].starts_with("spec.routes[0].queue: \"ai_processing\" is not consumed by this pool"), "{e:?}");
     }
 
     #[test]
@@ -421,66 +333,34 @@ mod tests {
         assert_eq!(e.len(), 3, "{e:?}");
         assert!(e[0].starts_with("spec.worker.concurrency: 0 must be at least 1"));
         assert!(e[1].starts_with("spec.scaling.pollInterval:"));
-        assert!(
-            e[2].contains("spec.scaling.scaleDown.stabilizationWindow: \"5d\" has unit \"d\""),
-            "{e:?}"
-        );
+        assert!(e[2].contains("spec.scaling.scaleDown.stabilizationWindow: \"5d\" has unit \"d\""), "{e:?}");
     }
 
     #[test]
     fn queue_names_and_duplicates() {
         let e = errors(json!({"queue": "a b", "extraQueues": ["x", "x", "a b"]}));
-        assert!(
-            e.iter()
-                .any(|m| m.starts_with("spec.queue: \"a b\" contains whitespace")),
-            "{e:?}"
-        );
-        assert!(
-            e.iter()
-                .any(|m| m.starts_with("spec.extraQueues[1]: \"x\" is listed twice")),
-            "{e:?}"
-        );
-        assert!(
-            e.iter()
-                .any(|m| m.starts_with("spec.extraQueues[2]:") && m.contains("repeats spec.queue")),
-            "{e:?}"
-        );
+        assert!(e.iter().any(|m| m.starts_with("spec.queue: \"a b\" contains whitespace")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("spec.extraQueues[1]: \"x\" is listed twice")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("spec.extraQueues[2]:") && m.contains("repeats spec.queue")), "{e:?}");
     }
 
     #[test]
     fn broker_url_env_override_is_rejected() {
-        let e = errors(
-            json!({"worker": {"env": [{"name": "CELERY_BROKER_URL", "value": "redis://x"}]}}),
-        );
-        assert!(
-            e[0].starts_with("spec.worker.env[0].name: CELERY_BROKER_URL is set by the operator"),
-            "{e:?}"
-        );
+        let e = errors(json!({"worker": {"env": [{"name": "CELERY_BROKER_URL", "value": "redis://x"}]}}));
+        assert!(e[0].starts_with("spec.worker.env[0].name: CELERY_BROKER_URL is set by the operator"), "{e:?}");
     }
 
     #[test]
     fn pod_template_must_be_a_pod_template() {
         let e = errors(json!({"worker": {"podTemplate": {"spec": {"containers": "nope"}}}}));
-        assert!(
-            e[0].starts_with("spec.worker.podTemplate: is not a valid partial PodTemplateSpec"),
-            "{e:?}"
-        );
+        assert!(e[0].starts_with("spec.worker.podTemplate: is not a valid partial PodTemplateSpec"), "{e:?}");
     }
 
     #[test]
     fn durations() {
-        assert_eq!(
-            parse_duration_str("500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            parse_duration_str("1m30s").unwrap(),
-            Duration::from_secs(90)
-        );
-        assert_eq!(
-            parse_duration_str("1.5h").unwrap(),
-            Duration::from_secs(5400)
-        );
+        assert_eq!(parse_duration_str("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration_str("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration_str("1.5h").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration_str("").is_err());
         assert!(parse_duration_str("10").is_err());
         assert!(parse_duration_str("s").is_err());

@@ -13,21 +13,12 @@ use taskqueue_operator::controller::poller::{BrokerState, Schedule, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
 
 async fn lpush(c: &mut redis::aio::MultiplexedConnection, key: &[u8], n: usize) {
     for i in 0..n {
-        let _: () = redis::cmd("LPUSH")
-            .arg(key)
-            .arg(format!("m{i}"))
-            .query_async(c)
-            .await
-            .unwrap();
+        let _: () = redis::cmd("LPUSH").arg(key).arg(format!("m{i}")).query_async(c).await.unwrap();
     }
 }
 
@@ -44,49 +35,26 @@ async fn depth_sums_every_priority_list_and_flags_foreign_key_types() {
     lpush(&mut c, b"alpha\x06\x163", 2).await;
     lpush(&mut c, b"alpha\x06\x169", 1).await;
     lpush(&mut c, b"pfx:beta:5", 4).await; // custom prefix/sep/steps
-    let _: () = redis::cmd("SET")
-        .arg("gamma")
-        .arg("not a list")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let _: () = redis::cmd("SET").arg("gamma").arg("not a list").query_async(&mut c).await.unwrap();
 
-    let custom = TransportOptions {
-        global_keyprefix: "pfx:".into(),
-        priority_steps: vec![0, 5],
-        sep: ":".into(),
-    };
+    let custom = TransportOptions { global_keyprefix: "pfx:".into(), priority_steps: vec![0, 5], sep: ":".into() };
     let queries = vec![
         DepthQuery::new("alpha", &TransportOptions::default()),
         DepthQuery::new("beta", &custom),
         DepthQuery::new("gamma", &TransportOptions::default()),
         DepthQuery::new("missing", &TransportOptions::default()),
     ];
-    let mut conn = BrokerPool::default()
-        .connection(&endpoint(&redis.url()))
-        .await
-        .unwrap();
+    let mut conn = BrokerPool::default().connection(&endpoint(&redis.url())).await.unwrap();
     let got = read_depths(&mut conn, "test", &queries).await.unwrap();
     let alpha = got[0].as_ref().unwrap();
     assert_eq!(alpha.pending, 8);
-    assert_eq!(
-        alpha
-            .by_priority
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect::<Vec<_>>(),
-        [(0, 5), (3, 2), (6, 0), (9, 1)]
-    );
+    assert_eq!(alpha.by_priority.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), [(0, 5), (3, 2), (6, 0), (9, 1)]);
     assert_eq!(got[1].as_ref().unwrap().pending, 4);
     match &got[2] {
         Err(ReadError::WrongType { key, .. }) => assert_eq!(key, "gamma"),
         other => panic!("expected WrongType for gamma, got {other:?}"),
     }
-    assert_eq!(
-        got[3].as_ref().unwrap().pending,
-        0,
-        "a queue without keys is empty, not an error"
-    );
+    assert_eq!(got[3].as_ref().unwrap().pending, 0, "a queue without keys is empty, not an error");
 }
 
 #[tokio::test]
@@ -94,52 +62,27 @@ async fn depth_sums_every_priority_list_and_flags_foreign_key_types() {
 async fn unreachable_and_auth_failures_are_told_apart_without_leaking_the_password() {
     // Nothing listens on a fresh free port.
     let down = format!("redis://:hunter2@127.0.0.1:{}/0", support::free_port());
-    let err = BrokerPool::new(Duration::from_secs(1))
-        .connection(&endpoint(&down))
-        .await
-        .unwrap_err();
+    let err = BrokerPool::new(Duration::from_secs(1)).connection(&endpoint(&down)).await.unwrap_err();
     assert_eq!(err.reason(), "BrokerUnreachable", "{err}");
     assert!(!err.to_string().contains("hunter2"), "{err}");
 
     let redis = Redis::start().await;
     let mut c = raw(&redis.url()).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("requirepass")
-        .arg("s3cret")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for url in [
-        redis.url(),
-        format!("redis://:hunter2@127.0.0.1:{}/0", redis.port),
-    ] {
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("s3cret").query_async(&mut c).await.unwrap();
+    for url in [redis.url(), format!("redis://:hunter2@127.0.0.1:{}/0", redis.port)] {
         let pool = BrokerPool::new(Duration::from_secs(1));
         let err = match pool.connection(&endpoint(&url)).await {
             Err(e) => e,
-            Ok(mut conn) => read_depths(
-                &mut conn,
-                "test",
-                &[DepthQuery::new("q", &TransportOptions::default())],
-            )
-            .await
-            .unwrap_err(),
+            Ok(mut conn) => {
+                read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.unwrap_err()
+            }
         };
         assert_eq!(err.reason(), "BrokerAuthFailed", "{url}: {err}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
     let ok = format!("redis://:s3cret@127.0.0.1:{}/0", redis.port);
-    let mut conn = BrokerPool::default()
-        .connection(&endpoint(&ok))
-        .await
-        .unwrap();
-    assert!(read_depths(
-        &mut conn,
-        "test",
-        &[DepthQuery::new("q", &TransportOptions::default())]
-    )
-    .await
-    .is_ok());
+    let mut conn = BrokerPool::default().connection(&endpoint(&ok)).await.unwrap();
+    assert!(read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.is_ok());
 }
 
 #[tokio::test]
@@ -158,90 +101,41 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         interval: Duration::from_millis(100),
     };
     // Three TaskQueues on broker a (two share a queue), one on broker b.
-    state
-        .register(key("ai"), target(&a.url(), &["ai_processing"]))
-        .await;
-    state
-        .register(key("demo"), target(&a.url(), &["demo_tasks"]))
-        .await;
-    state
-        .register(
-            key("both"),
-            target(&a.url(), &["ai_processing", "demo_tasks"]),
-        )
-        .await;
-    state
-        .register(key("other"), target(&b.url(), &["celery"]))
-        .await;
+    state.register(key("ai"), target(&a.url(), &["ai_processing"])).await;
+    state.register(key("demo"), target(&a.url(), &["demo_tasks"])).await;
+    state.register(key("both"), target(&a.url(), &["ai_processing", "demo_tasks"])).await;
+    state.register(key("other"), target(&b.url(), &["celery"])).await;
 
     let conns_before = total_connections(&mut ca).await;
     let mut schedule = Schedule::default();
     let t0 = Instant::now();
     let (changed, _) = state.poll_due(&mut schedule, t0).await;
-    assert_eq!(
-        changed.len(),
-        4,
-        "first reading of every TaskQueue is a change"
-    );
-    assert_eq!(
-        state.round_trips.load(std::sync::atomic::Ordering::Relaxed),
-        2,
-        "one per broker"
-    );
+    assert_eq!(changed.len(), 4, "first reading of every TaskQueue is a change");
+    assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 2, "one per broker");
     let both = state.reading(&key("both")).await.unwrap().depths.unwrap();
-    assert_eq!(
-        both.iter()
-            .map(|d| d.as_ref().unwrap().pending)
-            .collect::<Vec<_>>(),
-        [3, 7]
-    );
+    assert_eq!(both.iter().map(|d| d.as_ref().unwrap().pending).collect::<Vec<_>>(), [3, 7]);
 
     // Not due yet: no reads. Due again: one more round trip per broker, nothing changed.
-    let (changed, _) = state
-        .poll_due(&mut schedule, t0 + Duration::from_millis(50))
-        .await;
+    let (changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_millis(50)).await;
     assert!(changed.is_empty());
-    assert_eq!(
-        state.round_trips.load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 2);
     for i in 1..=5 {
-        let (changed, _) = state
-            .poll_due(&mut schedule, t0 + Duration::from_millis(100 * i))
-            .await;
+        let (changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_millis(100 * i)).await;
         assert!(changed.is_empty(), "same depths: no reconcile wake-ups");
     }
-    assert_eq!(
-        state.round_trips.load(std::sync::atomic::Ordering::Relaxed),
-        12
-    );
+    assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 12);
     // The pool dialled broker a once for all of that.
     assert_eq!(total_connections(&mut ca).await - conns_before, 1);
 
     lpush(&mut ca, b"ai_processing", 1).await;
-    let (mut changed, _) = state
-        .poll_due(&mut schedule, t0 + Duration::from_secs(1))
-        .await;
+    let (mut changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_secs(1)).await;
     changed.sort_by_key(|k| k.name.clone());
-    assert_eq!(
-        changed,
-        [key("ai"), key("both")],
-        "only the TaskQueues whose depth moved are woken"
-    );
+    assert_eq!(changed, [key("ai"), key("both")], "only the TaskQueues whose depth moved are woken");
 }
 
 async fn total_connections(c: &mut redis::aio::MultiplexedConnection) -> i64 {
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(c)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let info: String = redis::cmd("INFO").arg("stats").query_async(c).await.unwrap();
+    info.lines().find_map(|l| l.strip_prefix("total_connections_received:")).unwrap().trim().parse().unwrap()
 }
 
 #[tokio::test]
@@ -250,17 +144,7 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
     let dir = std::env::temp_dir().join(format!("tq-tls-{}", support::free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
         .args(["-addext", "subjectAltName=IP:127.0.0.1"])
         .arg("-keyout")
         .arg(dir.join("key.pem"))
@@ -272,35 +156,31 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
     assert!(status.success());
     let port = support::free_port();
     let _server = support::ChildGuard(
-        std::process::Command::new(
-            std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
-        )
-        .args([
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--tls-port",
-            &port.to_string(),
-        ])
-        .args(["--tls-auth-clients", "no"])
-        .arg("--tls-cert-file")
-        .arg(dir.join("cert.pem"))
-        .arg("--tls-key-file")
-        .arg(dir.join("key.pem"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap(),
+        std::process::Command::new(std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()))
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--tls-port",
+                &port.to_string(),
+            ])
+            .args(["--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(dir.join("cert.pem"))
+            .arg("--tls-key-file")
+            .arg(dir.join("key.pem"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     support::wait_for("TLS port open", Duration::from_secs(10), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .map(|_| ())
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
     })
     .await;
 
@@ -309,31 +189,15 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
     let pool = BrokerPool::new(Duration::from_secs(2));
     let refused = match pool.connection(&endpoint(&verified)).await {
         Err(e) => e,
-        Ok(mut conn) => read_depths(
-            &mut conn,
-            "test",
-            &[DepthQuery::new("q", &TransportOptions::default())],
-        )
-        .await
-        .unwrap_err(),
+        Ok(mut conn) => {
+            read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.unwrap_err()
+        }
     };
-    assert!(
-        refused.to_string().to_lowercase().contains("certificate"),
-        "{refused}"
-    );
+    assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
     // Celery's explicit opt-out is honoured.
     let insecure = format!("rediss://127.0.0.1:{port}/0?ssl_cert_reqs=CERT_NONE");
-    let mut conn = BrokerPool::new(Duration::from_secs(2))
-        .connection(&endpoint(&insecure))
-        .await
-        .unwrap();
-    let depth = read_depths(
-        &mut conn,
-        "test",
-        &[DepthQuery::new("q", &TransportOptions::default())],
-    )
-    .await
-    .unwrap();
+    let mut conn = BrokerPool::new(Duration::from_secs(2)).connection(&endpoint(&insecure)).await.unwrap();
+    let depth = read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.unwrap();
     assert_eq!(depth[0].as_ref().unwrap().pending, 0);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -101,14 +101,10 @@ async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
     let client = server.client().await;
     install_crd(&client).await;
     Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap())
         .await
         .expect("create namespace");
-    let taskqueues: Api<DynamicObject> =
-        Api::namespaced_with(client, NS, &ApiResource::erase::<TaskQueue>(&()));
+    let taskqueues: Api<DynamicObject> = Api::namespaced_with(client, NS, &ApiResource::erase::<TaskQueue>(&()));
     let create = |v: Value| {
         let api = taskqueues.clone();
         async move {
@@ -117,9 +113,7 @@ async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
         }
     };
 
-    create(valid("baseline"))
-        .await
-        .expect("the baseline of the invalid cases is valid");
+    create(valid("baseline")).await.expect("the baseline of the invalid cases is valid");
 
     let mut failures = Vec::new();
     for (name, break_spec, want) in INVALID {
@@ -129,10 +123,9 @@ async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
             Err(kube::Error::Api(s)) if s.code == 422 && s.message.contains(want) => {
                 println!("ok: {name} rejected: {}", s.message);
             }
-            Err(kube::Error::Api(s)) => failures.push(format!(
-                "{name}: want 422 containing {want:?}, got {}: {}",
-                s.code, s.message
-            )),
+            Err(kube::Error::Api(s)) => {
+                failures.push(format!("{name}: want 422 containing {want:?}, got {}: {}", s.code, s.message))
+            }
             Err(e) => failures.push(format!("{name}: {e}")),
             Ok(_) => failures.push(format!("{name}: accepted, want 422 {want:?}")),
         }
@@ -164,24 +157,12 @@ async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = taskqueue_operator::crd::crd();
     let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply("cel-rules-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("the API server accepts the CRD (CEL rules compile within the cost limits)");
+    crds.patch(&name, &PatchParams::apply("cel-rules-test").force(), &Patch::Apply(&crd))
+        .await
+        .expect("the API server accepts the CRD (CEL rules compile within the cost limits)");
     for _ in 0..150 {
-        let established = crds
-            .get(&name)
-            .await
-            .ok()
-            .and_then(|c| c.status?.conditions);
-        if established
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-        {
+        let established = crds.get(&name).await.ok().and_then(|c| c.status?.conditions);
+        if established.iter().flatten().any(|c| c.type_ == "Established" && c.status == "True") {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -203,11 +184,8 @@ impl ModernApiServer {
             .filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-        let server = ModernApiServer {
-            script,
-            state: cache.join("taskqueue-operator/modern-state"),
-            ports: free_ports(),
-        };
+        let server =
+            ModernApiServer { script, state: cache.join("taskqueue-operator/modern-state"), ports: free_ports() };
         server.run("build"); // cached after the first run (~/.cache/realk8s-modern)
         server.run("down"); // leftovers of an earlier run that was killed before its own `down`
         server.run("up");
@@ -220,9 +198,8 @@ impl ModernApiServer {
 
     async fn client(&self) -> Client {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig from `up`");
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .expect("usable kubeconfig");
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("usable kubeconfig");
         Client::try_from(config).expect("client")
     }
 
@@ -242,14 +219,9 @@ impl ModernApiServer {
     }
 
     fn run(&self, action: &str) {
-        let status = self
-            .command(action)
-            .status()
-            .unwrap_or_else(|e| panic!("running modern-apiserver.sh {action}: {e}"));
-        assert!(
-            status.success(),
-            "modern-apiserver.sh {action} failed: {status}"
-        );
+        let status =
+            self.command(action).status().unwrap_or_else(|e| panic!("running modern-apiserver.sh {action}: {e}"));
+        assert!(status.success(), "modern-apiserver.sh {action} failed: {status}");
     }
 }
 

@@ -30,10 +30,7 @@ fn pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json::Valu
 
 async fn wait_replicas(client: &kube::Client, ns: &str, name: &str, want: i32) {
     wait_for(&format!("{ns}/{name} at {want} replicas"), T, || async {
-        deployment(client, ns, name)
-            .await
-            .filter(|d| replicas(d) == want)
-            .map(|_| ())
+        deployment(client, ns, name).await.filter(|d| replicas(d) == want).map(|_| ())
     })
     .await;
 }
@@ -54,10 +51,7 @@ async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
             Some("Secret") => {
                 let mut s: Secret = serde_json::from_value(v).unwrap();
                 s.string_data = Some([("url".to_string(), redis.url())].into());
-                Api::<Secret>::namespaced(client.clone(), &ns)
-                    .create(&PostParams::default(), &s)
-                    .await
-                    .unwrap();
+                Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &s).await.unwrap();
             }
             Some("TaskQueue") => {
                 let mut v = v;
@@ -76,52 +70,30 @@ async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
         ("general", "celery -A app.worker worker --queues=celery,reports,notifications --concurrency=3 -n general-worker@%h", 1),
     ];
     for (name, cmd, min) in want {
-        let d = wait_for(&format!("Deployment {name}"), T, || {
-            deployment(&client, &ns, name)
-        })
-        .await;
+        let d = wait_for(&format!("Deployment {name}"), T, || deployment(&client, &ns, name)).await;
         assert_eq!(command(&d).join(" "), cmd, "{name}");
         wait_replicas(&client, &ns, name, min).await;
     }
 
     // 6 x the seed's register_user: 12 demo_tasks messages, 6 ai_processing messages.
     celery(&redis.url(), &["register", "6"]);
-    celery(
-        &redis.url(),
-        &["send", "app.worker.tasks.reports.build_monthly_report", "7"],
-    );
+    celery(&redis.url(), &["send", "app.worker.tasks.reports.build_monthly_report", "7"]);
     for (name, queue, kombu_queues, replicas_want) in [
         ("demo-tasks", "demo_tasks", vec!["demo_tasks"], 3), // ceil(12 / 4)
         ("ai-processing", "ai_processing", vec!["ai_processing"], 3), // ceil(6 / 2)
-        (
-            "general",
-            "celery",
-            vec!["celery", "reports", "notifications"],
-            3,
-        ), // ceil(7 / 3)
+        ("general", "celery", vec!["celery", "reports", "notifications"], 3), // ceil(7 / 3)
     ] {
-        let kombu: i64 = kombu_queues
-            .iter()
-            .map(|q| kombu_count(&redis.url(), q))
-            .sum();
+        let kombu: i64 = kombu_queues.iter().map(|q| kombu_count(&redis.url(), q)).sum();
         assert!(kombu > 0, "{queue}: producer put messages in Redis");
         let tq = wait_for(&format!("{name} status.pending = {kombu}"), T, || async {
             Some(taskqueue(&client, &ns, name).await)
                 .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))
         })
         .await;
-        assert_eq!(
-            tq.status.as_ref().unwrap().desired_replicas,
-            Some(replicas_want),
-            "{name}"
-        );
+        assert_eq!(tq.status.as_ref().unwrap().desired_replicas, Some(replicas_want), "{name}");
         wait_replicas(&client, &ns, name, replicas_want).await;
     }
-    assert_eq!(
-        replicas(&deployment(&client, &ns, "urgent").await.unwrap()),
-        1,
-        "urgent untouched"
-    );
+    assert_eq!(replicas(&deployment(&client, &ns, "urgent").await.unwrap()), 1, "urgent untouched");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;
@@ -153,29 +125,15 @@ async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_af
 
     // The CLI reads the same numbers, split by priority list.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-        .args([
-            "depth",
-            "--broker-url",
-            &redis.url(),
-            "--queue",
-            "demo_tasks",
-        ])
+        .args(["depth", "--broker-url", &redis.url(), "--queue", "demo_tasks"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        line,
-        json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}})
-    );
+    assert_eq!(line, json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}}));
 
     wait_for("status.pending = kombu's count", T, || async {
-        Some(taskqueue(&client, &ns, "demo").await)
-            .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))
+        Some(taskqueue(&client, &ns, "demo").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))
     })
     .await;
     wait_replicas(&client, &ns, "demo", 5).await; // ceil(20 / 4)
@@ -184,16 +142,11 @@ async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_af
     let d = deployment(&client, &ns, "demo").await.unwrap();
     let worker = Worker::start(&redis.url(), &command(&d));
     let drained = wait_for("queue drained", T, || async {
-        Some(taskqueue(&client, &ns, "demo").await)
-            .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(0))
+        Some(taskqueue(&client, &ns, "demo").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(0))
     })
     .await;
     // Inside the 8 s window the operator keeps the workers it had.
-    assert_eq!(
-        drained.status.as_ref().unwrap().desired_replicas,
-        Some(5),
-        "scale-down waits for the window"
-    );
+    assert_eq!(drained.status.as_ref().unwrap().desired_replicas, Some(5), "scale-down waits for the window");
     drop(worker);
     wait_replicas(&client, &ns, "demo", 0).await;
     // The status follows the Deployment write; the way down may pass through a partial
@@ -219,51 +172,38 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     let ns = namespace(&client, "outage").await;
     let mut redis = Redis::start().await;
     broker_secret(&client, &ns, &redis.url()).await;
-    create_taskqueue(&client, &ns, pool("ai", "ai_processing", json!({"maxReplicas": 10, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "1s"}}))).await;
+    create_taskqueue(
+        &client,
+        &ns,
+        pool(
+            "ai",
+            "ai_processing",
+            json!({"maxReplicas": 10, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "1s"}}),
+        ),
+    )
+    .await;
     let operator = Operator::start(&client, &ns);
 
-    celery(
-        &redis.url(),
-        &[
-            "send",
-            "app.worker.tasks.ai_tasks.run_ai_text_generation",
-            "8",
-        ],
-    );
+    celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "8"]);
     wait_replicas(&client, &ns, "ai", 2).await;
 
     redis.stop();
     let tq = wait_for("BrokerReachable=False", T, || async {
         let t = taskqueue(&client, &ns, "ai").await;
-        condition(&t, "BrokerReachable")
-            .filter(|c| c.0 == "False")
-            .map(|_| t)
+        condition(&t, "BrokerReachable").filter(|c| c.0 == "False").map(|_| t)
     })
     .await;
     let (_, reason, message) = condition(&tq, "BrokerReachable").unwrap();
     assert_eq!(reason, "BrokerUnreachable", "{message}");
-    assert!(
-        message.contains(&format!("127.0.0.1:{}", redis.port)),
-        "{message}"
-    );
+    assert!(message.contains(&format!("127.0.0.1:{}", redis.port)), "{message}");
     // Several polls later, still frozen (the window is 1 s, so a decision on missing data
     // would have scaled down by now) and one event for the transition, not one per poll.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(replicas(&deployment(&client, &ns, "ai").await.unwrap()), 2);
-    assert_eq!(
-        events(&client, &ns, "ai", "BrokerUnreachable").await.len(),
-        1
-    );
+    assert_eq!(events(&client, &ns, "ai", "BrokerUnreachable").await.len(), 1);
 
     redis.restart().await; // empty: no persistence
-    celery(
-        &redis.url(),
-        &[
-            "send",
-            "app.worker.tasks.ai_tasks.run_ai_text_generation",
-            "12",
-        ],
-    );
+    celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "12"]);
     wait_replicas(&client, &ns, "ai", 3).await;
     let tq = taskqueue(&client, &ns, "ai").await;
     assert_eq!(condition(&tq, "BrokerReachable").unwrap().0, "True");
@@ -280,32 +220,14 @@ async fn deleting_a_taskqueue_garbage_collects_its_deployment() {
     let ns = namespace(&client, "gc").await;
     let redis = Redis::start().await;
     broker_secret(&client, &ns, &redis.url()).await;
-    create_taskqueue(
-        &client,
-        &ns,
-        pool(
-            "urgent",
-            "urgent",
-            json!({"minReplicas": 1, "pollInterval": "500ms"}),
-        ),
-    )
-    .await;
+    create_taskqueue(&client, &ns, pool("urgent", "urgent", json!({"minReplicas": 1, "pollInterval": "500ms"}))).await;
     let operator = Operator::start(&client, &ns);
     let d = wait_for("Deployment", T, || deployment(&client, &ns, "urgent")).await;
-    assert_eq!(
-        d.metadata.owner_references.as_ref().unwrap()[0].kind,
-        "TaskQueue"
-    );
+    assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].kind, "TaskQueue");
 
-    Api::<TaskQueue>::namespaced(client.clone(), &ns)
-        .delete("urgent", &DeleteParams::default())
-        .await
-        .unwrap();
+    Api::<TaskQueue>::namespaced(client.clone(), &ns).delete("urgent", &DeleteParams::default()).await.unwrap();
     wait_for("Deployment garbage-collected", T, || async {
-        deployment(&client, &ns, "urgent")
-            .await
-            .is_none()
-            .then_some(())
+        deployment(&client, &ns, "urgent").await.is_none().then_some(())
     })
     .await;
 
@@ -325,48 +247,26 @@ async fn an_invalid_taskqueue_is_reported_and_others_are_unaffected() {
     create_taskqueue(
         &client,
         &ns,
-        pool(
-            "broken",
-            "broken",
-            json!({"minReplicas": 5, "maxReplicas": 2, "pollInterval": "500ms"}),
-        ),
+        pool("broken", "broken", json!({"minReplicas": 5, "maxReplicas": 2, "pollInterval": "500ms"})),
     )
     .await;
-    create_taskqueue(
-        &client,
-        &ns,
-        pool(
-            "fine",
-            "fine",
-            json!({"minReplicas": 0, "pollInterval": "500ms"}),
-        ),
-    )
-    .await;
+    create_taskqueue(&client, &ns, pool("fine", "fine", json!({"minReplicas": 0, "pollInterval": "500ms"}))).await;
     let operator = Operator::start(&client, &ns);
 
     let broken = wait_for("SpecValid=False", T, || async {
         let t = taskqueue(&client, &ns, "broken").await;
-        condition(&t, "SpecValid")
-            .filter(|c| c.0 == "False")
-            .map(|_| t)
+        condition(&t, "SpecValid").filter(|c| c.0 == "False").map(|_| t)
     })
     .await;
     let (_, reason, message) = condition(&broken, "SpecValid").unwrap();
     assert_eq!(reason, "InvalidSpec");
-    assert!(
-        message
-            .contains("spec.scaling.minReplicas: 5 must not exceed spec.scaling.maxReplicas (2)"),
-        "{message}"
-    );
+    assert!(message.contains("spec.scaling.minReplicas: 5 must not exceed spec.scaling.maxReplicas (2)"), "{message}");
     assert_eq!(events(&client, &ns, "broken", "InvalidSpec").await.len(), 1);
 
     // The valid neighbour works normally.
     celery(&redis.url(), &["sendq", "fine", "1"]);
     wait_replicas(&client, &ns, "fine", 1).await;
-    assert!(
-        deployment(&client, &ns, "broken").await.is_none(),
-        "no workload for an invalid spec"
-    );
+    assert!(deployment(&client, &ns, "broken").await.is_none(), "no workload for an invalid spec");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

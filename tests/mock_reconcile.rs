@@ -31,23 +31,13 @@ fn harness() -> Harness {
     let (store, writer) = reflector::store::<Deployment>();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "taskqueue-operator".into(),
-                instance: None,
-            },
-        ),
+        recorder: Recorder::new(client.clone(), Reporter { controller: "taskqueue-operator".into(), instance: None }),
         deployments: store,
         broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
         histories: Mutex::default(),
         secrets: SecretCache::new(client, Duration::from_secs(3600)),
     });
-    Harness {
-        ctx,
-        handle,
-        deployments: writer,
-    }
+    Harness { ctx, handle, deployments: writer }
 }
 
 fn taskqueue(spec: Value) -> TaskQueue {
@@ -80,16 +70,9 @@ async fn expect(handle: &mut Handle, method: &str, path: &str, status: u16, body
     assert_eq!(req.method().as_str(), method, "method of {}", req.uri());
     assert_eq!(req.uri().path(), path);
     let bytes = req.into_body().collect_bytes().await.unwrap();
-    let sent = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
+    let sent = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
     send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
+        Response::builder().status(status).body(Body::from(serde_json::to_vec(&body).unwrap())).unwrap(),
     );
     sent
 }
@@ -108,6 +91,24 @@ fn broker_secret() -> Value {
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "celery-broker", "namespace": "prod"}, "data": {"url": "cmVkaXM6Ly8xMjcuMC4wLjE6MS8w"}})
 }
 
+/// The next request must be an Event with `reason`; returns it.
+async fn expect_event(handle: &mut Handle, reason: &str) -> Value {
+    let event = expect(handle, "POST", "/apis/events.k8s.io/v1/namespaces/prod/events", 201, json!({})).await;
+    assert_eq!(event["reason"], reason, "{event}");
+    event
+}
+
+/// The next request must be the status patch; returns the patch body.
+async fn expect_status(handle: &mut Handle) -> Value {
+    expect(handle, "PATCH", "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status", 200, tq_json()).await
+}
+
+/// Condition `type_` of a status patch body.
+fn condition(patch: &Value, type_: &str) -> Value {
+    let conds = patch["status"]["conditions"].as_array().expect("conditions");
+    conds.iter().find(|c| c["type"] == type_).unwrap_or_else(|| panic!("no {type_} in {conds:?}")).clone()
+}
+
 fn no_more_requests(handle: &mut Handle) {
     if let Some(Some((req, _))) = handle.next_request().now_or_never() {
         panic!("unexpected request {} {}", req.method(), req.uri());
@@ -121,47 +122,15 @@ async fn create_then_steady_state_makes_no_writes() {
     let ctx = h.ctx.clone();
     let run = tokio::spawn(reconcile(tq.clone(), ctx));
 
-    expect(
-        &mut h.handle,
-        "GET",
-        "/api/v1/namespaces/prod/secrets/celery-broker",
-        200,
-        broker_secret(),
-    )
-    .await;
-    expect(
-        &mut h.handle,
-        "GET",
-        "/apis/apps/v1/namespaces/prod/deployments/ai",
-        404,
-        not_found(),
-    )
-    .await;
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 404, not_found()).await;
     let (req, send) = h.handle.next_request().await.unwrap();
-    assert_eq!(
-        (req.method().as_str(), req.uri().path()),
-        ("PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai")
-    );
-    assert!(
-        req.uri()
-            .query()
-            .unwrap()
-            .contains("fieldManager=taskqueue-operator"),
-        "{:?}",
-        req.uri()
-    );
+    assert_eq!((req.method().as_str(), req.uri().path()), ("PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai"));
+    assert!(req.uri().query().unwrap().contains("fieldManager=taskqueue-operator"), "{:?}", req.uri());
     assert!(req.uri().query().unwrap().contains("force=true"));
-    let applied: Value =
-        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
-    send.send_response(
-        Response::builder()
-            .body(Body::from(serde_json::to_vec(&applied).unwrap()))
-            .unwrap(),
-    );
-    assert_eq!(
-        applied["spec"]["replicas"], 1,
-        "created at minReplicas while the broker is not read yet"
-    );
+    let applied: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&applied).unwrap())).unwrap());
+    assert_eq!(applied["spec"]["replicas"], 1, "created at minReplicas while the broker is not read yet");
     assert_eq!(
         applied["spec"]["template"]["spec"]["containers"][0]["command"],
         json!([
@@ -177,52 +146,19 @@ async fn create_then_steady_state_makes_no_writes() {
     );
     assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "tq-uid");
 
-    let event = expect(
-        &mut h.handle,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/prod/events",
-        201,
-        json!({}),
-    )
-    .await;
-    assert_eq!(event["reason"], "Created");
-    let status_patch = expect(
-        &mut h.handle,
-        "PATCH",
-        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
-        200,
-        tq_json(),
-    )
-    .await;
+    expect_event(&mut h.handle, "Created").await;
+    let status_patch = expect_status(&mut h.handle).await;
     run.await.unwrap().unwrap();
     let status = &status_patch["status"];
     assert_eq!(status["desiredReplicas"], 1);
     assert_eq!(status["observedGeneration"], 3);
-    let conds: Vec<(String, String)> = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["type"].as_str().unwrap().into(),
-                c["status"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    assert!(
-        conds.contains(&("SpecValid".into(), "True".into())),
-        "{conds:?}"
-    );
-    assert!(
-        conds.contains(&("BrokerReachable".into(), "Unknown".into())),
-        "{conds:?}"
-    );
+    assert_eq!(condition(&status_patch, "SpecValid")["status"], "True");
+    assert_eq!(condition(&status_patch, "BrokerReachable")["status"], "Unknown");
 
     // Steady state: the Deployment is in the cache, the status is what we wrote.
     let mut deployed: Deployment = serde_json::from_value(applied).unwrap();
     deployed.metadata.resource_version = Some("1".into());
-    h.deployments
-        .apply_watcher_event(&watcher::Event::Apply(deployed));
+    h.deployments.apply_watcher_event(&watcher::Event::Apply(deployed));
     let mut tq2 = taskqueue(ai_spec());
     tq2.status = Some(serde_json::from_value(status.clone()).unwrap());
     reconcile(Arc::new(tq2), h.ctx.clone()).await.unwrap();
@@ -234,62 +170,21 @@ async fn foreign_deployment_is_never_taken_over() {
     let mut h = harness();
     let tq = Arc::new(taskqueue(ai_spec()));
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
-    expect(
-        &mut h.handle,
-        "GET",
-        "/api/v1/namespaces/prod/secrets/celery-broker",
-        200,
-        broker_secret(),
-    )
-    .await;
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     let foreign = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "ai", "namespace": "prod", "uid": "someone-else"},
         "spec": {"replicas": 7, "selector": {"matchLabels": {"app": "legacy"}}, "template": {"metadata": {"labels": {"app": "legacy"}}, "spec": {"containers": [{"name": "x", "image": "legacy"}]}}}
     });
-    expect(
-        &mut h.handle,
-        "GET",
-        "/apis/apps/v1/namespaces/prod/deployments/ai",
-        200,
-        foreign,
-    )
-    .await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, foreign).await;
     // No PATCH of the Deployment: the next requests are the warning event and the status.
-    let event = expect(
-        &mut h.handle,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/prod/events",
-        201,
-        json!({}),
-    )
-    .await;
-    assert_eq!(event["reason"], "DeploymentConflict");
+    let event = expect_event(&mut h.handle, "DeploymentConflict").await;
     assert_eq!(event["type"], "Warning");
-    let status = expect(
-        &mut h.handle,
-        "PATCH",
-        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
-        200,
-        tq_json(),
-    )
-    .await;
+    let status = expect_status(&mut h.handle).await;
     run.await.unwrap().unwrap();
-    let owned = status["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "DeploymentOwned")
-        .unwrap()
-        .clone();
+    let owned = condition(&status, "DeploymentOwned");
     assert_eq!(owned["status"], "False");
-    assert!(
-        owned["message"]
-            .as_str()
-            .unwrap()
-            .contains("already exists"),
-        "{owned}"
-    );
+    assert!(owned["message"].as_str().unwrap().contains("already exists"), "{owned}");
     no_more_requests(&mut h.handle);
 }
 
@@ -301,41 +196,14 @@ async fn invalid_spec_only_touches_its_status() {
     let tq = Arc::new(taskqueue(spec.clone()));
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
     // No Secret read, no Deployment read or write: straight to the event and the status.
-    let event = expect(
-        &mut h.handle,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/prod/events",
-        201,
-        json!({}),
-    )
-    .await;
-    assert_eq!(event["reason"], "InvalidSpec");
+    let event = expect_event(&mut h.handle, "InvalidSpec").await;
     let note = event["note"].as_str().unwrap();
-    assert!(
-        note.contains("spec.scaling.minReplicas: 4 must not exceed spec.scaling.maxReplicas (2)"),
-        "{note}"
-    );
+    assert!(note.contains("spec.scaling.minReplicas: 4 must not exceed spec.scaling.maxReplicas (2)"), "{note}");
     assert!(note.contains("spec.scaling.pollInterval"), "{note}");
-    let status = expect(
-        &mut h.handle,
-        "PATCH",
-        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
-        200,
-        tq_json(),
-    )
-    .await;
+    let status = expect_status(&mut h.handle).await;
     run.await.unwrap().unwrap();
-    let valid = status["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "SpecValid")
-        .unwrap()
-        .clone();
-    assert_eq!(
-        (valid["status"].as_str(), valid["reason"].as_str()),
-        (Some("False"), Some("InvalidSpec"))
-    );
+    let valid = condition(&status, "SpecValid");
+    assert_eq!((valid["status"].as_str(), valid["reason"].as_str()), (Some("False"), Some("InvalidSpec")));
     no_more_requests(&mut h.handle);
 
     // Reconciled again unchanged: no second event, no status write.
@@ -350,14 +218,7 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
     let mut h = harness();
     let tq = Arc::new(taskqueue(ai_spec()));
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
-    expect(
-        &mut h.handle,
-        "GET",
-        "/api/v1/namespaces/prod/secrets/celery-broker",
-        404,
-        not_found(),
-    )
-    .await;
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 404, not_found()).await;
     let existing = {
         let mut d = json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -367,57 +228,14 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
         d["metadata"]["annotations"] = json!({});
         d
     };
-    expect(
-        &mut h.handle,
-        "GET",
-        "/apis/apps/v1/namespaces/prod/deployments/ai",
-        200,
-        existing.clone(),
-    )
-    .await;
-    let applied = expect(
-        &mut h.handle,
-        "PATCH",
-        "/apis/apps/v1/namespaces/prod/deployments/ai",
-        200,
-        existing.clone(),
-    )
-    .await;
-    assert_eq!(
-        applied["spec"]["replicas"], 3,
-        "replicas stay where they are without broker data"
-    );
-    let event = expect(
-        &mut h.handle,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/prod/events",
-        201,
-        json!({}),
-    )
-    .await;
-    assert_eq!(event["reason"], "BrokerSecretMissing");
-    let status = expect(
-        &mut h.handle,
-        "PATCH",
-        "/apis/taskqueue.dev/v1alpha1/namespaces/prod/taskqueues/ai/status",
-        200,
-        tq_json(),
-    )
-    .await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, existing.clone()).await;
+    let applied =
+        expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, existing.clone()).await;
+    assert_eq!(applied["spec"]["replicas"], 3, "replicas stay where they are without broker data");
+    expect_event(&mut h.handle, "BrokerSecretMissing").await;
+    let status = expect_status(&mut h.handle).await;
     run.await.unwrap().unwrap();
-    let c = status["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "BrokerReachable")
-        .unwrap()
-        .clone();
+    let c = condition(&status, "BrokerReachable");
     assert_eq!(c["status"], "False");
-    assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("Secret prod/celery-broker not found"),
-        "{c}"
-    );
+    assert!(c["message"].as_str().unwrap().contains("Secret prod/celery-broker not found"), "{c}");
 }

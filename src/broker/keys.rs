@@ -56,30 +56,14 @@ mod tests {
 
     #[test]
     fn prefix_sep_and_steps_are_honoured() {
-        let opts = TransportOptions {
-            global_keyprefix: "pfx:".into(),
-            priority_steps: vec![0, 1, 5, 9],
-            sep: ":".into(),
-        };
-        let keys: Vec<String> = DepthQuery::new("alpha", &opts)
-            .keys()
-            .into_iter()
-            .map(|(_, k)| String::from_utf8(k).unwrap())
-            .collect();
-        assert_eq!(
-            keys,
-            ["pfx:alpha", "pfx:alpha:1", "pfx:alpha:5", "pfx:alpha:9"]
-        );
+        let opts =
+            TransportOptions { global_keyprefix: "pfx:".into(), priority_steps: vec![0, 1, 5, 9], sep: ":".into() };
+        let keys: Vec<String> =
+            DepthQuery::new("alpha", &opts).keys().into_iter().map(|(_, k)| String::from_utf8(k).unwrap()).collect();
+        assert_eq!(keys, ["pfx:alpha", "pfx:alpha:1", "pfx:alpha:5", "pfx:alpha:9"]);
         // Steps without 0: no bare key (kombu maps priority 0 to the last step then).
-        let opts = TransportOptions {
-            priority_steps: vec![1, 5],
-            ..TransportOptions::default()
-        };
-        let keys: Vec<Vec<u8>> = DepthQuery::new("q", &opts)
-            .keys()
-            .into_iter()
-            .map(|(_, k)| k)
-            .collect();
+        let opts = TransportOptions { priority_steps: vec![1, 5], ..TransportOptions::default() };
+        let keys: Vec<Vec<u8>> = DepthQuery::new("q", &opts).keys().into_iter().map(|(_, k)| k).collect();
         assert_eq!(keys, vec![b"q\x06\x161".to_vec(), b"q\x06\x165".to_vec()]);
     }
 }

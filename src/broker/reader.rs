@@ -42,15 +42,9 @@ impl ReadError {
         let code = e.code().unwrap_or("");
         let cause = e.to_string();
         let endpoint = endpoint.to_string();
-        if matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM")
-            || e.kind() == redis::ErrorKind::AuthenticationFailed
-        {
+        if matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM") || e.kind() == redis::ErrorKind::AuthenticationFailed {
             ReadError::Auth { endpoint, cause }
-        } else if e.is_connection_refusal()
-            || e.is_timeout()
-            || e.is_io_error()
-            || e.is_connection_dropped()
-        {
+        } else if e.is_connection_refusal() || e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
             ReadError::Unreachable { endpoint, cause }
         } else {
             ReadError::Other { endpoint, cause }
@@ -74,21 +68,16 @@ pub async fn read_depths<C: redis::aio::ConnectionLike>(
     for (_, key) in keyed.iter().flatten() {
         pipe.llen(key);
     }
-    let replies: Vec<redis::RedisResult<i64>> = pipe
-        .query_async(conn)
-        .await
-        .map_err(|e| ReadError::from_redis(endpoint, &e))?;
+    let replies: Vec<redis::RedisResult<i64>> =
+        pipe.query_async(conn).await.map_err(|e| ReadError::from_redis(endpoint, &e))?;
     let mut replies = replies.into_iter();
     let mut out = Vec::with_capacity(queries.len());
     for keys in keyed {
         let mut depth = Ok(QueueDepth::default());
         for (step, key) in keys {
-            let reply = replies.next().unwrap_or_else(|| {
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "short pipeline reply",
-                )))
-            });
+            let reply = replies
+                .next()
+                .unwrap_or_else(|| Err(redis::RedisError::from((redis::ErrorKind::Client, "short pipeline reply"))));
             match (&mut depth, reply) {
                 (Ok(d), Ok(n)) => {
                     d.pending += n;
@@ -101,9 +90,7 @@ pub async fn read_depths<C: redis::aio::ConnectionLike>(
                     });
                 }
                 // Anything else (NOAUTH, NOPERM, ...) concerns the whole broker, not this queue.
-                (_, Err(e)) if e.code() != Some("WRONGTYPE") => {
-                    return Err(ReadError::from_redis(endpoint, &e))
-                }
+                (_, Err(e)) if e.code() != Some("WRONGTYPE") => return Err(ReadError::from_redis(endpoint, &e)),
                 _ => {}
             }
         }

@@ -49,23 +49,13 @@ impl BrokerEndpoint {
             "rediss" => true,
             other => return Err(UrlError::Scheme(other.to_string())),
         };
-        let host = url
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or(UrlError::NoHost)?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or(UrlError::NoHost)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());
         let password = url.password().map(decode).filter(|p| !p.is_empty());
         let path = url.path().trim_start_matches('/');
-        let mut db = if path.is_empty() {
-            0
-        } else {
-            path.parse().map_err(|_| UrlError::Db(path.to_string()))?
-        };
+        let mut db = if path.is_empty() { 0 } else { path.parse().map_err(|_| UrlError::Db(path.to_string()))? };
         let mut insecure = false;
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
@@ -83,15 +73,7 @@ impl BrokerEndpoint {
         if db < 0 {
             return Err(UrlError::Db(db.to_string()));
         }
-        Ok(Self {
-            tls,
-            insecure,
-            host,
-            port: url.port().unwrap_or(6379),
-            db,
-            username,
-            password,
-        })
+        Ok(Self { tls, insecure, host, port: url.port().unwrap_or(6379), db, username, password })
     }
 
     pub fn connection_info(&self) -> redis::ConnectionInfo {
@@ -113,9 +95,7 @@ impl BrokerEndpoint {
         if let Some(p) = &self.password {
             settings = settings.set_password(p);
         }
-        addr.into_connection_info()
-            .expect("a ConnectionAddr always converts")
-            .set_redis_settings(settings)
+        addr.into_connection_info().expect("a ConnectionAddr always converts").set_redis_settings(settings)
     }
 }
 
@@ -128,11 +108,7 @@ impl fmt::Display for BrokerEndpoint {
             (Some(_), None) => format!("{user}@"),
             (None, None) => String::new(),
         };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         write!(f, "{scheme}://{auth}{host}:{}/{}", self.port, self.db)
     }
 }
@@ -150,50 +126,29 @@ mod tests {
     #[test]
     fn parses_the_forms_celery_accepts() {
         let e = BrokerEndpoint::parse("redis://localhost").unwrap();
-        assert_eq!(
-            (e.tls, e.host.as_str(), e.port, e.db),
-            (false, "localhost", 6379, 0)
-        );
+        assert_eq!((e.tls, e.host.as_str(), e.port, e.db), (false, "localhost", 6379, 0));
         let e = BrokerEndpoint::parse("redis://:s3cr%40t@redis.default.svc:6380/2").unwrap();
-        assert_eq!(
-            (e.port, e.db, e.username.as_deref(), e.password.as_deref()),
-            (6380, 2, None, Some("s3cr@t"))
-        );
+        assert_eq!((e.port, e.db, e.username.as_deref(), e.password.as_deref()), (6380, 2, None, Some("s3cr@t")));
         let e = BrokerEndpoint::parse("redis://worker:pw@10.0.0.5/3").unwrap();
-        assert_eq!(
-            (e.username.as_deref(), e.password.as_deref(), e.db),
-            (Some("worker"), Some("pw"), 3)
-        );
+        assert_eq!((e.username.as_deref(), e.password.as_deref(), e.db), (Some("worker"), Some("pw"), 3));
         let e = BrokerEndpoint::parse("rediss://:pw@cache.example.com:6379/0").unwrap();
-        assert!(
-            e.tls && !e.insecure,
-            "TLS verifies certificates unless told not to"
-        );
+        assert!(e.tls && !e.insecure, "TLS verifies certificates unless told not to");
         let e = BrokerEndpoint::parse("rediss://cache:6379/0?ssl_cert_reqs=CERT_NONE").unwrap();
         assert!(e.insecure);
         let e = BrokerEndpoint::parse("redis://[::1]:7000/1").unwrap();
         assert_eq!((e.host.as_str(), e.port, e.db), ("::1", 7000, 1));
         let e = BrokerEndpoint::parse("  redis://h/0?db=4\n").unwrap();
-        assert_eq!(
-            e.db, 4,
-            "surrounding whitespace (common in Secrets) is ignored"
-        );
+        assert_eq!(e.db, 4, "surrounding whitespace (common in Secrets) is ignored");
     }
 
     #[test]
     fn rejects_bad_urls_with_a_fix_and_without_the_password() {
         let cases: &[(&str, UrlError)] = &[
             ("", UrlError::Empty),
-            (
-                "amqp://guest:hunter2@rabbit//",
-                UrlError::Scheme("amqp".into()),
-            ),
+            ("amqp://guest:hunter2@rabbit//", UrlError::Scheme("amqp".into())),
             ("sentinel://s1:26379", UrlError::Scheme("sentinel".into())),
             ("redis://:hunter2@host/zero", UrlError::Db("zero".into())),
-            (
-                "rediss://host/0?ssl_cert_reqs=maybe",
-                UrlError::CertReqs("maybe".into()),
-            ),
+            ("rediss://host/0?ssl_cert_reqs=maybe", UrlError::CertReqs("maybe".into())),
         ];
         for (raw, want) in cases {
             assert_eq!(&BrokerEndpoint::parse(raw).unwrap_err(), want, "{raw}");

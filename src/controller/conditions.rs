@@ -18,21 +18,11 @@ pub struct Conditions<'a> {
 
 impl<'a> Conditions<'a> {
     pub fn new(previous: &'a [Condition], generation: Option<i64>, now: Time) -> Self {
-        Self {
-            previous,
-            generation,
-            now,
-            list: Vec::new(),
-        }
+        Self { previous, generation, now, list: Vec::new() }
     }
 
     pub fn set(&mut self, type_: &str, status: bool, reason: &str, message: impl Into<String>) {
-        self.set_raw(
-            type_,
-            if status { "True" } else { "False" },
-            reason,
-            message.into(),
-        );
+        self.set_raw(type_, if status { "True" } else { "False" }, reason, message.into());
     }
 
     pub fn unknown(&mut self, type_: &str, reason: &str, message: impl Into<String>) {
@@ -93,26 +83,13 @@ mod tests {
         assert!(!c.turned_false(BROKER_REACHABLE));
         let second = c.list.clone();
         let mut c = Conditions::new(&second, Some(1), t(300));
-        c.set(
-            BROKER_REACHABLE,
-            false,
-            "BrokerUnreachable",
-            "connection refused",
-        );
+        c.set(BROKER_REACHABLE, false, "BrokerUnreachable", "connection refused");
         assert_eq!(c.list[0].last_transition_time, t(300));
         assert!(c.turned_false(BROKER_REACHABLE));
         let third = c.list.clone();
         let mut c = Conditions::new(&third, Some(1), t(400));
-        c.set(
-            BROKER_REACHABLE,
-            false,
-            "BrokerUnreachable",
-            "connection refused",
-        );
-        assert!(
-            !c.turned_false(BROKER_REACHABLE),
-            "same failure again is not a new event"
-        );
+        c.set(BROKER_REACHABLE, false, "BrokerUnreachable", "connection refused");
+        assert!(!c.turned_false(BROKER_REACHABLE), "same failure again is not a new event");
         let mut c = Conditions::new(&third, Some(1), t(400));
         c.set(BROKER_REACHABLE, true, "Read", "ok");
         assert!(c.recovered(BROKER_REACHABLE));

@@ -25,10 +25,7 @@ pub const DEFAULT_GRACE_SECONDS: i64 = 300;
 /// Labels on the Deployment and its pods; the first two form the (immutable) selector.
 pub fn selector_labels(tq: &TaskQueue) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "celery-worker".to_string(),
-        ),
+        ("app.kubernetes.io/name".to_string(), "celery-worker".to_string()),
         ("app.kubernetes.io/instance".to_string(), tq.name_any()),
     ])
 }
@@ -41,11 +38,7 @@ pub fn labels(tq: &TaskQueue) -> BTreeMap<String, String> {
 }
 
 pub fn selector_string(tq: &TaskQueue) -> String {
-    selector_labels(tq)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    selector_labels(tq).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// `celery -A <app> worker --queues=<q>[,<extra>...] --concurrency=<n> -n <node>@%h [...]`,
@@ -91,17 +84,11 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
     let w = &tq.spec.worker;
     let mut template = valid.pod_template.clone().unwrap_or_default();
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
-    meta.labels
-        .get_or_insert_with(BTreeMap::new)
-        .extend(labels(tq));
+    meta.labels.get_or_insert_with(BTreeMap::new).extend(labels(tq));
     let pod = template.spec.get_or_insert_with(PodSpec::default);
 
     // Start from a user-supplied `worker` container (volumeMounts, probes, ...) if any.
-    let user = pod
-        .containers
-        .iter()
-        .position(|c| c.name == CONTAINER)
-        .map(|i| pod.containers.remove(i));
+    let user = pod.containers.iter().position(|c| c.name == CONTAINER).map(|i| pod.containers.remove(i));
     let mut c = user.unwrap_or_default();
     c.name = CONTAINER.into();
     c.image = Some(w.image.clone());
@@ -119,13 +106,7 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
         }),
         ..EnvVar::default()
     }];
-    env.extend(
-        c.env
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|e| e.name != "CELERY_BROKER_URL"),
-    );
+    env.extend(c.env.take().unwrap_or_default().into_iter().filter(|e| e.name != "CELERY_BROKER_URL"));
     env.extend(w.env.iter().cloned());
     c.env = Some(env);
     if let Some(r) = &w.resources {
@@ -136,14 +117,9 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
         });
     }
     pod.containers.insert(0, c);
-    pod.termination_grace_period_seconds = Some(
-        w.termination_grace_period_seconds
-            .unwrap_or(DEFAULT_GRACE_SECONDS),
-    );
+    pod.termination_grace_period_seconds = Some(w.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS));
 
-    let owner: OwnerReference = tq
-        .controller_owner_ref(&())
-        .expect("TaskQueue from the API has a name and uid");
+    let owner: OwnerReference = tq.controller_owner_ref(&()).expect("TaskQueue from the API has a name and uid");
     let mut d = Deployment {
         metadata: ObjectMeta {
             name: Some(tq.name_any()),
@@ -154,14 +130,8 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
         },
         spec: Some(DeploymentSpec {
             replicas: None,
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(tq)),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: template.metadata,
-                spec: template.spec,
-            },
+            selector: LabelSelector { match_labels: Some(selector_labels(tq)), ..LabelSelector::default() },
+            template: PodTemplateSpec { metadata: template.metadata, spec: template.spec },
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
@@ -176,32 +146,21 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
 
 fn template_hash(d: &Deployment) -> String {
     let mut h = DefaultHasher::new();
-    serde_json::to_string(d)
-        .expect("Deployment serializes")
-        .hash(&mut h);
+    serde_json::to_string(d).expect("Deployment serializes").hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
 /// Whether `observed` already is what `desired` asks for (so no API write is needed).
 pub fn up_to_date(observed: &Deployment, desired: &Deployment) -> bool {
-    let ann = |d: &Deployment| {
-        d.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TEMPLATE_HASH).cloned())
-    };
+    let ann = |d: &Deployment| d.metadata.annotations.as_ref().and_then(|a| a.get(TEMPLATE_HASH).cloned());
     let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
-    ann(observed).is_some()
-        && ann(observed) == ann(desired)
-        && replicas(observed) == replicas(desired)
+    ann(observed).is_some() && ann(observed) == ann(desired) && replicas(observed) == replicas(desired)
 }
 
 /// True when `d` is controlled by this TaskQueue (same uid), i.e. ours to manage.
 pub fn owned_by(d: &Deployment, tq: &TaskQueue) -> bool {
     let uid = tq.meta().uid.as_deref();
-    d.owner_references()
-        .iter()
-        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    d.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }
 
 #[cfg(test)]
@@ -266,59 +225,25 @@ mod tests {
         assert_eq!(d.metadata.namespace.as_deref(), Some("prod"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
-            (
-                owner.kind.as_str(),
-                owner.name.as_str(),
-                owner.uid.as_str(),
-                owner.controller
-            ),
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str(), owner.controller),
             ("TaskQueue", "general", "uid-1", Some(true))
         );
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(4));
-        let pod_labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .as_ref()
-            .unwrap();
-        assert_eq!(
-            pod_labels["app.kubernetes.io/instance"], "general",
-            "operator labels win over the template"
-        );
+        let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(pod_labels["app.kubernetes.io/instance"], "general", "operator labels win over the template");
         assert_eq!(pod_labels["team"], "data");
-        assert_eq!(
-            pod_labels["app.kubernetes.io/managed-by"],
-            "taskqueue-operator"
-        );
+        assert_eq!(pod_labels["app.kubernetes.io/managed-by"], "taskqueue-operator");
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(pod.termination_grace_period_seconds, Some(600));
         assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "workers");
-        assert_eq!(
-            pod.containers
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>(),
-            ["worker", "sidecar"]
-        );
+        assert_eq!(pod.containers.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["worker", "sidecar"]);
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("example/app:1.0"));
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/cfg");
         let env = c.env.as_ref().unwrap();
         assert_eq!(env[0].name, "CELERY_BROKER_URL");
-        assert_eq!(
-            env[0]
-                .value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap()
-                .name,
-            "celery-broker"
-        );
+        assert_eq!(env[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "celery-broker");
         assert_eq!(env[1].name, "APP_ENV");
         let res = c.resources.as_ref().unwrap();
         assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "500m");
@@ -332,21 +257,12 @@ mod tests {
         let v = validate(&t.spec, "general").unwrap();
         let a = build(&t, &v, 1);
         assert!(up_to_date(&a, &build(&t, &v, 1)));
-        assert!(
-            !up_to_date(&a, &build(&t, &v, 2)),
-            "replica change needs a write"
-        );
+        assert!(!up_to_date(&a, &build(&t, &v, 2)), "replica change needs a write");
         let mut t2 = general();
         t2.spec.worker.concurrency = 4;
         let v2 = validate(&t2.spec, "general").unwrap();
-        assert!(
-            !up_to_date(&a, &build(&t2, &v2, 1)),
-            "template change needs a write"
-        );
-        assert_eq!(
-            build(&t, &v, 1).metadata.annotations,
-            build(&t, &v, 9).metadata.annotations
-        );
+        assert!(!up_to_date(&a, &build(&t2, &v2, 1)), "template change needs a write");
+        assert_eq!(build(&t, &v, 1).metadata.annotations, build(&t, &v, 9).metadata.annotations);
     }
 
     #[test]

@@ -31,11 +31,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            namespace: None,
-            broker_timeout: Duration::from_secs(2),
-            secret_ttl: Duration::from_secs(30),
-        }
+        Self { namespace: None, broker_timeout: Duration::from_secs(2), secret_ttl: Duration::from_secs(30) }
     }
 }
 
@@ -68,20 +64,14 @@ pub async fn run(
     .reflect(dep_writer)
     .applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(
-        api::<TaskQueue>(&client, &settings.namespace),
-        watcher::Config::default(),
-    )
-    .owns_stream(dep_stream)
-    .reconcile_on(trigger_rx)
-    .graceful_shutdown_on(shutdown);
+    let controller = Controller::new(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
+        .owns_stream(dep_stream)
+        .reconcile_on(trigger_rx)
+        .graceful_shutdown_on(shutdown);
 
     let broker = Arc::new(poller::BrokerState::new(settings.broker_timeout));
     let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx));
-    let reporter = Reporter {
-        controller: deployment::MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    let reporter = Reporter { controller: deployment::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -90,10 +80,7 @@ pub async fn run(
         histories: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
     });
-    info!(
-        namespace = settings.namespace.as_deref().unwrap_or("<all>"),
-        "controller starting"
-    );
+    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

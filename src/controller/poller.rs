@@ -64,13 +64,7 @@ impl BrokerState {
     }
 
     pub async fn register(&self, key: Key, target: Target) {
-        let changed = self
-            .targets
-            .lock()
-            .await
-            .insert(key, target.clone())
-            .as_ref()
-            != Some(&target);
+        let changed = self.targets.lock().await.insert(key, target.clone()).as_ref() != Some(&target);
         if changed {
             self.wake.notify_one();
         }
@@ -128,15 +122,8 @@ impl BrokerState {
                         })
                         .collect()),
                 };
-                let reading = Reading {
-                    endpoint: endpoint.clone(),
-                    queries: target.queries.clone(),
-                    at: now,
-                    depths,
-                };
-                let same = readings
-                    .get(&key)
-                    .is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
+                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), at: now, depths };
+                let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
                 readings.insert(key.clone(), reading);
                 if !same {
                     changed.push(key);
@@ -149,17 +136,12 @@ impl BrokerState {
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
         let shown = endpoint.to_string();
         let mut conn = self.pool.connection(endpoint).await?;
-        self.round_trips
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
-        let result =
-            match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
-                Ok(r) => r,
-                Err(_) => Err(ReadError::Unreachable {
-                    endpoint: shown,
-                    cause: format!("no reply within {timeout:?}"),
-                }),
-            };
+        let result = match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
+        };
         if result.is_err() {
             // Dial afresh next time rather than trusting a connection that just failed.
             self.pool.forget(endpoint).await;
@@ -199,9 +181,7 @@ impl BrokerState {
     pub async fn poll_due(&self, schedule: &mut Schedule, now: Instant) -> (Vec<Key>, Instant) {
         let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
         for (key, target) in self.targets.lock().await.iter() {
-            let g = groups
-                .entry(target.endpoint.clone())
-                .or_insert((target.interval, Vec::new()));
+            let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
             g.0 = g.0.min(target.interval);
             g.1.push((key.clone(), target.clone()));
         }
@@ -209,10 +189,7 @@ impl BrokerState {
         let mut due = Vec::new();
         let mut next_wake = now + Duration::from_secs(1);
         for (endpoint, (interval, members)) in groups {
-            let next = schedule
-                .last_read
-                .get(&endpoint)
-                .map_or(now, |t| *t + interval);
+            let next = schedule.last_read.get(&endpoint).map_or(now, |t| *t + interval);
             if next <= now {
                 schedule.last_read.insert(endpoint.clone(), now);
                 next_wake = next_wake.min(now + interval);
@@ -221,11 +198,7 @@ impl BrokerState {
                 next_wake = next_wake.min(next);
             }
         }
-        let changed = if due.is_empty() {
-            Vec::new()
-        } else {
-            self.read_groups(due).await
-        };
+        let changed = if due.is_empty() { Vec::new() } else { self.read_groups(due).await };
         (changed, next_wake)
     }
 }

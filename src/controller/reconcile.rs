@@ -55,11 +55,7 @@ pub struct SecretCache {
 
 impl SecretCache {
     pub fn new(client: Client, ttl: Duration) -> Self {
-        Self {
-            client,
-            ttl,
-            cache: Mutex::default(),
-        }
+        Self { client, ttl, cache: Mutex::default() }
     }
 
     /// The broker URL, or a message that says what to fix (never the URL itself).
@@ -81,20 +77,16 @@ impl SecretCache {
             }
             Err(e) => return Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
         };
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&r.key))
-            .map(|b| b.0.clone());
+        let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
         let Some(bytes) = bytes else {
-            return Err(format!("Secret {ns}/{} has no key {:?}; put the Celery broker URL there or fix spec.broker.urlSecretRef.key", r.name, r.key));
+            return Err(format!(
+                "Secret {ns}/{} has no key {:?}; put the Celery broker URL there or fix spec.broker.urlSecretRef.key",
+                r.name, r.key
+            ));
         };
         let url = String::from_utf8(bytes)
             .map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))?;
-        self.cache
-            .lock()
-            .expect("lock")
-            .insert(k, (Instant::now(), url.clone()));
+        self.cache.lock().expect("lock").insert(k, (Instant::now(), url.clone()));
         Ok(url)
     }
 }
@@ -114,9 +106,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let ns = tq.namespace().unwrap_or_default();
     let name = tq.name_any();
     let prev = tq.status.clone().unwrap_or_default();
-    let now = Time(
-        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now is in range"),
-    );
+    let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now is in range"));
     let mut conds = Conditions::new(&prev.conditions, tq.metadata.generation, now.clone());
     let mut status = TaskQueueStatus {
         observed_generation: tq.metadata.generation,
@@ -145,14 +135,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             }
             if conds.turned_false(SPEC_VALID) {
                 warn!(taskqueue = %key, error = %invalid, "invalid spec");
-                publish(
-                    &ctx,
-                    &tq,
-                    EventType::Warning,
-                    "InvalidSpec",
-                    invalid.to_string(),
-                )
-                .await;
+                publish(&ctx, &tq, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
             status.conditions = conds.list;
             status.desired_replicas = prev.desired_replicas;
@@ -170,20 +153,11 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     // 3. The Deployment: never take over one we do not own.
     let observed = observe_deployment(&ctx, &ns, &name).await?;
     if let Some(d) = observed.as_ref().filter(|d| !owned_by(d, &tq)) {
-        let owner = d
-            .owner_references()
-            .first()
-            .map_or("no owner".to_string(), |o| {
-                format!("owner {}/{}", o.kind, o.name)
-            });
+        let owner =
+            d.owner_references().first().map_or("no owner".to_string(), |o| format!("owner {}/{}", o.kind, o.name));
         let msg = format!("Deployment {ns}/{name} already exists ({owner}) and is not managed by this TaskQueue; delete or rename that Deployment, or rename the TaskQueue");
         conds.set(DEPLOYMENT_OWNED, false, "DeploymentConflict", msg.clone());
-        conds.set(
-            READY,
-            false,
-            "DeploymentConflict",
-            "the worker Deployment belongs to someone else",
-        );
+        conds.set(READY, false, "DeploymentConflict", "the worker Deployment belongs to someone else");
         if conds.turned_false(DEPLOYMENT_OWNED) {
             warn!(taskqueue = %key, "{msg}");
             publish(&ctx, &tq, EventType::Warning, "DeploymentConflict", msg).await;
@@ -196,17 +170,10 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         write_status(&ctx, &tq, status).await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    conds.set(
-        DEPLOYMENT_OWNED,
-        true,
-        "Owned",
-        format!("Deployment {name} is managed by this TaskQueue"),
-    );
+    conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
 
     // 4. Decide and apply.
-    let current = observed
-        .as_ref()
-        .map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+    let current = observed.as_ref().map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
     let bounds = Bounds {
         min_replicas: valid.min_replicas,
         max_replicas: valid.max_replicas,
@@ -227,13 +194,9 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let desired = deployment::build(&tq, &valid, decision.replicas);
     if observed.as_ref().is_none_or(|o| !up_to_date(o, &desired)) {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await
-        .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
+        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+            .await
+            .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
     }
     if current != Some(decision.replicas) {
         info!(taskqueue = %key, replicas = decision.replicas, reason = %decision.reason, "scaled");
@@ -242,14 +205,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             Some(c) if c < decision.replicas => "ScaledUp",
             Some(_) => "ScaledDown",
         };
-        publish(
-            &ctx,
-            &tq,
-            EventType::Normal,
-            reason,
-            decision.reason.clone(),
-        )
-        .await;
+        publish(&ctx, &tq, EventType::Normal, reason, decision.reason.clone()).await;
         status.last_scale_time = Some(now.clone());
         status.last_scale_reason = Some(decision.reason.clone());
     }
@@ -259,10 +215,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     status.replicas = Some(dstatus.and_then(|s| s.replicas).unwrap_or(0));
     status.ready_replicas = Some(dstatus.and_then(|s| s.ready_replicas).unwrap_or(0));
     status.desired_replicas = Some(decision.replicas);
-    let reachable = conds
-        .list
-        .iter()
-        .any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
+    let reachable = conds.list.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
     if let Some(d) = depth {
         status.pending = Some(d.total);
         status.pending_by_queue = d.by_queue;
@@ -273,57 +226,30 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             READY,
             false,
             "BrokerNotRead",
-            format!(
-                "replicas held at {}: the broker could not be read (see BrokerReachable)",
-                decision.replicas
-            ),
+            format!("replicas held at {}: the broker could not be read (see BrokerReachable)", decision.replicas),
         );
     } else if ready < decision.replicas {
-        conds.set(
-            READY,
-            false,
-            "WorkersNotReady",
-            format!("{ready}/{} worker pods ready", decision.replicas),
-        );
+        conds.set(READY, false, "WorkersNotReady", format!("{ready}/{} worker pods ready", decision.replicas));
     } else {
-        conds.set(
-            READY,
-            true,
-            "WorkersReady",
-            format!("{ready}/{} worker pods ready", decision.replicas),
-        );
+        conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
     }
     if conds.turned_false(BROKER_REACHABLE) {
-        let c = conds
-            .list
-            .iter()
-            .find(|c| c.type_ == BROKER_REACHABLE)
-            .cloned()
-            .expect("set above");
+        let c = conds.list.iter().find(|c| c.type_ == BROKER_REACHABLE).cloned().expect("set above");
         warn!(taskqueue = %key, reason = %c.reason, "{}", c.message);
         publish(&ctx, &tq, EventType::Warning, &c.reason, c.message).await;
     } else if conds.recovered(BROKER_REACHABLE) {
-        publish(
-            &ctx,
-            &tq,
-            EventType::Normal,
-            "BrokerReachable",
-            "broker readable again; scaling resumed".into(),
-        )
-        .await;
+        publish(&ctx, &tq, EventType::Normal, "BrokerReachable", "broker readable again; scaling resumed".into()).await;
     }
     status.conditions = conds.list;
     write_status(&ctx, &tq, status).await?;
 
     // The poller wakes us when the depth changes; a pending scale-down needs a look once per
     // poll so it happens when the window ends.
-    Ok(
-        if decision.replicas > decision.recommended || depth_unknown(&tq, &ctx, &key).await {
-            Action::requeue(valid.poll_interval)
-        } else {
-            Action::requeue(Duration::from_secs(60))
-        },
-    )
+    Ok(if decision.replicas > decision.recommended || depth_unknown(&tq, &ctx, &key).await {
+        Action::requeue(valid.poll_interval)
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    })
 }
 
 async fn depth_unknown(_tq: &TaskQueue, ctx: &Context, key: &Key) -> bool {
@@ -369,20 +295,12 @@ async fn broker_depth(
     let opts = &tq.spec.broker.transport_options;
     let target = Target {
         endpoint,
-        queries: valid
-            .queues
-            .iter()
-            .map(|q| DepthQuery::new(q, opts))
-            .collect(),
+        queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),
         interval: valid.poll_interval,
     };
     ctx.broker.register(key.clone(), target.clone()).await;
     let Some(reading) = ctx.broker.reading(key).await.filter(|r| r.matches(&target)) else {
-        conds.unknown(
-            BROKER_REACHABLE,
-            "Reading",
-            format!("waiting for the first read of {}", target.endpoint),
-        );
+        conds.unknown(BROKER_REACHABLE, "Reading", format!("waiting for the first read of {}", target.endpoint));
         return None;
     };
     let per_queue = match reading.depths {
@@ -392,10 +310,7 @@ async fn broker_depth(
             return None;
         }
     };
-    let mut depth = Depth {
-        total: 0,
-        by_queue: BTreeMap::new(),
-    };
+    let mut depth = Depth { total: 0, by_queue: BTreeMap::new() };
     for (q, d) in valid.queues.iter().zip(per_queue) {
         match d {
             Ok(d) => {
@@ -408,32 +323,17 @@ async fn broker_depth(
             }
         }
     }
-    conds.set(
-        BROKER_REACHABLE,
-        true,
-        "Read",
-        format!(
-            "read {} queue(s) from {}",
-            valid.queues.len(),
-            target.endpoint
-        ),
-    );
+    conds.set(BROKER_REACHABLE, true, "Read", format!("read {} queue(s) from {}", valid.queues.len(), target.endpoint));
     Some(depth)
 }
 
-async fn observe_deployment(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-) -> Result<Option<Deployment>, Error> {
+async fn observe_deployment(ctx: &Context, ns: &str, name: &str) -> Result<Option<Deployment>, Error> {
     if let Some(d) = ctx.deployments.get(&ObjectRef::new(name).within(ns)) {
         return Ok(Some((*d).clone()));
     }
     // Not in the cache: not created yet, just created, or someone else's (not labelled as ours).
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    api.get_opt(name)
-        .await
-        .map_err(|e| Error::GetDeployment(format!("{ns}/{name}"), e))
+    api.get_opt(name).await.map_err(|e| Error::GetDeployment(format!("{ns}/{name}"), e))
 }
 
 /// Server-side apply of `/status`, skipped when nothing changed (zero writes in a steady state).
@@ -441,29 +341,17 @@ async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) ->
     if tq.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api: Api<TaskQueue> =
-        Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
-    let patch =
-        json!({"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "status": status});
-    api.patch_status(
-        &tq.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|e| Error::WriteStatus(tq.name_any(), e))?;
+    let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
+    let patch = json!({"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "status": status});
+    api.patch_status(&tq.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|e| Error::WriteStatus(tq.name_any(), e))?;
     Ok(())
 }
 
 /// Events are best effort: a failure is logged, never fails the reconcile.
 async fn publish(ctx: &Context, tq: &TaskQueue, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&ev, &tq.object_ref(&())).await {
         warn!(error = %e, reason, "could not publish event");
     }

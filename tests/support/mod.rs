@@ -30,9 +30,7 @@ fn require(var: &str) -> String {
 
 pub async fn client() -> Client {
     require("KUBECONFIG");
-    Client::try_default()
-        .await
-        .expect("kubeconfig from KUBECONFIG")
+    Client::try_default().await.expect("kubeconfig from KUBECONFIG")
 }
 
 /// Install the CRD as it is committed (the 1.20 test API server drops the CEL rules on create).
@@ -46,11 +44,7 @@ pub async fn ensure_crd(client: &Client) {
     }
     wait_for("CRD established", Duration::from_secs(30), || async {
         let c = api.get("taskqueues.taskqueue.dev").await.ok()?;
-        let established = c
-            .status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
+        let established = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
         established.then_some(())
     })
     .await;
@@ -75,11 +69,7 @@ where
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A private redis-server on a free loopback port, stoppable and restartable.
@@ -90,10 +80,7 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Self {
-        let mut r = Redis {
-            port: free_port(),
-            child: None,
-        };
+        let mut r = Redis { port: free_port(), child: None };
         r.restart().await;
         r
     }
@@ -105,33 +92,20 @@ impl Redis {
     pub async fn restart(&mut self) {
         let bin = std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let child = Command::new(bin)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (deploy/local/deps.sh installs it)");
         self.child = Some(child);
         let url = self.url();
-        wait_for(
-            "redis-server to answer PING",
-            Duration::from_secs(10),
-            || {
-                let url = url.clone();
-                async move {
-                    let client = redis::Client::open(url).ok()?;
-                    let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                    redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-                }
-            },
-        )
+        wait_for("redis-server to answer PING", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+            }
+        })
         .await;
     }
 
@@ -162,17 +136,11 @@ impl Drop for ChildGuard {
 
 /// A fresh namespace per test, so tests never see each other's objects.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
-    let name = format!(
-        "{prefix}-{}",
-        std::process::id() as u64 * 1000 + u64::from(free_port() % 1000)
-    );
+    let name = format!("{prefix}-{}", std::process::id() as u64 * 1000 + u64::from(free_port() % 1000));
     let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
-    )
-    .await
-    .expect("create namespace");
+    api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap())
+        .await
+        .expect("create namespace");
     name
 }
 
@@ -183,13 +151,9 @@ pub async fn delete_namespace(client: &Client, ns: &str) {
 
 pub async fn broker_secret(client: &Client, ns: &str, url: &str) {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let s: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "celery-broker"}, "stringData": {"url": url}}),
-    )
-    .unwrap();
-    api.create(&PostParams::default(), &s)
-        .await
-        .expect("create broker secret");
+    let s: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "celery-broker"}, "stringData": {"url": url}})).unwrap();
+    api.create(&PostParams::default(), &s).await.expect("create broker secret");
 }
 
 /// The operator, in process, watching one namespace.
@@ -209,10 +173,7 @@ impl Operator {
         let task = tokio::spawn(controller::run(client.clone(), settings, async move {
             let _ = rx.await;
         }));
-        Operator {
-            stop: Some(tx),
-            task,
-        }
+        Operator { stop: Some(tx), task }
     }
 
     pub async fn stop(mut self) {
@@ -225,16 +186,9 @@ impl Operator {
 
 /// `python deploy/demo/produce.py ARGS...` with the test venv: the real Celery producer.
 pub fn celery(broker_url: &str, args: &[&str]) -> String {
-    let out = python(broker_url)
-        .arg(repo().join("deploy/demo/produce.py"))
-        .args(args)
-        .output()
-        .expect("run produce.py");
-    assert!(
-        out.status.success(),
-        "produce.py {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        python(broker_url).arg(repo().join("deploy/demo/produce.py")).args(args).output().expect("run produce.py");
+    assert!(out.status.success(), "produce.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -248,9 +202,7 @@ pub fn kombu_count(broker_url: &str, queue: &str) -> i64 {
 pub fn python(broker_url: &str) -> Command {
     let venv = require("TQ_VENV");
     let mut c = Command::new(PathBuf::from(venv).join("bin/python"));
-    c.env("PYTHONPATH", repo().join("deploy/demo"))
-        .env("CELERY_BROKER_URL", broker_url)
-        .env("TASK_SCALE", "0.01");
+    c.env("PYTHONPATH", repo().join("deploy/demo")).env("CELERY_BROKER_URL", broker_url).env("TASK_SCALE", "0.01");
     c
 }
 
@@ -280,10 +232,7 @@ impl Drop for Worker {
 }
 
 pub async fn deployment(client: &Client, ns: &str, name: &str) -> Option<Deployment> {
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-        .unwrap()
+    Api::<Deployment>::namespaced(client.clone(), ns).get_opt(name).await.unwrap()
 }
 
 pub fn replicas(d: &Deployment) -> i32 {
@@ -291,24 +240,11 @@ pub fn replicas(d: &Deployment) -> i32 {
 }
 
 pub fn command(d: &Deployment) -> Vec<String> {
-    d.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0]
-        .command
-        .clone()
-        .unwrap()
+    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].command.clone().unwrap()
 }
 
 pub async fn taskqueue(client: &Client, ns: &str, name: &str) -> TaskQueue {
-    Api::<TaskQueue>::namespaced(client.clone(), ns)
-        .get(name)
-        .await
-        .unwrap()
+    Api::<TaskQueue>::namespaced(client.clone(), ns).get(name).await.unwrap()
 }
 
 pub fn condition(tq: &TaskQueue, type_: &str) -> Option<(String, String, String)> {
@@ -321,12 +257,7 @@ pub fn condition(tq: &TaskQueue, type_: &str) -> Option<(String, String, String)
 }
 
 /// Events the operator published about `name` with `reason`.
-pub async fn events(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    reason: &str,
-) -> Vec<k8s_openapi::api::events::v1::Event> {
+pub async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     api.list(&Default::default())
         .await
@@ -334,8 +265,7 @@ pub async fn events(
         .items
         .into_iter()
         .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                && e.reason.as_deref() == Some(reason)
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason)
         })
         .collect()
 }

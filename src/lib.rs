@@ -3,5 +3,7 @@
 pub mod broker;
 pub mod controller;
 pub mod crd;
+pub mod manifests;
+pub mod routing;
 pub mod scaling;
 pub mod validate;

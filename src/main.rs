@@ -8,6 +8,7 @@ use taskqueue_operator::broker::reader::read_depths;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
 use taskqueue_operator::controller::{self, Settings};
 use taskqueue_operator::crd::{self, TransportOptions};
+use taskqueue_operator::routing;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +37,22 @@ enum Command {
     },
     /// Print the TaskQueue CustomResourceDefinition as YAML.
     Crd,
+    /// Print the Celery routing table (`task_routes.json`) the TaskQueues declare.
+    Routes {
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Print where each task name is routed: TASK<TAB>QUEUE<TAB>MATCHED_PATTERN (or -).
+    Route {
+        #[command(flatten)]
+        source: Source,
+        /// Queue for tasks no route matches (Celery's task_default_queue).
+        #[arg(long, default_value = routing::DEFAULT_QUEUE)]
+        default_queue: String,
+        /// Task names (after `--` they may start with `-`).
+        #[arg(required = true)]
+        tasks: Vec<String>,
+    },
     /// Read the broker once and print one JSON line per queue: pending messages by priority.
     Depth {
         /// Celery broker URL (redis:// or rediss://).
@@ -56,6 +73,49 @@ enum Command {
     },
 }
 
+/// Where TaskQueues come from: manifest files/directories, or the cluster.
+#[derive(clap::Args)]
+struct Source {
+    /// TaskQueue manifests: files or directories of multi-document YAML (repeatable).
+    #[arg(short = 'f', long = "filename", required_unless_present = "cluster")]
+    files: Vec<std::path::PathBuf>,
+    /// Read the TaskQueues from the cluster instead (kubeconfig or in-cluster config).
+    #[arg(long, conflicts_with = "files")]
+    cluster: bool,
+    /// With --cluster: one namespace (default: all).
+    #[arg(long, short = 'n', requires = "cluster")]
+    namespace: Option<String>,
+}
+
+impl Source {
+    async fn load(&self) -> Result<Vec<crd::TaskQueue>, String> {
+        if !self.cluster {
+            return taskqueue_operator::manifests::load(&self.files);
+        }
+        let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+        let api: kube::Api<crd::TaskQueue> = match &self.namespace {
+            Some(ns) => kube::Api::namespaced(client, ns),
+            None => kube::Api::all(client),
+        };
+        Ok(api.list(&Default::default()).await.map_err(|e| format!("listing TaskQueues: {e}"))?.items)
+    }
+}
+
+/// The table for `source`, with rejected routes reported on stderr.
+async fn table(source: &Source) -> Result<routing::Table, String> {
+    let tqs = source.load().await?;
+    let mut namespaces: Vec<Option<String>> = tqs.iter().map(|t| t.metadata.namespace.clone()).collect();
+    namespaces.dedup();
+    if namespaces.len() > 1 {
+        return Err("TaskQueues from several namespaces: each namespace has its own table; pass --namespace".into());
+    }
+    let table = routing::build_table(&tqs);
+    for r in &table.rejected {
+        eprintln!("warning: route {:?} of TaskQueue {} left out: {}", r.pattern, r.object, r.reason);
+    }
+    Ok(table)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     taskqueue_operator::validate::parse_duration_str(s)
 }
@@ -66,6 +126,24 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Crd => {
             print!("{}", crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Routes { source } => match table(&source).await {
+            Ok(t) => {
+                println!("{}", t.to_json());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Route { source, default_queue, tasks } => {
+            let router = match table(&source).await.and_then(|t| routing::Router::new(&t.entries, &default_queue)) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            for task in tasks {
+                let d = router.route(&task);
+                println!("{task}\t{}\t{}", d.queue, d.pattern.as_deref().unwrap_or("-"));
+            }
             ExitCode::SUCCESS
         }
         Command::Depth { broker_url, queues, key_prefix, priority_steps, sep } => {
@@ -124,6 +202,11 @@ struct DepthLine<'a> {
     pending: i64,
     #[serde(rename = "byPriority")]
     by_priority: std::collections::BTreeMap<String, i64>,
+}
+
+fn fail(e: String) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
 }
 
 fn init_tracing(json: bool) {

@@ -77,6 +77,10 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
             err(&field, "is longer than 253 characters; shorten the pattern".into());
         } else if route.pattern.chars().any(char::is_control) {
             err(&field, "contains a control character; remove it".into());
+        } else if route.pattern.contains('*') {
+            if let Err(e) = crate::routing::Glob::new(&route.pattern) {
+                err(&field, format!("Celery cannot compile this glob ({e}); fix the [...] class"));
+            }
         }
         if let Some(q) = &route.queue {
             if !queues.contains(q) {

@@ -309,7 +309,7 @@ pub struct TaskQueueStatus {
     /// Label selector of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// `Ready`, `SpecValid`, `BrokerReachable`, `DeploymentOwned`.
+    /// `Ready`, `SpecValid`, `BrokerReachable`, `DeploymentOwned`, `RoutesAccepted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -31,6 +31,9 @@ enum Command {
         /// Connect and reply timeout for broker reads, e.g. `2s`.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         broker_timeout: Duration,
+        /// Name of the per-namespace ConfigMap holding the Celery routing table.
+        #[arg(long, default_value = "celery-task-routes")]
+        routes_configmap: String,
         /// Log as JSON lines instead of text.
         #[arg(long, env = "LOG_JSON")]
         log_json: bool,
@@ -156,7 +159,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { namespace, broker_timeout, log_json } => {
+        Command::Run { namespace, broker_timeout, routes_configmap, log_json } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
@@ -165,7 +168,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let settings = Settings { namespace, broker_timeout, ..Settings::default() };
+            let settings = Settings { namespace, broker_timeout, routes_configmap, ..Settings::default() };
             controller::run(client, settings, shutdown_signal()).await;
             ExitCode::SUCCESS
         }

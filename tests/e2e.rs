@@ -75,9 +75,30 @@ async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
         wait_replicas(&client, &ns, name, min).await;
     }
 
+    // The namespace's routing table: exactly what `routes -f seed.yaml` prints, all accepted.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
+        .arg("routes")
+        .arg("-f")
+        .arg(repo().join("deploy/examples/seed.yaml"))
+        .output()
+        .unwrap();
+    let want_table = String::from_utf8(cli.stdout).unwrap();
+    let cm = wait_for("ConfigMap celery-task-routes", T, || routes_configmap(&client, &ns)).await;
+    assert_eq!(format!("{cm}\n"), want_table);
+    for (name, _, _) in want {
+        let accepted = wait_for(&format!("{name} RoutesAccepted"), T, || async {
+            condition(&taskqueue(&client, &ns, name).await, "RoutesAccepted")
+        })
+        .await;
+        assert_eq!(accepted.0, "True", "{name}: {accepted:?}");
+    }
+
+    // The Celery app loads the ConfigMap's table (`task_routes = (json.load(f),)`) and sends
     // 6 x the seed's register_user: 12 demo_tasks messages, 6 ai_processing messages.
-    celery(&redis.url(), &["register", "6"]);
-    celery(&redis.url(), &["send", "app.worker.tasks.reports.build_monthly_report", "7"]);
+    let routes_file = std::env::temp_dir().join(format!("{ns}-task_routes.json"));
+    std::fs::write(&routes_file, &cm).unwrap();
+    celery_routed(&redis.url(), Some(&routes_file), &["register", "6"]);
+    celery_routed(&redis.url(), Some(&routes_file), &["send", "app.worker.tasks.reports.build_monthly_report", "7"]);
     for (name, queue, kombu_queues, replicas_want) in [
         ("demo-tasks", "demo_tasks", vec!["demo_tasks"], 3), // ceil(12 / 4)
         ("ai-processing", "ai_processing", vec!["ai_processing"], 3), // ceil(6 / 2)
@@ -267,6 +288,70 @@ async fn an_invalid_taskqueue_is_reported_and_others_are_unaffected() {
     celery(&redis.url(), &["sendq", "fine", "1"]);
     wait_replicas(&client, &ns, "fine", 1).await;
     assert!(deployment(&client, &ns, "broken").await.is_none(), "no workload for an invalid spec");
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+async fn routes_configmap(client: &kube::Client, ns: &str) -> Option<String> {
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt("celery-task-routes")
+        .await
+        .unwrap()?;
+    cm.data?.get("task_routes.json").cloned()
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_pattern_claimed_twice_goes_to_the_older_taskqueue() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "routes").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    let with_route = |name: &str, queue: &str| {
+        let mut tq = pool(name, queue, json!({"pollInterval": "500ms"}));
+        tq["spec"]["routes"] = json!([{"pattern": "app.tasks.*"}, {"pattern": format!("app.{name}.*")}]);
+        tq
+    };
+    create_taskqueue(&client, &ns, with_route("first", "q_first")).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // creationTimestamp has 1 s resolution
+    create_taskqueue(&client, &ns, with_route("second", "q_second")).await;
+    let operator = Operator::start(&client, &ns);
+
+    let second = wait_for("RoutesAccepted=False on the newer TaskQueue", T, || async {
+        condition(&taskqueue(&client, &ns, "second").await, "RoutesAccepted").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(second.1, "RouteConflict");
+    assert!(
+        second.2.contains(&format!("\"app.tasks.*\" left out: pattern already claimed by TaskQueue {ns}/first")),
+        "{second:?}"
+    );
+    assert_eq!(events(&client, &ns, "second", "RouteConflict").await.len(), 1);
+    let first = condition(&taskqueue(&client, &ns, "first").await, "RoutesAccepted").unwrap();
+    assert_eq!(first.0, "True", "the older object keeps its route: {first:?}");
+    let table = wait_for("table with both objects", T, || async {
+        routes_configmap(&client, &ns).await.filter(|t| t.contains("app.second.*"))
+    })
+    .await;
+    assert!(table.contains(r#"["app.tasks.*",{"queue":"q_first"}]"#), "{table}");
+    assert_eq!(table.matches("\"app.tasks.*\"").count(), 1, "the pattern is published once: {table}");
+
+    // The winner goes away: the other one's route is published and accepted.
+    let api = Api::<TaskQueue>::namespaced(client.clone(), &ns);
+    api.delete("first", &DeleteParams::default()).await.unwrap();
+    wait_for("route handed over", T, || async {
+        routes_configmap(&client, &ns).await.filter(|t| t.contains(r#"["app.tasks.*",{"queue":"q_second"}]"#))
+    })
+    .await;
+    wait_for("RoutesAccepted=True after the handover", T, || async {
+        condition(&taskqueue(&client, &ns, "second").await, "RoutesAccepted").filter(|c| c.0 == "True")
+    })
+    .await;
+    // No TaskQueue left: no table.
+    api.delete("second", &DeleteParams::default()).await.unwrap();
+    wait_for("ConfigMap deleted", T, || async { routes_configmap(&client, &ns).await.is_none().then_some(()) }).await;
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -33,6 +33,8 @@ fn harness() -> Harness {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), Reporter { controller: "taskqueue-operator".into(), instance: None }),
         deployments: store,
+        taskqueues: reflector::store::<TaskQueue>().0,
+        routes_configmap: "celery-task-routes".into(),
         broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
         histories: Mutex::default(),
         secrets: SecretCache::new(client, Duration::from_secs(3600)),

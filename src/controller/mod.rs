@@ -4,6 +4,7 @@ pub mod conditions;
 pub mod deployment;
 pub mod poller;
 pub mod reconcile;
+pub mod routes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,11 +28,18 @@ pub struct Settings {
     pub broker_timeout: Duration,
     /// How long a broker URL read from a Secret is reused.
     pub secret_ttl: Duration,
+    /// Name of the per-namespace routing table ConfigMap.
+    pub routes_configmap: String,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { namespace: None, broker_timeout: Duration::from_secs(2), secret_ttl: Duration::from_secs(30) }
+        Self {
+            namespace: None,
+            broker_timeout: Duration::from_secs(2),
+            secret_ttl: Duration::from_secs(30),
+            routes_configmap: "celery-task-routes".into(),
+        }
     }
 }
 
@@ -70,12 +78,16 @@ pub async fn run(
         .graceful_shutdown_on(shutdown);
 
     let broker = Arc::new(poller::BrokerState::new(settings.broker_timeout));
-    let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx));
+    let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx.clone()));
+    let publisher =
+        tokio::spawn(routes::run(client.clone(), settings.routes_configmap.clone(), controller.store(), trigger_tx));
     let reporter = Reporter { controller: deployment::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         deployments: dep_store,
+        taskqueues: controller.store(),
+        routes_configmap: settings.routes_configmap.clone(),
         broker,
         histories: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
@@ -90,5 +102,6 @@ pub async fn run(
         })
         .await;
     poller.abort();
+    publisher.abort();
     info!("controller stopped");
 }

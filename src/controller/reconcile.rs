@@ -17,11 +17,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::conditions::{Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, SPEC_VALID};
+use super::conditions::{Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, ROUTES_ACCEPTED, SPEC_VALID};
 use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
 use super::poller::{BrokerState, Key, Target};
 use crate::broker::{BrokerEndpoint, DepthQuery};
 use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::routing::build_table;
 use crate::scaling::{decide, Bounds, History};
 use crate::validate::{validate, ValidSpec};
 
@@ -31,6 +32,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// Deployments labelled as ours (a cache, so a steady state costs no API reads).
     pub deployments: Store<Deployment>,
+    /// All TaskQueues (the controller's cache), for the namespace routing table.
+    pub taskqueues: Store<TaskQueue>,
+    /// Name of the routing table ConfigMap (for messages).
+    pub routes_configmap: String,
     pub broker: Arc<BrokerState>,
     pub histories: Mutex<HashMap<Key, History>>,
     pub secrets: SecretCache,
@@ -146,6 +151,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         }
     };
     conds.set(SPEC_VALID, true, "Valid", "spec is valid");
+    routes_accepted(&ctx, &tq, &mut conds).await;
 
     // 2. Broker depth, as last read by the poller.
     let depth = broker_depth(&ctx, &tq, &key, &valid, &mut conds).await;
@@ -250,6 +256,36 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     } else {
         Action::requeue(Duration::from_secs(60))
     })
+}
+
+/// `RoutesAccepted`: whether all of this TaskQueue's routes made it into the namespace table.
+async fn routes_accepted(ctx: &Context, tq: &TaskQueue, conds: &mut Conditions<'_>) {
+    let (ns, name) = (tq.namespace(), tq.name_any());
+    let mut peers: Vec<TaskQueue> = ctx
+        .taskqueues
+        .state()
+        .iter()
+        .filter(|t| t.namespace() == ns && t.name_any() != name)
+        .map(|t| (**t).clone())
+        .collect();
+    peers.push(tq.clone());
+    let object = format!("{}/{name}", ns.unwrap_or_default());
+    let lost: Vec<String> = build_table(&peers)
+        .rejected
+        .into_iter()
+        .filter(|r| r.object == object)
+        .map(|r| format!("route {:?} left out: {}", r.pattern, r.reason))
+        .collect();
+    if lost.is_empty() {
+        let n = tq.spec.routes.len();
+        conds.set(ROUTES_ACCEPTED, true, "Published", format!("{n} route(s) in ConfigMap {}", ctx.routes_configmap));
+    } else {
+        let msg = lost.join("; ");
+        conds.set(ROUTES_ACCEPTED, false, "RouteConflict", msg.clone());
+        if conds.turned_false(ROUTES_ACCEPTED) {
+            publish(ctx, tq, EventType::Warning, "RouteConflict", msg).await;
+        }
+    }
 }
 
 async fn depth_unknown(_tq: &TaskQueue, ctx: &Context, key: &Key) -> bool {

@@ -169,6 +169,7 @@ impl Operator {
             namespace: Some(ns.to_string()),
             broker_timeout: Duration::from_secs(1),
             secret_ttl: Duration::from_secs(1),
+            ..Settings::default()
         };
         let task = tokio::spawn(controller::run(client.clone(), settings, async move {
             let _ = rx.await;
@@ -186,8 +187,16 @@ impl Operator {
 
 /// `python deploy/demo/produce.py ARGS...` with the test venv: the real Celery producer.
 pub fn celery(broker_url: &str, args: &[&str]) -> String {
-    let out =
-        python(broker_url).arg(repo().join("deploy/demo/produce.py")).args(args).output().expect("run produce.py");
+    celery_routed(broker_url, None, args)
+}
+
+/// As `celery`, with the app's `task_routes` loaded from a routing table JSON file.
+pub fn celery_routed(broker_url: &str, routes: Option<&std::path::Path>, args: &[&str]) -> String {
+    let mut cmd = python(broker_url);
+    if let Some(r) = routes {
+        cmd.env("TASK_ROUTES_FILE", r);
+    }
+    let out = cmd.arg(repo().join("deploy/demo/produce.py")).args(args).output().expect("run produce.py");
     assert!(out.status.success(), "produce.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

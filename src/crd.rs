@@ -76,7 +76,7 @@ pub struct TaskQueueSpec {
 pub struct Route {
     /// Task name or glob, with Celery semantics: a glob only if it contains `*`
     /// (e.g. `app.worker.tasks.ai_tasks.*`); otherwise an exact task name.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[^\x00-\x1F\x7F]+$"))]
     pub pattern: String,
     /// Queue the matching tasks are sent to. Defaults to `spec.queue`; must be `spec.queue` or
     /// one of `spec.extraQueues`.

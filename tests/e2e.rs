@@ -85,6 +85,11 @@ async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
     let want_table = String::from_utf8(cli.stdout).unwrap();
     let cm = wait_for("ConfigMap celery-task-routes", T, || routes_configmap(&client, &ns)).await;
     assert_eq!(format!("{cm}\n"), want_table);
+    let from_cluster = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
+        .args(["routes", "--cluster", "--namespace", &ns])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(from_cluster.stdout).unwrap(), want_table, "routes --cluster reads the same table");
     for (name, _, _) in want {
         let accepted = wait_for(&format!("{name} RoutesAccepted"), T, || async {
             condition(&taskqueue(&client, &ns, name).await, "RoutesAccepted")

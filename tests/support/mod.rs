@@ -37,9 +37,20 @@ pub async fn client() -> Client {
 pub async fn ensure_crd(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = taskqueue_operator::crd::crd();
+    // Create, or replace a CRD left by an older build (replace keeps the test API server's
+    // behaviour of dropping the CEL rules, like create does).
     match api.create(&PostParams::default(), &crd).await {
         Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let mut crd = crd.clone();
+            let current = api.get(crd.metadata.name.as_deref().unwrap()).await.expect("read CRD");
+            crd.metadata.resource_version = current.metadata.resource_version;
+            match api.replace(crd.metadata.name.as_deref().unwrap(), &PostParams::default(), &crd).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {} // a parallel test just did it
+                Err(e) => panic!("replacing CRD: {e}"),
+            }
+        }
         Err(e) => panic!("creating CRD: {e}"),
     }
     wait_for("CRD established", Duration::from_secs(30), || async {

@@ -36,7 +36,7 @@ fn harness() -> Harness {
         taskqueues: reflector::store::<TaskQueue>().0,
         routes_configmap: "celery-task-routes".into(),
         broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
-        histories: Mutex::default(),
+        memory: Mutex::default(),
         secrets: SecretCache::new(client, Duration::from_secs(3600)),
     });
     Harness { ctx, handle, deployments: writer }

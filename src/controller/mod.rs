@@ -89,7 +89,7 @@ pub async fn run(
         taskqueues: controller.store(),
         routes_configmap: settings.routes_configmap.clone(),
         broker,
-        histories: Default::default(),
+        memory: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
     });
     info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");

@@ -37,8 +37,19 @@ pub struct Context {
     /// Name of the routing table ConfigMap (for messages).
     pub routes_configmap: String,
     pub broker: Arc<BrokerState>,
-    pub histories: Mutex<HashMap<Key, History>>,
+    /// What this operator did per TaskQueue; caches lag behind our own writes, memory does not.
+    pub memory: Mutex<HashMap<Key, Memory>>,
     pub secrets: SecretCache,
+}
+
+/// Per-TaskQueue state kept between reconciles.
+#[derive(Default)]
+pub struct Memory {
+    history: History,
+    /// The Deployment generation and replicas of our last write.
+    applied: Option<(i64, i32)>,
+    /// The last scale change (time, reason), for status.
+    last_scale: Option<(Time, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,8 +189,13 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     }
     conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
 
-    // 4. Decide and apply.
-    let current = observed.as_ref().map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+    // 4. Decide and apply. A cached Deployment older than our last write is stale: our write
+    // is the truth then (otherwise every reconcile right after a scale would scale again).
+    let observed_replicas = observed.as_ref().map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1));
+    let observed_generation = observed.as_ref().and_then(|d| d.metadata.generation).unwrap_or(0);
+    let applied = ctx.memory.lock().expect("lock").get(&key).and_then(|m| m.applied);
+    let cache_stale = applied.is_some_and(|(generation, _)| observed_generation < generation);
+    let current = if cache_stale { applied.map(|(_, r)| r) } else { observed_replicas };
     let bounds = Bounds {
         min_replicas: valid.min_replicas,
         max_replicas: valid.max_replicas,
@@ -188,21 +204,25 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         stabilization_window: valid.stabilization_window,
     };
     let decision = {
-        let mut histories = ctx.histories.lock().expect("lock");
-        decide(
-            &bounds,
-            current,
-            depth.as_ref().map(|d| d.total),
-            histories.entry(key.clone()).or_default(),
-            Instant::now(),
-        )
+        let mut memory = ctx.memory.lock().expect("lock");
+        let history = &mut memory.entry(key.clone()).or_default().history;
+        decide(&bounds, current, depth.as_ref().map(|d| d.total), history, Instant::now())
     };
     let desired = deployment::build(&tq, &valid, decision.replicas);
-    if observed.as_ref().is_none_or(|o| !up_to_date(o, &desired)) {
+    let needs_write = match &observed {
+        None => true,
+        Some(_) if cache_stale => applied.map(|(_, r)| r) != Some(decision.replicas),
+        Some(o) => !up_to_date(o, &desired),
+    };
+    if needs_write {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
+        let written = api
+            .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await
             .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
+        let generation = written.metadata.generation.unwrap_or(0);
+        ctx.memory.lock().expect("lock").entry(key.clone()).or_default().applied =
+            Some((generation, decision.replicas));
     }
     if current != Some(decision.replicas) {
         info!(taskqueue = %key, replicas = decision.replicas, reason = %decision.reason, "scaled");
@@ -212,8 +232,12 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             Some(_) => "ScaledDown",
         };
         publish(&ctx, &tq, EventType::Normal, reason, decision.reason.clone()).await;
-        status.last_scale_time = Some(now.clone());
-        status.last_scale_reason = Some(decision.reason.clone());
+        ctx.memory.lock().expect("lock").entry(key.clone()).or_default().last_scale =
+            Some((now.clone(), decision.reason.clone()));
+    }
+    if let Some((at, why)) = ctx.memory.lock().expect("lock").get(&key).and_then(|m| m.last_scale.clone()) {
+        status.last_scale_time = Some(at);
+        status.last_scale_reason = Some(why);
     }
 
     // 5. Status.
@@ -294,7 +318,7 @@ async fn depth_unknown(_tq: &TaskQueue, ctx: &Context, key: &Key) -> bool {
 
 async fn forget(ctx: &Context, key: &Key) {
     ctx.broker.unregister(key).await;
-    ctx.histories.lock().expect("lock").remove(key);
+    ctx.memory.lock().expect("lock").remove(key);
 }
 
 /// Resolve the broker, register what the poller must read, and return the latest reading.

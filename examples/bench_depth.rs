@@ -1,0 +1,69 @@
+//! Broker read benchmark: time per tick and Redis round trips for 1 / 100 / 1 000 / 10 000
+//! queues, one pipelined round trip for all of them (what the operator does) next to one round
+//! trip per queue (what a per-queue scaler does). Prints figures; asserts nothing.
+//!
+//!   cargo run --release --example bench_depth -- redis://127.0.0.1:6379/9
+//!
+//! Uses (and flushes) the given database: point it at a scratch Redis/db.
+
+use std::time::{Duration, Instant};
+
+use taskqueue_operator::broker::reader::read_depths;
+use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
+use taskqueue_operator::crd::TransportOptions;
+
+const ROUNDS: usize = 21;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let url = std::env::args().nth(1).unwrap_or_else(|| "redis://127.0.0.1:6379/9".into());
+    let endpoint = BrokerEndpoint::parse(&url).expect("broker URL");
+    let mut conn = BrokerPool::default().connection(&endpoint).await.expect("connect");
+    let opts = TransportOptions::default();
+    println!("{:>7} {:>22} {:>22} {:>10}", "queues", "pipelined p50/p95", "per-queue p50/p95", "trips");
+    for n in [1usize, 100, 1_000, 10_000] {
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+        let mut fill = redis::pipe();
+        for i in 0..n {
+            fill.lpush(format!("q{i}"), "m").ignore();
+            if i % 3 == 0 {
+                fill.lpush(format!("q{i}\x06\x166"), "m").ignore();
+            }
+        }
+        let _: () = fill.query_async(&mut conn).await.unwrap();
+        let queries: Vec<DepthQuery> = (0..n).map(|i| DepthQuery::new(&format!("q{i}"), &opts)).collect();
+
+        let mut pipelined = Vec::new();
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            let depths = read_depths(&mut conn, "bench", &queries).await.unwrap();
+            pipelined.push(t.elapsed());
+            assert_eq!(depths.len(), n);
+        }
+        // Per-queue: one round trip per queue (still its priority lists in one pipeline each).
+        let rounds = if n >= 10_000 { 5 } else { ROUNDS };
+        let mut per_queue = Vec::new();
+        for _ in 0..rounds {
+            let t = Instant::now();
+            for q in &queries {
+                read_depths(&mut conn, "bench", std::slice::from_ref(q)).await.unwrap();
+            }
+            per_queue.push(t.elapsed());
+        }
+        pipelined.sort();
+        per_queue.sort();
+        println!(
+            "{n:>7} {:>10.2?}/{:>10.2?} {:>10.2?}/{:>10.2?} {:>4} vs {n}",
+            percentile(&pipelined, 0.5),
+            percentile(&pipelined, 0.95),
+            percentile(&per_queue, 0.5),
+            percentile(&per_queue, 0.95),
+            1
+        );
+    }
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+}

@@ -144,6 +144,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
                 "InvalidSpec",
                 "spec is invalid; the worker Deployment is left unchanged until it is fixed",
             );
+            routes_accepted(&ctx, &tq, &mut conds).await;
             for c in &prev.conditions {
                 if conds.list.iter().all(|n| n.type_ != c.type_) {
                     conds.list.push(c.clone());

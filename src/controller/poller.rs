@@ -32,7 +32,6 @@ pub struct Target {
 pub struct Reading {
     pub endpoint: BrokerEndpoint,
     pub queries: Vec<DepthQuery>,
-    pub at: Instant,
     pub depths: Depths,
 }
 
@@ -104,7 +103,6 @@ impl BrokerState {
             (endpoint, members, queries, result)
         });
         let results = futures::future::join_all(reads).await;
-        let now = Instant::now();
         let mut changed = Vec::new();
         let mut readings = self.readings.lock().await;
         for (endpoint, members, queries, result) in results {
@@ -122,7 +120,7 @@ impl BrokerState {
                         })
                         .collect()),
                 };
-                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), at: now, depths };
+                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), depths };
                 let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
                 readings.insert(key.clone(), reading);
                 if !same {

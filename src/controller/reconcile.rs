@@ -276,7 +276,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 
     // The poller wakes us when the depth changes; a pending scale-down needs a look once per
     // poll so it happens when the window ends.
-    Ok(if decision.replicas > decision.recommended || depth_unknown(&tq, &ctx, &key).await {
+    Ok(if decision.replicas > decision.recommended || !reachable {
         Action::requeue(valid.poll_interval)
     } else {
         Action::requeue(Duration::from_secs(60))
@@ -311,10 +311,6 @@ async fn routes_accepted(ctx: &Context, tq: &TaskQueue, conds: &mut Conditions<'
             publish(ctx, tq, EventType::Warning, "RouteConflict", msg).await;
         }
     }
-}
-
-async fn depth_unknown(_tq: &TaskQueue, ctx: &Context, key: &Key) -> bool {
-    ctx.broker.reading(key).await.is_none()
 }
 
 async fn forget(ctx: &Context, key: &Key) {

@@ -288,6 +288,10 @@ pub struct TaskQueueStatus {
     /// Messages waiting in Redis for this pool's queues, summed over all priority lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<i64>,
+    /// Messages fetched by workers but not acknowledged (kombu's `unacked` hash): prefetched,
+    /// `acks_late` running and ETA/countdown tasks. Reported; scaling does not use it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<i64>,
     /// Pending messages per queue.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending_by_queue: BTreeMap<String, i64>,

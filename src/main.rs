@@ -56,7 +56,8 @@ enum Command {
         #[arg(required = true)]
         tasks: Vec<String>,
     },
-    /// Read the broker once and print one JSON line per queue: pending messages by priority.
+    /// Read the broker once and print one JSON line per queue: pending messages by priority, and
+    /// in-flight (unacked) messages.
     Depth {
         /// Celery broker URL (redis:// or rediss://).
         #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
@@ -189,6 +190,7 @@ async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<
                     queue: q,
                     pending: d.pending,
                     by_priority: d.by_priority.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+                    in_flight: d.in_flight,
                 };
                 println!("{}", serde_json::to_string(&line).expect("serializes"));
             }
@@ -205,6 +207,8 @@ struct DepthLine<'a> {
     pending: i64,
     #[serde(rename = "byPriority")]
     by_priority: std::collections::BTreeMap<String, i64>,
+    #[serde(rename = "inFlight")]
+    in_flight: i64,
 }
 
 fn fail(e: String) -> ExitCode {

@@ -201,3 +201,67 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
     assert_eq!(depth[0].as_ref().unwrap().pending, 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn in_flight_counts_unacked_entries_per_queue_across_scan_pages() {
+    let redis = Redis::start().await;
+    let mut c = raw(&redis.url()).await;
+    // kombu's layout: HSET unacked <delivery_tag> [message, exchange, routing_key]
+    let entry = |rk: &str| serde_json::json!([{"body": "...", "headers": {"task": "t"}}, "", rk]).to_string();
+    let mut fill = redis::pipe();
+    for i in 0..2500 {
+        fill.hset("unacked", format!("tag-a-{i}"), entry("alpha")).ignore();
+    }
+    fill.hset("unacked", "tag-b", entry("beta")).ignore();
+    fill.hset("unacked", "tag-junk", "not json").ignore();
+    fill.hset("pfx:unacked", "tag-g", entry("gamma")).ignore();
+    let _: () = fill.query_async(&mut c).await.unwrap();
+    lpush(&mut c, b"alpha", 2).await;
+
+    let pfx = TransportOptions { global_keyprefix: "pfx:".into(), ..TransportOptions::default() };
+    let queries = vec![
+        DepthQuery::new("alpha", &TransportOptions::default()),
+        DepthQuery::new("beta", &TransportOptions::default()),
+        DepthQuery::new("celery", &TransportOptions::default()),
+        DepthQuery::new("gamma", &pfx),
+        DepthQuery::new("alpha", &pfx),
+    ];
+    let mut conn = BrokerPool::default().connection(&endpoint(&redis.url())).await.unwrap();
+    let got: Vec<(i64, i64)> = read_depths(&mut conn, "test", &queries)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.map(|d| (d.pending, d.in_flight)).unwrap())
+        .collect();
+    assert_eq!(got, [(2, 2500), (0, 1), (0, 0), (0, 1), (0, 0)], "(pending, inFlight) per query");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn eta_tasks_held_by_a_real_worker_are_in_flight_not_pending() {
+    let redis = Redis::start().await;
+    support::celery(&redis.url(), &["later", "alpha", "5", "300"]);
+    support::celery(&redis.url(), &["sendq", "beta", "3"]);
+    let cmd: Vec<String> =
+        ["celery", "-A", "app.worker", "worker", "--queues=alpha", "--concurrency=1", "-n", "eta@%h"]
+            .map(String::from)
+            .into();
+    let _worker = support::Worker::start(&redis.url(), &cmd);
+    let queries = vec![
+        DepthQuery::new("alpha", &TransportOptions::default()),
+        DepthQuery::new("beta", &TransportOptions::default()),
+    ];
+    let pool = BrokerPool::default();
+    let got = support::wait_for("the worker to hold the 5 ETA tasks", Duration::from_secs(60), || async {
+        let mut conn = pool.connection(&endpoint(&redis.url())).await.ok()?;
+        let d = read_depths(&mut conn, "test", &queries).await.ok()?;
+        let got: Vec<(i64, i64)> = d.into_iter().map(|d| d.map(|d| (d.pending, d.in_flight)).unwrap()).collect();
+        (got[0] == (0, 5)).then_some(got)
+    })
+    .await;
+    assert_eq!(got[1], (3, 0), "beta's messages are pending, not in flight (no worker consumes beta)");
+    let mut c = raw(&redis.url()).await;
+    let hlen: i64 = redis::cmd("HLEN").arg("unacked").query_async(&mut c).await.unwrap();
+    assert_eq!(hlen, 5, "what Redis holds, counted by hand");
+}

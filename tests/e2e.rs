@@ -156,7 +156,10 @@ async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_af
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line, json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}}));
+    assert_eq!(
+        line,
+        json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}, "inFlight": 0})
+    );
 
     wait_for("status.pending = kombu's count", T, || async {
         Some(taskqueue(&client, &ns, "demo").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(kombu))

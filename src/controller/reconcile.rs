@@ -110,6 +110,7 @@ impl SecretCache {
 /// Pending messages of the pool, when the broker could be read.
 struct Depth {
     total: i64,
+    in_flight: i64,
     by_queue: BTreeMap<String, i64>,
 }
 
@@ -249,6 +250,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let reachable = conds.list.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
     if let Some(d) = depth {
         status.pending = Some(d.total);
+        status.in_flight = Some(d.in_flight);
         status.pending_by_queue = d.by_queue;
     }
     let ready = status.ready_replicas.unwrap_or(0);
@@ -367,11 +369,12 @@ async fn broker_depth(
             return None;
         }
     };
-    let mut depth = Depth { total: 0, by_queue: BTreeMap::new() };
+    let mut depth = Depth { total: 0, in_flight: 0, by_queue: BTreeMap::new() };
     for (q, d) in valid.queues.iter().zip(per_queue) {
         match d {
             Ok(d) => {
                 depth.total += d.pending;
+                depth.in_flight += d.in_flight;
                 depth.by_queue.insert(q.clone(), d.pending);
             }
             Err(e) => {

@@ -229,9 +229,18 @@ pub struct ScalingSpec {
     #[serde(default = "default_poll_interval")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub poll_interval: String,
+    /// Count in-flight messages (fetched by workers, not yet acknowledged: prefetched,
+    /// `acks_late` running, ETA/countdown) as demand next to pending ones. Either way the pool
+    /// never goes to zero while such messages exist.
+    #[serde(default = "default_true")]
+    pub count_in_flight: bool,
     /// Scale-down behaviour.
     #[serde(default)]
     pub scale_down: ScaleDownSpec,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for ScalingSpec {
@@ -242,6 +251,7 @@ impl Default for ScalingSpec {
             tasks_per_replica: None,
             activation_threshold: default_activation_threshold(),
             poll_interval: default_poll_interval(),
+            count_in_flight: true,
             scale_down: ScaleDownSpec::default(),
         }
     }
@@ -289,7 +299,7 @@ pub struct TaskQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<i64>,
     /// Messages fetched by workers but not acknowledged (kombu's `unacked` hash): prefetched,
-    /// `acks_late` running and ETA/countdown tasks. Reported; scaling does not use it yet.
+    /// `acks_late` running and ETA/countdown tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,
     /// Pending messages per queue.
@@ -313,7 +323,8 @@ pub struct TaskQueueStatus {
     /// Label selector of the worker pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// `Ready`, `SpecValid`, `BrokerReachable`, `DeploymentOwned`, `RoutesAccepted`.
+    /// `Ready`, `SpecValid`, `BrokerReachable`, `DeploymentOwned`, `RoutesAccepted`,
+    /// `ScalingLimited` (the replica count is held by a bound, the window or unacked work).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 /// The knobs of one TaskQueue (from a validated spec).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
+    /// Count in-flight (unacked) messages as demand (`spec.scaling.countInFlight`).
+    pub count_in_flight: bool,
     pub min_replicas: i32,
     pub max_replicas: i32,
     pub tasks_per_replica: i64,
@@ -48,6 +50,14 @@ impl History {
     }
 }
 
+/// What the broker holds for one pool: messages waiting, and messages fetched by workers but
+/// not acknowledged (kombu's `unacked`: prefetched, `acks_late` running, ETA/countdown).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    pub pending: i64,
+    pub in_flight: i64,
+}
+
 /// What to do and why; `reason` goes to status, events and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -55,6 +65,9 @@ pub struct Decision {
     /// This tick's own recommendation; below `replicas` while a scale-down waits out the window.
     pub recommended: i32,
     pub reason: String,
+    /// True when something other than demand set the count: a replica bound, the stabilization
+    /// window, the unacked guard, or missing data.
+    pub limited: bool,
 }
 
 /// Decide the replica count. `current` is the Deployment's `spec.replicas` (None before it
@@ -62,16 +75,17 @@ pub struct Decision {
 pub fn decide(
     bounds: &Bounds,
     current: Option<i32>,
-    pending: Option<i64>,
+    load: Option<Load>,
     history: &mut History,
     now: Instant,
 ) -> Decision {
-    let Some(pending) = pending else {
+    let Some(Load { pending, in_flight }) = load else {
         let replicas = current.unwrap_or(bounds.min_replicas);
         return Decision {
             replicas,
             recommended: replicas,
             reason: format!("holding at {replicas}: broker depth unknown"),
+            limited: true,
         };
     };
     let current_or_min = current.unwrap_or(bounds.min_replicas);
@@ -82,14 +96,19 @@ pub fn decide(
     }
 
     let tpr = bounds.tasks_per_replica.max(1);
-    let mut why = format!("{pending} pending / {tpr} per replica");
-    let raw = if current_or_min == 0 && pending < bounds.activation_threshold {
+    let (demand, mut why) = if bounds.count_in_flight && in_flight > 0 {
+        (pending + in_flight, format!("{pending} pending + {in_flight} in flight / {tpr} per replica"))
+    } else {
+        (pending, format!("{pending} pending / {tpr} per replica"))
+    };
+    let raw = if current_or_min == 0 && pending < bounds.activation_threshold && in_flight == 0 {
         why = format!("{pending} pending, below activationThreshold {}", bounds.activation_threshold);
         0
     } else {
-        i32::try_from((pending + tpr - 1) / tpr).unwrap_or(i32::MAX)
+        i32::try_from((demand + tpr - 1) / tpr).unwrap_or(i32::MAX)
     };
     let recommended = raw.clamp(bounds.min_replicas, bounds.max_replicas);
+    let mut limited = recommended != raw;
     if recommended != raw {
         let bound = if raw < bounds.min_replicas { "minReplicas" } else { "maxReplicas" };
         why = format!("{why} = {raw}, clamped to {bound} {recommended}");
@@ -101,6 +120,7 @@ pub fn decide(
     } else {
         let held = history.highest().unwrap_or(recommended).clamp(bounds.min_replicas, bounds.max_replicas);
         if held > recommended {
+            limited = true;
             why = format!(
                 "{why}; scale-down to {recommended} waits out the {} stabilization window",
                 humantime::format_duration(bounds.stabilization_window)
@@ -108,21 +128,35 @@ pub fn decide(
         }
         held.min(current_or_min)
     };
+    // Nothing but a running worker restores unacked messages (kombu's visibility-timeout sweep
+    // runs inside workers), so never leave zero workers while any exist.
+    let replicas = if replicas == 0 && in_flight > 0 && bounds.max_replicas > 0 {
+        why = format!("{why}; holding 1 replica: {in_flight} unacked message(s) need a running worker to be restored");
+        limited = true;
+        1
+    } else {
+        replicas
+    };
     let reason = match current {
         Some(c) if replicas > c => format!("scaled up {c} -> {replicas}: {why}"),
         Some(c) if replicas < c => format!("scaled down {c} -> {replicas}: {why}"),
         Some(c) => format!("steady at {c}: {why}"),
         None => format!("created at {replicas}: {why}"),
     };
-    Decision { replicas, recommended, reason }
+    Decision { replicas, recommended, reason, limited }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn load(pending: i64) -> Option<Load> {
+        Some(Load { pending, in_flight: 0 })
+    }
+
     fn bounds(min: i32, max: i32, tpr: i64, activation: i64, window_s: u64) -> Bounds {
         Bounds {
+            count_in_flight: true,
             min_replicas: min,
             max_replicas: max,
             tasks_per_replica: tpr,
@@ -155,7 +189,13 @@ mod tests {
             ("huge backlog saturates", bounds(0, 10000, 1, 1, 0), Some(1), Some(i64::MAX / 2), 10000),
         ];
         for (name, b, current, pending, want) in cases {
-            let got = decide(b, *current, *pending, &mut History::default(), Instant::now());
+            let got = decide(
+                b,
+                *current,
+                pending.map(|p| Load { pending: p, in_flight: 0 }),
+                &mut History::default(),
+                Instant::now(),
+            );
             assert_eq!(got.replicas, *want, "{name}: {}", got.reason);
         }
     }
@@ -165,20 +205,20 @@ mod tests {
         let b = bounds(0, 10, 1, 1, 60);
         let t0 = Instant::now();
         let mut h = History::default();
-        assert_eq!(decide(&b, Some(0), Some(6), &mut h, t0).replicas, 6);
+        assert_eq!(decide(&b, Some(0), load(6), &mut h, t0).replicas, 6);
         // Queue drains: the 6 seen 10 s ago still wins inside the 60 s window.
-        let d = decide(&b, Some(6), Some(0), &mut h, t0 + Duration::from_secs(10));
+        let d = decide(&b, Some(6), load(0), &mut h, t0 + Duration::from_secs(10));
         assert_eq!(d.replicas, 6);
         assert!(d.reason.contains("waits out the 1m stabilization window"), "{}", d.reason);
         // A smaller spike inside the window: still 6.
-        assert_eq!(decide(&b, Some(6), Some(2), &mut h, t0 + Duration::from_secs(40)).replicas, 6);
+        assert_eq!(decide(&b, Some(6), load(2), &mut h, t0 + Duration::from_secs(40)).replicas, 6);
         // 6 left the window; the 2 from t=40 s is now the highest.
-        let d = decide(&b, Some(6), Some(0), &mut h, t0 + Duration::from_secs(61));
+        let d = decide(&b, Some(6), load(0), &mut h, t0 + Duration::from_secs(61));
         assert_eq!(d.replicas, 2, "{}", d.reason);
         assert!(d.reason.starts_with("scaled down 6 -> 2"), "{}", d.reason);
-        assert_eq!(decide(&b, Some(2), Some(0), &mut h, t0 + Duration::from_secs(101)).replicas, 0);
+        assert_eq!(decide(&b, Some(2), load(0), &mut h, t0 + Duration::from_secs(101)).replicas, 0);
         // And straight back up, no waiting.
-        let d = decide(&b, Some(0), Some(3), &mut h, t0 + Duration::from_secs(102));
+        let d = decide(&b, Some(0), load(3), &mut h, t0 + Duration::from_secs(102));
         assert_eq!(d.replicas, 3);
         assert!(d.reason.starts_with("scaled up 0 -> 3: 3 pending / 1 per replica"), "{}", d.reason);
     }
@@ -188,8 +228,8 @@ mod tests {
         let b = bounds(0, 10, 1, 1, 30);
         let t0 = Instant::now();
         let mut h = History::default(); // fresh operator, Deployment already at 4
-        assert_eq!(decide(&b, Some(4), Some(0), &mut h, t0).replicas, 4);
-        assert_eq!(decide(&b, Some(4), Some(0), &mut h, t0 + Duration::from_secs(31)).replicas, 0);
+        assert_eq!(decide(&b, Some(4), load(0), &mut h, t0).replicas, 4);
+        assert_eq!(decide(&b, Some(4), load(0), &mut h, t0 + Duration::from_secs(31)).replicas, 0);
     }
 
     #[test]
@@ -205,9 +245,67 @@ mod tests {
     #[test]
     fn reasons_explain_the_numbers() {
         let mut h = History::default();
-        let d = decide(&bounds(0, 4, 2, 1, 0), Some(1), Some(20), &mut h, Instant::now());
+        let d = decide(&bounds(0, 4, 2, 1, 0), Some(1), load(20), &mut h, Instant::now());
         assert_eq!(d.reason, "scaled up 1 -> 4: 20 pending / 2 per replica = 10, clamped to maxReplicas 4");
-        let d = decide(&bounds(0, 4, 1, 3, 0), Some(0), Some(2), &mut History::default(), Instant::now());
+        let d = decide(&bounds(0, 4, 1, 3, 0), Some(0), load(2), &mut History::default(), Instant::now());
         assert_eq!(d.reason, "steady at 0: 2 pending, below activationThreshold 3");
+    }
+
+    #[test]
+    fn in_flight_counts_as_demand_and_blocks_scale_to_zero() {
+        let b = bounds(0, 10, 4, 1, 0);
+        let busy = Some(Load { pending: 2, in_flight: 10 });
+        let d = decide(&b, Some(2), busy, &mut History::default(), Instant::now());
+        assert_eq!(d.replicas, 3, "ceil((2 + 10) / 4)");
+        assert!(d.reason.contains("2 pending + 10 in flight / 4 per replica"), "{}", d.reason);
+        let ignore = Bounds { count_in_flight: false, ..b };
+        let (mut h, t0) = (History::default(), Instant::now());
+        let drained = Some(Load { pending: 0, in_flight: 2 });
+        decide(&ignore, Some(3), drained, &mut h, t0);
+        let d = decide(&ignore, Some(3), drained, &mut h, t0 + Duration::from_secs(1));
+        assert_eq!(d.replicas, 1, "queue drained but unacked entries remain: {}", d.reason);
+        assert!(d.reason.contains("holding 1 replica: 2 unacked message(s)"), "{}", d.reason);
+        let d =
+            decide(&ignore, Some(0), Some(Load { pending: 0, in_flight: 1 }), &mut History::default(), Instant::now());
+        assert_eq!(d.replicas, 1, "stranded unacked work brings a worker back");
+    }
+
+    #[test]
+    fn properties_hold_for_random_inputs() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as i64
+        };
+        for _ in 0..20_000 {
+            let min = rnd(4) as i32;
+            let b = Bounds {
+                count_in_flight: rnd(2) == 0,
+                min_replicas: min,
+                max_replicas: min + rnd(10) as i32,
+                tasks_per_replica: 1 + rnd(8),
+                activation_threshold: rnd(5),
+                stabilization_window: Duration::from_secs(rnd(4) as u64),
+            };
+            let mut h = History::default();
+            let t0 = Instant::now();
+            let mut current = if rnd(4) == 0 { None } else { Some(rnd(15) as i32) };
+            for step in 0..6 {
+                let load = (rnd(5) != 0).then(|| Load { pending: rnd(100), in_flight: rnd(3) * rnd(10) });
+                let d = decide(&b, current, load, &mut h, t0 + Duration::from_secs(step));
+                match load {
+                    None => assert_eq!(d.replicas, current.unwrap_or(b.min_replicas), "missing data changes nothing"),
+                    Some(l) => {
+                        assert!(d.replicas <= b.max_replicas && d.replicas >= b.min_replicas, "{b:?} {l:?} -> {d:?}");
+                        if l.in_flight > 0 && b.max_replicas > 0 {
+                            assert!(d.replicas >= 1, "never zero with in-flight work: {d:?}");
+                        }
+                    }
+                }
+                current = Some(d.replicas);
+            }
+        }
     }
 }

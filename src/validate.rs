@@ -15,6 +15,7 @@ use crate::crd::TaskQueueSpec;
 /// A spec that passed validation, with strings parsed into the types the controller uses.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
+    pub count_in_flight: bool,
     /// `spec.queue` followed by `spec.extraQueues`, in order.
     pub queues: Vec<String>,
     pub node_name: String,
@@ -214,6 +215,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         return Err(InvalidSpec(errors));
     }
     Ok(ValidSpec {
+        count_in_flight: s.count_in_flight,
         queues,
         node_name,
         poll_interval: poll_interval.unwrap_or(MIN_POLL),

@@ -170,8 +170,9 @@ async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_af
     // A real worker with the Deployment's own command line drains the queue.
     let d = deployment(&client, &ns, "demo").await.unwrap();
     let worker = Worker::start(&redis.url(), &command(&d));
-    let drained = wait_for("queue drained", T, || async {
-        Some(taskqueue(&client, &ns, "demo").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(0))
+    let drained = wait_for("queue drained and nothing in flight", T, || async {
+        Some(taskqueue(&client, &ns, "demo").await)
+            .filter(|t| t.status.as_ref().is_some_and(|s| s.pending == Some(0) && s.in_flight == Some(0)))
     })
     .await;
     // Inside the 8 s window the operator keeps the workers it had.
@@ -360,6 +361,43 @@ async fn a_pattern_claimed_twice_goes_to_the_older_taskqueue() {
     // No TaskQueue left: no table.
     api.delete("second", &DeleteParams::default()).await.unwrap();
     wait_for("ConfigMap deleted", T, || async { routes_configmap(&client, &ns).await.is_none().then_some(()) }).await;
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn unacked_work_keeps_one_worker_even_when_the_queue_is_empty() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "guard").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    // countInFlight off: only the guard can keep a replica here.
+    let scaling = json!({"minReplicas": 0, "pollInterval": "500ms", "countInFlight": false, "scaleDown": {"stabilizationWindow": "1s"}});
+    create_taskqueue(&client, &ns, pool("eta", "eta_q", scaling)).await;
+    let operator = Operator::start(&client, &ns);
+    wait_replicas(&client, &ns, "eta", 0).await;
+
+    // A real worker takes 3 countdown tasks: the list empties, the messages sit in `unacked`.
+    celery(&redis.url(), &["later", "eta_q", "3", "300"]);
+    wait_replicas(&client, &ns, "eta", 1).await;
+    let d = deployment(&client, &ns, "eta").await.unwrap();
+    let worker = Worker::start(&redis.url(), &command(&d));
+    let held = wait_for("3 in flight, 0 pending", T, || async {
+        Some(taskqueue(&client, &ns, "eta").await)
+            .filter(|t| t.status.as_ref().is_some_and(|s| s.pending == Some(0) && s.in_flight == Some(3)))
+    })
+    .await;
+    // The worker dies without restoring them (SIGKILL): still one replica, and the reason says why.
+    drop(worker);
+    tokio::time::sleep(Duration::from_secs(3)).await; // several polls, past the 1 s window
+    assert_eq!(replicas(&deployment(&client, &ns, "eta").await.unwrap()), 1);
+    assert_eq!(held.status.unwrap().desired_replicas, Some(1));
+    let (status, _, why) = condition(&taskqueue(&client, &ns, "eta").await, "ScalingLimited").unwrap();
+    assert_eq!(status, "True");
+    assert!(why.contains("holding 1 replica: 3 unacked message(s) need a running worker"), "{why}");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -17,13 +17,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::conditions::{Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, ROUTES_ACCEPTED, SPEC_VALID};
+use super::conditions::{
+    Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
+};
 use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
 use super::poller::{BrokerState, Key, Target};
 use crate::broker::{BrokerEndpoint, DepthQuery};
 use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
 use crate::routing::build_table;
-use crate::scaling::{decide, Bounds, History};
+use crate::scaling::{decide, Bounds, History, Load};
 use crate::validate::{validate, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -199,6 +201,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let cache_stale = applied.is_some_and(|(generation, _)| observed_generation < generation);
     let current = if cache_stale { applied.map(|(_, r)| r) } else { observed_replicas };
     let bounds = Bounds {
+        count_in_flight: valid.count_in_flight,
         min_replicas: valid.min_replicas,
         max_replicas: valid.max_replicas,
         tasks_per_replica: valid.tasks_per_replica,
@@ -208,7 +211,8 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let decision = {
         let mut memory = ctx.memory.lock().expect("lock");
         let history = &mut memory.entry(key.clone()).or_default().history;
-        decide(&bounds, current, depth.as_ref().map(|d| d.total), history, Instant::now())
+        let load = depth.as_ref().map(|d| Load { pending: d.total, in_flight: d.in_flight });
+        decide(&bounds, current, load, history, Instant::now())
     };
     let desired = deployment::build(&tq, &valid, decision.replicas);
     let needs_write = match &observed {
@@ -240,6 +244,13 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     if let Some((at, why)) = ctx.memory.lock().expect("lock").get(&key).and_then(|m| m.last_scale.clone()) {
         status.last_scale_time = Some(at);
         status.last_scale_reason = Some(why);
+    }
+
+    // Why the count is what it is right now (lastScaleReason only says why it last changed).
+    if decision.limited {
+        conds.set(SCALING_LIMITED, true, "Limited", decision.reason.clone());
+    } else {
+        conds.set(SCALING_LIMITED, false, "FollowsDemand", decision.reason.clone());
     }
 
     // 5. Status.

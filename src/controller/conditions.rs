@@ -55,11 +55,6 @@ impl<'a> Conditions<'a> {
         let old = find(self.previous, type_);
         matches!(new, Some(n) if n.status == "False" && old.is_none_or(|o| o.status != "False" || o.reason != n.reason || o.message != n.message))
     }
-
-    /// True when `type_` went from False to True.
-    pub fn recovered(&self, type_: &str) -> bool {
-        matches!((find(self.previous, type_), find(&self.list, type_)), (Some(o), Some(n)) if o.status == "False" && n.status == "True")
-    }
 }
 
 pub fn find<'c>(list: &'c [Condition], type_: &str) -> Option<&'c Condition> {
@@ -92,8 +87,5 @@ mod tests {
         let mut c = Conditions::new(&third, Some(1), t(400));
         c.set(BROKER_REACHABLE, false, "BrokerUnreachable", "connection refused");
         assert!(!c.turned_false(BROKER_REACHABLE), "same failure again is not a new event");
-        let mut c = Conditions::new(&third, Some(1), t(400));
-        c.set(BROKER_REACHABLE, true, "Read", "ok");
-        assert!(c.recovered(BROKER_REACHABLE));
     }
 }

@@ -52,6 +52,38 @@ pub struct Memory {
     applied: Option<(i64, i32)>,
     /// The last scale change (time, reason), for status.
     last_scale: Option<(Time, String)>,
+    /// Failing conditions already announced by a Warning event (type -> what was announced).
+    warned: HashMap<&'static str, String>,
+}
+
+/// How a condition moved, judged against what this process already announced: a cached status
+/// can lag behind our own write and would otherwise announce the same problem twice.
+#[derive(PartialEq, Eq)]
+enum Transition {
+    Failed,
+    Recovered,
+    Same,
+}
+
+fn transition(ctx: &Context, key: &Key, conds: &Conditions<'_>, type_: &'static str) -> Transition {
+    let Some(c) = conds.list.iter().find(|c| c.type_ == type_) else { return Transition::Same };
+    let mut memory = ctx.memory.lock().expect("lock");
+    let warned = &mut memory.entry(key.clone()).or_default().warned;
+    if c.status != "False" {
+        let was_failing = warned.remove(type_).is_some();
+        return if was_failing && c.status == "True" { Transition::Recovered } else { Transition::Same };
+    }
+    // A new spec problem is worth a new event; for the others only a new reason is (the cause
+    // text of one outage varies from tick to tick).
+    let announced = if type_ == SPEC_VALID { format!("{}: {}", c.reason, c.message) } else { c.reason.clone() };
+    let new = warned.get(type_) != Some(&announced);
+    warned.insert(type_, announced);
+    // After a restart memory is empty: the stored status tells whether it was announced already.
+    if new && conds.turned_false(type_) {
+        Transition::Failed
+    } else {
+        Transition::Same
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +171,11 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let valid = match validate(&tq.spec, &name) {
         Ok(v) => v,
         Err(invalid) => {
-            forget(&ctx, &key).await;
+            // No reads and no scaling for an invalid spec (the event memory is kept).
+            ctx.broker.unregister(&key).await;
+            if let Some(m) = ctx.memory.lock().expect("lock").get_mut(&key) {
+                m.history = History::default();
+            }
             conds.set(SPEC_VALID, false, "InvalidSpec", invalid.to_string());
             conds.set(
                 READY,
@@ -153,7 +189,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
                     conds.list.push(c.clone());
                 }
             }
-            if conds.turned_false(SPEC_VALID) {
+            if transition(&ctx, &key, &conds, SPEC_VALID) == Transition::Failed {
                 warn!(taskqueue = %key, error = %invalid, "invalid spec");
                 publish(&ctx, &tq, EventType::Warning, "InvalidSpec", invalid.to_string()).await;
             }
@@ -179,7 +215,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         let msg = format!("Deployment {ns}/{name} already exists ({owner}) and is not managed by this TaskQueue; delete or rename that Deployment, or rename the TaskQueue");
         conds.set(DEPLOYMENT_OWNED, false, "DeploymentConflict", msg.clone());
         conds.set(READY, false, "DeploymentConflict", "the worker Deployment belongs to someone else");
-        if conds.turned_false(DEPLOYMENT_OWNED) {
+        if transition(&ctx, &key, &conds, DEPLOYMENT_OWNED) == Transition::Failed {
             warn!(taskqueue = %key, "{msg}");
             publish(&ctx, &tq, EventType::Warning, "DeploymentConflict", msg).await;
         }
@@ -192,6 +228,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
     conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
+    transition(&ctx, &key, &conds, DEPLOYMENT_OWNED);
 
     // 4. Decide and apply. A cached Deployment older than our last write is stale: our write
     // is the truth then (otherwise every reconcile right after a scale would scale again).
@@ -277,12 +314,18 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     } else {
         conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
     }
-    if conds.turned_false(BROKER_REACHABLE) {
-        let c = conds.list.iter().find(|c| c.type_ == BROKER_REACHABLE).cloned().expect("set above");
-        warn!(taskqueue = %key, reason = %c.reason, "{}", c.message);
-        publish(&ctx, &tq, EventType::Warning, &c.reason, c.message).await;
-    } else if conds.recovered(BROKER_REACHABLE) {
-        publish(&ctx, &tq, EventType::Normal, "BrokerReachable", "broker readable again; scaling resumed".into()).await;
+    transition(&ctx, &key, &conds, SPEC_VALID); // valid again: forget the announced problem
+    match transition(&ctx, &key, &conds, BROKER_REACHABLE) {
+        Transition::Failed => {
+            let c = conds.list.iter().find(|c| c.type_ == BROKER_REACHABLE).cloned().expect("set above");
+            warn!(taskqueue = %key, reason = %c.reason, "{}", c.message);
+            publish(&ctx, &tq, EventType::Warning, &c.reason, c.message).await;
+        }
+        Transition::Recovered => {
+            let note = "broker readable again; scaling resumed".to_string();
+            publish(&ctx, &tq, EventType::Normal, "BrokerReachable", note).await;
+        }
+        Transition::Same => {}
     }
     status.conditions = conds.list;
     write_status(&ctx, &tq, status).await?;
@@ -317,10 +360,11 @@ async fn routes_accepted(ctx: &Context, tq: &TaskQueue, conds: &mut Conditions<'
     if lost.is_empty() {
         let n = tq.spec.routes.len();
         conds.set(ROUTES_ACCEPTED, true, "Published", format!("{n} route(s) in ConfigMap {}", ctx.routes_configmap));
+        transition(ctx, &ObjectRef::from_obj(tq), conds, ROUTES_ACCEPTED);
     } else {
         let msg = lost.join("; ");
         conds.set(ROUTES_ACCEPTED, false, "RouteConflict", msg.clone());
-        if conds.turned_false(ROUTES_ACCEPTED) {
+        if transition(ctx, &ObjectRef::from_obj(tq), conds, ROUTES_ACCEPTED) == Transition::Failed {
             publish(ctx, tq, EventType::Warning, "RouteConflict", msg).await;
         }
     }

@@ -183,7 +183,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
                 "InvalidSpec",
                 "spec is invalid; the worker Deployment is left unchanged until it is fixed",
             );
-            routes_accepted(&ctx, &tq, &mut conds).await;
+            routes_accepted(&ctx, &tq, &key, &mut conds).await;
             for c in &prev.conditions {
                 if conds.list.iter().all(|n| n.type_ != c.type_) {
                     conds.list.push(c.clone());
@@ -202,7 +202,8 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         }
     };
     conds.set(SPEC_VALID, true, "Valid", "spec is valid");
-    routes_accepted(&ctx, &tq, &mut conds).await;
+    transition(&ctx, &key, &conds, SPEC_VALID); // valid again: forget the announced problem
+    routes_accepted(&ctx, &tq, &key, &mut conds).await;
 
     // 2. Broker depth, as last read by the poller.
     let depth = broker_depth(&ctx, &tq, &key, &valid, &mut conds).await;
@@ -314,7 +315,6 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     } else {
         conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
     }
-    transition(&ctx, &key, &conds, SPEC_VALID); // valid again: forget the announced problem
     match transition(&ctx, &key, &conds, BROKER_REACHABLE) {
         Transition::Failed => {
             let c = conds.list.iter().find(|c| c.type_ == BROKER_REACHABLE).cloned().expect("set above");
@@ -340,7 +340,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 /// `RoutesAccepted`: whether all of this TaskQueue's routes made it into the namespace table.
-async fn routes_accepted(ctx: &Context, tq: &TaskQueue, conds: &mut Conditions<'_>) {
+async fn routes_accepted(ctx: &Context, tq: &TaskQueue, key: &Key, conds: &mut Conditions<'_>) {
     let (ns, name) = (tq.namespace(), tq.name_any());
     let mut peers: Vec<TaskQueue> = ctx
         .taskqueues
@@ -360,11 +360,11 @@ async fn routes_accepted(ctx: &Context, tq: &TaskQueue, conds: &mut Conditions<'
     if lost.is_empty() {
         let n = tq.spec.routes.len();
         conds.set(ROUTES_ACCEPTED, true, "Published", format!("{n} route(s) in ConfigMap {}", ctx.routes_configmap));
-        transition(ctx, &ObjectRef::from_obj(tq), conds, ROUTES_ACCEPTED);
+        transition(ctx, key, conds, ROUTES_ACCEPTED);
     } else {
         let msg = lost.join("; ");
         conds.set(ROUTES_ACCEPTED, false, "RouteConflict", msg.clone());
-        if transition(ctx, &ObjectRef::from_obj(tq), conds, ROUTES_ACCEPTED) == Transition::Failed {
+        if transition(ctx, key, conds, ROUTES_ACCEPTED) == Transition::Failed {
             publish(ctx, tq, EventType::Warning, "RouteConflict", msg).await;
         }
     }

@@ -92,6 +92,16 @@ pub async fn run(
         memory: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
     });
+    // Reconcile is not called for deleted objects: drop their per-object memory here.
+    let janitor = tokio::spawn({
+        let (ctx, store) = (ctx.clone(), controller.store());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                ctx.memory.lock().expect("lock").retain(|key, _| store.get(key).is_some());
+            }
+        }
+    });
     info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
     controller
         .run(reconcile, error_policy, ctx)
@@ -103,5 +113,6 @@ pub async fn run(
         .await;
     poller.abort();
     publisher.abort();
+    janitor.abort();
     info!("controller stopped");
 }

@@ -95,6 +95,26 @@ pub struct BrokerSpec {
     /// Must equal the app's `broker_transport_options`, or the operator counts the wrong keys.
     #[serde(default)]
     pub transport_options: TransportOptions,
+    /// Secret in this namespace holding the PEM CA bundle that signed the broker's certificate
+    /// (`rediss://` only). Without it the system's trusted roots are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<CaSecretRef>,
+}
+
+/// A key of a Secret holding a PEM CA bundle.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct CaSecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
 }
 
 /// A key of a Secret in the TaskQueue's namespace.
@@ -130,11 +150,20 @@ pub struct TransportOptions {
     #[serde(default = "default_sep")]
     #[schemars(length(min = 1, max = 16))]
     pub sep: String,
+    /// kombu `master_name`: the Sentinel master to use. Required with `sentinel://` broker URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub master_name: Option<String>,
 }
 
 impl Default for TransportOptions {
     fn default() -> Self {
-        Self { global_keyprefix: String::new(), priority_steps: default_priority_steps(), sep: default_sep() }
+        Self {
+            global_keyprefix: String::new(),
+            priority_steps: default_priority_steps(),
+            sep: default_sep(),
+            master_name: None,
+        }
     }
 }
 
@@ -234,9 +263,35 @@ pub struct ScalingSpec {
     /// never goes to zero while such messages exist.
     #[serde(default = "default_true")]
     pub count_in_flight: bool,
+    /// Replicas to run once the broker has been unreadable for `fallbackAfter`. Unset: replicas
+    /// stay frozen for the whole outage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub fallback_replicas: Option<i32>,
+    /// How long the broker must be unreadable before `fallbackReplicas` applies (`5m`).
+    #[serde(default = "default_fallback_after")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub fallback_after: String,
+    /// Scale-up behaviour.
+    #[serde(default)]
+    pub scale_up: ScaleUpSpec,
     /// Scale-down behaviour.
     #[serde(default)]
     pub scale_down: ScaleDownSpec,
+}
+
+fn default_fallback_after() -> String {
+    "5m".into()
+}
+
+/// Scale-up behaviour.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleUpSpec {
+    /// Most replicas added in one step. Unset: straight to the recommendation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_step: Option<i32>,
 }
 
 fn default_true() -> bool {
@@ -252,6 +307,9 @@ impl Default for ScalingSpec {
             activation_threshold: default_activation_threshold(),
             poll_interval: default_poll_interval(),
             count_in_flight: true,
+            fallback_replicas: None,
+            fallback_after: default_fallback_after(),
+            scale_up: ScaleUpSpec::default(),
             scale_down: ScaleDownSpec::default(),
         }
     }
@@ -276,11 +334,15 @@ pub struct ScaleDownSpec {
     #[serde(default = "default_stabilization_window")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub stabilization_window: String,
+    /// Most replicas removed in one step (one step per poll). Unset: straight to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_step: Option<i32>,
 }
 
 impl Default for ScaleDownSpec {
     fn default() -> Self {
-        Self { stabilization_window: default_stabilization_window() }
+        Self { stabilization_window: default_stabilization_window(), max_step: None }
     }
 }
 
@@ -344,6 +406,11 @@ const CEL_RULES: &[(&str, &str, &str)] = &[
         "/properties/spec",
         "self.scaling.minReplicas <= self.scaling.maxReplicas",
         "spec.scaling.minReplicas must not exceed spec.scaling.maxReplicas",
+    ),
+    (
+        "/properties/spec/properties/scaling",
+        "!has(self.fallbackReplicas) || (self.fallbackReplicas >= self.minReplicas && self.fallbackReplicas <= self.maxReplicas)",
+        "spec.scaling.fallbackReplicas must lie within [minReplicas, maxReplicas]",
     ),
     (
         "/properties/spec",

@@ -59,9 +59,15 @@ enum Command {
     /// Read the broker once and print one JSON line per queue: pending messages by priority, and
     /// in-flight (unacked) messages.
     Depth {
-        /// Celery broker URL (redis:// or rediss://).
+        /// Celery broker URL (redis://, rediss:// or sentinel://).
         #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
         broker_url: String,
+        /// kombu `master_name` (Sentinel master), for sentinel:// URLs.
+        #[arg(long)]
+        master_name: Option<String>,
+        /// PEM CA bundle that signed a rediss:// broker's certificate.
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
         /// Queue to measure (repeat for more).
         #[arg(long = "queue", required = true)]
         queues: Vec<String>,
@@ -150,9 +156,9 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Depth { broker_url, queues, key_prefix, priority_steps, sep } => {
-            let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep };
-            match depth(&broker_url, &queues, &opts).await {
+        Command::Depth { broker_url, master_name, ca_file, queues, key_prefix, priority_steps, sep } => {
+            let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep, master_name };
+            match depth(&broker_url, ca_file.as_deref(), &queues, &opts).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -176,8 +182,17 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn depth(url: &str, queues: &[String], opts: &TransportOptions) -> Result<(), String> {
-    let endpoint = BrokerEndpoint::parse(url).map_err(|e| e.to_string())?;
+async fn depth(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+    queues: &[String],
+    opts: &TransportOptions,
+) -> Result<(), String> {
+    let ca = match ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("--ca-file {}: {e}", p.display()))?),
+        None => None,
+    };
+    let endpoint = BrokerEndpoint::resolve(url, opts.master_name.as_deref(), ca).map_err(|e| e.to_string())?;
     let pool = BrokerPool::new(Duration::from_secs(5));
     let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();

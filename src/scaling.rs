@@ -1,12 +1,15 @@
 //! The scaling decision (pure): broker depth + bounds + recent history -> desired replicas.
 //!
 //! Rules, in order:
-//! 1. No broker data -> keep the current replica count (never decide on missing data).
-//! 2. raw = ceil(pending / tasksPerReplica); at zero replicas, only leave zero once
-//!    pending >= activationThreshold.
+//! 1. No broker data -> keep the current replica count (never decide on missing data), unless
+//!    `fallbackReplicas` is set and the broker has been unreadable for `fallbackAfter`.
+//! 2. demand = pending (+ in flight with `countInFlight`); raw = ceil(demand / tasksPerReplica);
+//!    at zero replicas, only leave zero once pending >= activationThreshold.
 //! 3. Clamp to [minReplicas, maxReplicas].
 //! 4. Scale-up is immediate; scale-down goes only to the highest recommendation seen within the
 //!    stabilization window, so a short lull does not stop workers needed a moment later.
+//! 5. `scaleUp.maxStep` / `scaleDown.maxStep` bound the change per decision.
+//! 6. Never zero replicas while messages are unacked: only a running worker restores them.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,6 +24,27 @@ pub struct Bounds {
     pub tasks_per_replica: i64,
     pub activation_threshold: i64,
     pub stabilization_window: Duration,
+    pub scale_up_max_step: Option<i32>,
+    pub scale_down_max_step: Option<i32>,
+    /// (`fallbackReplicas`, `fallbackAfter`).
+    pub fallback: Option<(i32, Duration)>,
+}
+
+impl Bounds {
+    /// Plain bounds: no steps, no fallback.
+    pub fn new(min_replicas: i32, max_replicas: i32, tasks_per_replica: i64, stabilization_window: Duration) -> Self {
+        Self {
+            count_in_flight: true,
+            min_replicas,
+            max_replicas,
+            tasks_per_replica,
+            activation_threshold: 1,
+            stabilization_window,
+            scale_up_max_step: None,
+            scale_down_max_step: None,
+            fallback: None,
+        }
+    }
 }
 
 /// Recent recommendations of one TaskQueue, oldest first.
@@ -58,37 +82,77 @@ pub struct Load {
     pub in_flight: i64,
 }
 
+/// This tick's view of the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observation {
+    Known(Load),
+    /// The broker could not be read, for this long so far.
+    Unknown {
+        for_: Duration,
+    },
+}
+
+impl Observation {
+    pub fn pending(pending: i64) -> Self {
+        Self::Known(Load { pending, in_flight: 0 })
+    }
+}
+
 /// What to do and why; `reason` goes to status, events and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub replicas: i32,
-    /// This tick's own recommendation; below `replicas` while a scale-down waits out the window.
+    /// This tick's own recommendation; differs from `replicas` while a scale-down waits out the
+    /// window, a step limit applies, or the unacked guard holds a replica.
     pub recommended: i32,
     pub reason: String,
     /// True when something other than demand set the count: a replica bound, the stabilization
-    /// window, the unacked guard, or missing data.
+    /// window, a step limit, the unacked guard, or missing data.
     pub limited: bool,
 }
 
 /// Decide the replica count. `current` is the Deployment's `spec.replicas` (None before it
-/// exists); `pending` is None when the broker could not be read.
+/// exists).
 pub fn decide(
     bounds: &Bounds,
     current: Option<i32>,
-    load: Option<Load>,
+    observation: Observation,
     history: &mut History,
     now: Instant,
 ) -> Decision {
-    let Some(Load { pending, in_flight }) = load else {
-        let replicas = current.unwrap_or(bounds.min_replicas);
-        return Decision {
-            replicas,
-            recommended: replicas,
-            reason: format!("holding at {replicas}: broker depth unknown"),
-            limited: true,
-        };
-    };
     let current_or_min = current.unwrap_or(bounds.min_replicas);
+    let Load { pending, in_flight } = match observation {
+        Observation::Known(load) => load,
+        Observation::Unknown { for_ } => {
+            // Forget the window: when data returns it starts afresh from what runs then, rather
+            // than acting on recommendations from before the outage.
+            *history = History::default();
+            let (replicas, why) = match bounds.fallback {
+                Some((fallback, after)) if for_ >= after => (
+                    fallback,
+                    format!(
+                        "broker unreadable for {}: fallbackReplicas {fallback}",
+                        humantime::format_duration(Duration::from_secs(for_.as_secs()))
+                    ),
+                ),
+                _ => {
+                    let why = format!("holding at {current_or_min}: broker depth unknown");
+                    return Decision {
+                        replicas: current_or_min,
+                        recommended: current_or_min,
+                        reason: why,
+                        limited: true,
+                    };
+                }
+            };
+            return Decision {
+                replicas,
+                recommended: replicas,
+                reason: with_change(current, replicas, &why),
+                limited: true,
+            };
+        }
+    };
     if history.is_empty() {
         // After a (re)start the window begins now: seed it with what runs, so a restart of the
         // operator never causes an immediate scale-down.
@@ -115,7 +179,7 @@ pub fn decide(
     }
     history.record(now, recommended, bounds.stabilization_window);
 
-    let replicas = if recommended >= current_or_min {
+    let mut replicas = if recommended >= current_or_min {
         recommended
     } else {
         let held = history.highest().unwrap_or(recommended).clamp(bounds.min_replicas, bounds.max_replicas);
@@ -128,41 +192,53 @@ pub fn decide(
         }
         held.min(current_or_min)
     };
+    // Steps only apply to an existing Deployment; the bounds win over them (a lowered
+    // maxReplicas or raised minReplicas applies at once).
+    if let Some(c) = current {
+        if let Some(step) = bounds.scale_up_max_step.filter(|s| replicas > c.saturating_add(*s)) {
+            replicas = c.saturating_add(step).clamp(bounds.min_replicas, bounds.max_replicas);
+            why = format!("{why}; up by at most {step} per step (scaleUp.maxStep)");
+            limited = true;
+        }
+        if let Some(step) = bounds.scale_down_max_step.filter(|s| replicas < c.saturating_sub(*s)) {
+            replicas = c.saturating_sub(step).clamp(bounds.min_replicas, bounds.max_replicas);
+            why = format!("{why}; down by at most {step} per step (scaleDown.maxStep)");
+            limited = true;
+        }
+    }
     // Nothing but a running worker restores unacked messages (kombu's visibility-timeout sweep
     // runs inside workers), so never leave zero workers while any exist.
-    let replicas = if replicas == 0 && in_flight > 0 && bounds.max_replicas > 0 {
+    if replicas == 0 && in_flight > 0 && bounds.max_replicas > 0 {
         why = format!("{why}; holding 1 replica: {in_flight} unacked message(s) need a running worker to be restored");
         limited = true;
-        1
-    } else {
-        replicas
-    };
-    let reason = match current {
+        replicas = 1;
+    }
+    Decision { replicas, recommended, reason: with_change(current, replicas, &why), limited }
+}
+
+fn with_change(current: Option<i32>, replicas: i32, why: &str) -> String {
+    match current {
         Some(c) if replicas > c => format!("scaled up {c} -> {replicas}: {why}"),
         Some(c) if replicas < c => format!("scaled down {c} -> {replicas}: {why}"),
         Some(c) => format!("steady at {c}: {why}"),
         None => format!("created at {replicas}: {why}"),
-    };
-    Decision { replicas, recommended, reason, limited }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn load(pending: i64) -> Option<Load> {
-        Some(Load { pending, in_flight: 0 })
+    fn load(pending: i64) -> Observation {
+        Observation::pending(pending)
+    }
+
+    fn unknown(secs: u64) -> Observation {
+        Observation::Unknown { for_: Duration::from_secs(secs) }
     }
 
     fn bounds(min: i32, max: i32, tpr: i64, activation: i64, window_s: u64) -> Bounds {
-        Bounds {
-            count_in_flight: true,
-            min_replicas: min,
-            max_replicas: max,
-            tasks_per_replica: tpr,
-            activation_threshold: activation,
-            stabilization_window: Duration::from_secs(window_s),
-        }
+        Bounds { activation_threshold: activation, ..Bounds::new(min, max, tpr, Duration::from_secs(window_s)) }
     }
 
     /// One-shot decisions with an empty history (window 0 = no stabilization).
@@ -189,13 +265,7 @@ mod tests {
             ("huge backlog saturates", bounds(0, 10000, 1, 1, 0), Some(1), Some(i64::MAX / 2), 10000),
         ];
         for (name, b, current, pending, want) in cases {
-            let got = decide(
-                b,
-                *current,
-                pending.map(|p| Load { pending: p, in_flight: 0 }),
-                &mut History::default(),
-                Instant::now(),
-            );
+            let got = decide(b, *current, pending.map_or(unknown(0), load), &mut History::default(), Instant::now());
             assert_eq!(got.replicas, *want, "{name}: {}", got.reason);
         }
     }
@@ -236,7 +306,7 @@ mod tests {
     fn missing_data_never_changes_replicas_or_history() {
         let b = bounds(0, 10, 1, 1, 0);
         let mut h = History::default();
-        let d = decide(&b, Some(3), None, &mut h, Instant::now());
+        let d = decide(&b, Some(3), unknown(1), &mut h, Instant::now());
         assert_eq!(d.replicas, 3);
         assert_eq!(d.reason, "holding at 3: broker depth unknown");
         assert!(h.is_empty());
@@ -254,20 +324,79 @@ mod tests {
     #[test]
     fn in_flight_counts_as_demand_and_blocks_scale_to_zero() {
         let b = bounds(0, 10, 4, 1, 0);
-        let busy = Some(Load { pending: 2, in_flight: 10 });
+        let busy = Observation::Known(Load { pending: 2, in_flight: 10 });
         let d = decide(&b, Some(2), busy, &mut History::default(), Instant::now());
         assert_eq!(d.replicas, 3, "ceil((2 + 10) / 4)");
         assert!(d.reason.contains("2 pending + 10 in flight / 4 per replica"), "{}", d.reason);
         let ignore = Bounds { count_in_flight: false, ..b };
         let (mut h, t0) = (History::default(), Instant::now());
-        let drained = Some(Load { pending: 0, in_flight: 2 });
+        let drained = Observation::Known(Load { pending: 0, in_flight: 2 });
         decide(&ignore, Some(3), drained, &mut h, t0);
         let d = decide(&ignore, Some(3), drained, &mut h, t0 + Duration::from_secs(1));
         assert_eq!(d.replicas, 1, "queue drained but unacked entries remain: {}", d.reason);
         assert!(d.reason.contains("holding 1 replica: 2 unacked message(s)"), "{}", d.reason);
-        let d =
-            decide(&ignore, Some(0), Some(Load { pending: 0, in_flight: 1 }), &mut History::default(), Instant::now());
+        let d = decide(
+            &ignore,
+            Some(0),
+            Observation::Known(Load { pending: 0, in_flight: 1 }),
+            &mut History::default(),
+            Instant::now(),
+        );
         assert_eq!(d.replicas, 1, "stranded unacked work brings a worker back");
+    }
+
+    #[test]
+    fn max_steps_bound_each_change() {
+        let b = Bounds { scale_up_max_step: Some(2), scale_down_max_step: Some(3), ..bounds(0, 20, 1, 1, 0) };
+        let t0 = Instant::now();
+        let mut h = History::default();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let d = decide(&b, Some(1), load(10), &mut h, at(1));
+        assert_eq!((d.replicas, d.recommended), (3, 10));
+        assert!(d.limited && d.reason.ends_with("up by at most 2 per step (scaleUp.maxStep)"), "{}", d.reason);
+        assert_eq!(decide(&b, Some(3), load(10), &mut h, at(2)).replicas, 5, "one more step on the next poll");
+        assert_eq!(decide(&b, Some(10), load(0), &mut h, at(3)).replicas, 7);
+        let d = decide(&b, Some(7), load(0), &mut h, at(4));
+        assert_eq!(
+            d.reason,
+            "scaled down 7 -> 4: 0 pending / 1 per replica; down by at most 3 per step (scaleDown.maxStep)"
+        );
+        assert_eq!(decide(&b, Some(2), load(0), &mut h, at(5)).replicas, 0, "the last step may be smaller");
+        assert_eq!(decide(&b, None, load(10), &mut h, at(6)).replicas, 10, "a new Deployment starts at its size");
+        let low = Bounds { max_replicas: 3, ..b };
+        assert_eq!(
+            decide(&low, Some(12), load(50), &mut h, at(7)).replicas,
+            3,
+            "a lowered maxReplicas wins over steps"
+        );
+        // The window still applies first: steps only bound what the window allows.
+        let b = Bounds { stabilization_window: Duration::from_secs(60), ..b };
+        let mut h = History::default();
+        assert_eq!(decide(&b, Some(9), load(9), &mut h, t0).replicas, 9);
+        assert_eq!(decide(&b, Some(9), load(0), &mut h, t0 + Duration::from_secs(30)).replicas, 9);
+        assert_eq!(decide(&b, Some(9), load(0), &mut h, t0 + Duration::from_secs(61)).replicas, 6);
+    }
+
+    #[test]
+    fn fallback_applies_only_after_fallback_after_and_recovery_restarts_the_window() {
+        let b = Bounds { fallback: Some((4, Duration::from_secs(120))), ..bounds(0, 10, 1, 1, 60) };
+        let t0 = Instant::now();
+        let mut h = History::default();
+        assert_eq!(decide(&b, Some(8), load(8), &mut h, t0).replicas, 8);
+        let d = decide(&b, Some(8), unknown(119), &mut h, t0 + Duration::from_secs(119));
+        assert_eq!((d.replicas, d.reason.as_str()), (8, "holding at 8: broker depth unknown"));
+        let d = decide(&b, Some(8), unknown(120), &mut h, t0 + Duration::from_secs(120));
+        assert_eq!(d.replicas, 4);
+        assert_eq!(d.reason, "scaled down 8 -> 4: broker unreadable for 2m: fallbackReplicas 4");
+        // Back with an empty queue: the window starts now from the 4 running, so no drop to 0
+        // until 60 s after recovery (the 8 from before the outage is forgotten).
+        let t1 = t0 + Duration::from_secs(200);
+        assert_eq!(decide(&b, Some(4), load(0), &mut h, t1).replicas, 4);
+        assert_eq!(decide(&b, Some(4), load(0), &mut h, t1 + Duration::from_secs(59)).replicas, 4);
+        assert_eq!(decide(&b, Some(4), load(0), &mut h, t1 + Duration::from_secs(61)).replicas, 0);
+        // Without fallbackReplicas an outage of any length holds.
+        let b = bounds(0, 10, 1, 1, 60);
+        assert_eq!(decide(&b, Some(8), unknown(86_400), &mut History::default(), t0).replicas, 8);
     }
 
     #[test]
@@ -281,26 +410,49 @@ mod tests {
         };
         for _ in 0..20_000 {
             let min = rnd(4) as i32;
+            let max = min + rnd(10) as i32;
+            let step = |r: i64| (r > 0).then_some(r as i32);
             let b = Bounds {
                 count_in_flight: rnd(2) == 0,
                 min_replicas: min,
-                max_replicas: min + rnd(10) as i32,
+                max_replicas: max,
                 tasks_per_replica: 1 + rnd(8),
                 activation_threshold: rnd(5),
                 stabilization_window: Duration::from_secs(rnd(4) as u64),
+                scale_up_max_step: step(rnd(4)),
+                scale_down_max_step: step(rnd(4)),
+                fallback: (rnd(2) == 0)
+                    .then(|| (min + rnd(u64::try_from(max - min).unwrap() + 1) as i32, Duration::from_secs(3))),
             };
             let mut h = History::default();
             let t0 = Instant::now();
             let mut current = if rnd(4) == 0 { None } else { Some(rnd(15) as i32) };
             for step in 0..6 {
-                let load = (rnd(5) != 0).then(|| Load { pending: rnd(100), in_flight: rnd(3) * rnd(10) });
-                let d = decide(&b, current, load, &mut h, t0 + Duration::from_secs(step));
-                match load {
-                    None => assert_eq!(d.replicas, current.unwrap_or(b.min_replicas), "missing data changes nothing"),
-                    Some(l) => {
+                let obs = if rnd(5) != 0 {
+                    Observation::Known(Load { pending: rnd(100), in_flight: rnd(3) * rnd(10) })
+                } else {
+                    unknown(rnd(6) as u64)
+                };
+                let d = decide(&b, current, obs, &mut h, t0 + Duration::from_secs(step));
+                match obs {
+                    Observation::Unknown { for_ } => match b.fallback {
+                        Some((f, after)) if for_ >= after => assert_eq!(d.replicas, f, "fallback after {after:?}"),
+                        _ => assert_eq!(d.replicas, current.unwrap_or(b.min_replicas), "missing data changes nothing"),
+                    },
+                    Observation::Known(l) => {
                         assert!(d.replicas <= b.max_replicas && d.replicas >= b.min_replicas, "{b:?} {l:?} -> {d:?}");
                         if l.in_flight > 0 && b.max_replicas > 0 {
                             assert!(d.replicas >= 1, "never zero with in-flight work: {d:?}");
+                        }
+                        if let (Some(c), Some(up)) = (current, b.scale_up_max_step) {
+                            if c >= b.min_replicas {
+                                assert!(d.replicas <= c + up, "scaleUp.maxStep: {c} -> {d:?}");
+                            }
+                        }
+                        if let (Some(c), Some(down)) = (current, b.scale_down_max_step) {
+                            if c <= b.max_replicas {
+                                assert!(d.replicas >= c - down, "scaleDown.maxStep: {c} -> {d:?}");
+                            }
                         }
                     }
                 }

@@ -25,6 +25,10 @@ pub struct ValidSpec {
     pub max_replicas: i32,
     pub tasks_per_replica: i64,
     pub activation_threshold: i64,
+    pub scale_up_max_step: Option<i32>,
+    pub scale_down_max_step: Option<i32>,
+    /// `fallbackReplicas` and `fallbackAfter`, when set.
+    pub fallback: Option<(i32, Duration)>,
     pub pod_template: Option<PodTemplateSpec>,
 }
 
@@ -210,6 +214,26 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
     }
     let window =
         parse_duration(&s.scale_down.stabilization_window, "spec.scaling.scaleDown.stabilizationWindow", &mut err);
+    for (field, step) in [
+        ("spec.scaling.scaleUp.maxStep", s.scale_up.max_step),
+        ("spec.scaling.scaleDown.maxStep", s.scale_down.max_step),
+    ] {
+        if let Some(n) = step.filter(|n| *n < 1) {
+            err(field, format!("{n} must be at least 1 (or omit it for no limit)"));
+        }
+    }
+    let fallback_after = parse_duration(&s.fallback_after, "spec.scaling.fallbackAfter", &mut err);
+    if let Some(f) = s.fallback_replicas {
+        if f < s.min_replicas || f > s.max_replicas {
+            err(
+                "spec.scaling.fallbackReplicas",
+                format!(
+                    "{f} is outside [minReplicas {}, maxReplicas {}]; pick a count within the bounds",
+                    s.min_replicas, s.max_replicas
+                ),
+            );
+        }
+    }
 
     if !errors.is_empty() {
         return Err(InvalidSpec(errors));
@@ -224,6 +248,9 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         max_replicas: s.max_replicas,
         tasks_per_replica: i64::from(s.tasks_per_replica.unwrap_or(w.concurrency)),
         activation_threshold: s.activation_threshold,
+        scale_up_max_step: s.scale_up.max_step,
+        scale_down_max_step: s.scale_down.max_step,
+        fallback: s.fallback_replicas.zip(fallback_after),
         pod_template,
     })
 }
@@ -340,6 +367,26 @@ mod tests {
         assert!(e[0].starts_with("spec.worker.concurrency: 0 must be at least 1"));
         assert!(e[1].starts_with("spec.scaling.pollInterval:"));
         assert!(e[2].contains("spec.scaling.scaleDown.stabilizationWindow: \"5d\" has unit \"d\""), "{e:?}");
+    }
+
+    #[test]
+    fn steps_and_fallback_are_checked() {
+        let v = validate(
+            &spec(json!({"scaling": {"fallbackReplicas": 2, "fallbackAfter": "90s", "scaleUp": {"maxStep": 3}}})),
+            "general",
+        )
+        .unwrap();
+        assert_eq!(v.fallback, Some((2, Duration::from_secs(90))));
+        assert_eq!((v.scale_up_max_step, v.scale_down_max_step), (Some(3), None));
+        assert_eq!(validate(&spec(json!({})), "general").unwrap().fallback, None, "no fallback unless asked");
+        let e = errors(json!({"scaling": {"fallbackReplicas": 9, "scaleDown": {"maxStep": 0}}}));
+        assert_eq!(
+            e,
+            [
+                "spec.scaling.scaleDown.maxStep: 0 must be at least 1 (or omit it for no limit)",
+                "spec.scaling.fallbackReplicas: 9 is outside [minReplicas 0, maxReplicas 5]; pick a count within the bounds"
+            ]
+        );
     }
 
     #[test]

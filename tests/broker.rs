@@ -6,7 +6,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kube::runtime::reflector::ObjectRef;
-use support::Redis;
+use support::{ChildGuard, Redis, Sentinel, TempDir};
+use taskqueue_operator::broker::pool::open_client;
 use taskqueue_operator::broker::reader::read_depths;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery, ReadError};
 use taskqueue_operator::controller::poller::{BrokerState, Schedule, Target};
@@ -37,7 +38,12 @@ async fn depth_sums_every_priority_list_and_flags_foreign_key_types() {
     lpush(&mut c, b"pfx:beta:5", 4).await; // custom prefix/sep/steps
     let _: () = redis::cmd("SET").arg("gamma").arg("not a list").query_async(&mut c).await.unwrap();
 
-    let custom = TransportOptions { global_keyprefix: "pfx:".into(), priority_steps: vec![0, 5], sep: ":".into() };
+    let custom = TransportOptions {
+        global_keyprefix: "pfx:".into(),
+        priority_steps: vec![0, 5],
+        sep: ":".into(),
+        ..TransportOptions::default()
+    };
     let queries = vec![
         DepthQuery::new("alpha", &TransportOptions::default()),
         DepthQuery::new("beta", &custom),
@@ -124,8 +130,16 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         assert!(changed.is_empty(), "same depths: no reconcile wake-ups");
     }
     assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 12);
-    // The pool dialled broker a once for all of that.
-    assert_eq!(total_connections(&mut ca).await - conns_before, 1);
+    // The pool dialled broker a once for all of that, plus one heartbeat subscription.
+    support::wait_for("the heartbeat subscription on broker a", Duration::from_secs(10), || {
+        let mut ca = ca.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut ca).await.unwrap();
+            list.lines().any(|l| l.contains(" sub=3 ")).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(total_connections(&mut ca).await - conns_before, 2);
 
     lpush(&mut ca, b"ai_processing", 1).await;
     let (mut changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_secs(1)).await;
@@ -138,38 +152,34 @@ async fn total_connections(c: &mut redis::aio::MultiplexedConnection) -> i64 {
     info.lines().find_map(|l| l.strip_prefix("total_connections_received:")).unwrap().trim().parse().unwrap()
 }
 
-#[tokio::test]
-#[ignore = "needs redis-server and openssl: make test"]
-async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
-    let dir = std::env::temp_dir().join(format!("tq-tls-{}", support::free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// Run `openssl ARGS...` in `dir`, quietly.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
     let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(dir.join("key.pem"))
-        .arg("-out")
-        .arg(dir.join("cert.pem"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A throwaway CA in `dir`: `<name>.pem` (certificate) and `<name>.key`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=taskqueue test {name}"));
+    openssl(
+        dir,
+        &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &subj, "-keyout", &key, "-out", &pem],
+    );
+}
+
+/// A redis-server serving TLS only, with `cert.pem`/`key.pem` from `dir`; returns the TLS port.
+async fn tls_redis(dir: &std::path::Path) -> (ChildGuard, u16) {
     let port = support::free_port();
-    let _server = support::ChildGuard(
+    let server = ChildGuard(
         std::process::Command::new(std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()))
-            .args([
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--tls-port",
-                &port.to_string(),
-            ])
-            .args(["--tls-auth-clients", "no"])
+            .args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
             .arg("--tls-cert-file")
             .arg(dir.join("cert.pem"))
             .arg("--tls-key-file")
@@ -183,23 +193,56 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
     })
     .await;
+    (server, port)
+}
 
-    // A self-signed certificate is not trusted: the read fails instead of silently connecting.
-    let verified = format!("rediss://127.0.0.1:{port}/0");
+/// The error of one depth read through a fresh pool (connecting or reading), or the pending count.
+async fn read_once(endpoint: &BrokerEndpoint) -> Result<i64, ReadError> {
     let pool = BrokerPool::new(Duration::from_secs(2));
-    let refused = match pool.connection(&endpoint(&verified)).await {
-        Err(e) => e,
-        Ok(mut conn) => {
-            read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.unwrap_err()
-        }
+    let mut conn = pool.connection(endpoint).await?;
+    let got = read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await?;
+    Ok(got[0].as_ref().unwrap().pending)
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and openssl: make test"]
+async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
+    let tmp = TempDir::new(&format!("tq-tls-{}", support::free_port()));
+    let dir = tmp.0.clone();
+    // A private CA signs the server's certificate; another CA has nothing to do with it.
+    make_ca(&dir, "ca");
+    make_ca(&dir, "other-ca");
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        &dir,
+        &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "cert.csr"],
+    );
+    let sign = ["x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
+    openssl(&dir, &[&sign[..], &["-days", "1", "-extfile", "san.cnf", "-out", "cert.pem"]].concat());
+    let (_server, port) = tls_redis(&dir).await;
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let with_ca = |file: &str| {
+        let pem = std::fs::read(dir.join(file)).unwrap();
+        BrokerEndpoint::resolve(&url, None, Some(pem)).unwrap()
     };
-    assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
+
+    // A certificate from a private CA is not trusted by the system roots: the read fails
+    // instead of silently connecting.
+    let refused = read_once(&endpoint(&url)).await.unwrap_err();
+    assert!(refused.to_string().contains("certificate") && refused.to_string().contains("caSecretRef"), "{refused}");
+    // The CA from spec.broker.caSecretRef makes it verifiable ...
+    assert_eq!(read_once(&with_ca("ca.pem")).await.unwrap(), 0);
+    // ... and only that CA: another one is refused like the system roots.
+    let refused = read_once(&with_ca("other-ca.pem")).await.unwrap_err();
+    assert!(refused.to_string().contains("not signed by the CA bundle in spec.broker.caSecretRef"), "{refused}");
+    // A Secret key holding something else is named as the culprit.
+    for junk in [&b"not a certificate"[..], b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n"] {
+        let bad = BrokerEndpoint::resolve(&url, None, Some(junk.to_vec())).unwrap();
+        let err = read_once(&bad).await.unwrap_err();
+        assert!(err.to_string().contains("spec.broker.caSecretRef"), "{err}");
+    }
     // Celery's explicit opt-out is honoured.
-    let insecure = format!("rediss://127.0.0.1:{port}/0?ssl_cert_reqs=CERT_NONE");
-    let mut conn = BrokerPool::new(Duration::from_secs(2)).connection(&endpoint(&insecure)).await.unwrap();
-    let depth = read_depths(&mut conn, "test", &[DepthQuery::new("q", &TransportOptions::default())]).await.unwrap();
-    assert_eq!(depth[0].as_ref().unwrap().pending, 0);
-    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(read_once(&endpoint(&format!("{url}?ssl_cert_reqs=CERT_NONE"))).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -264,4 +307,190 @@ async fn eta_tasks_held_by_a_real_worker_are_in_flight_not_pending() {
     let mut c = raw(&redis.url()).await;
     let hlen: i64 = redis::cmd("HLEN").arg("unacked").query_async(&mut c).await.unwrap();
     assert_eq!(hlen, 5, "what Redis holds, counted by hand");
+}
+
+/// The ACL rule of a broker user that can do exactly what the operator does: depth reads
+/// (LLEN, HSCAN, SELECT for a non-zero db) and the heartbeat subscription (SUBSCRIBE).
+/// Documented in the README; keep the two in step.
+const READ_ONLY_ACL: &str = "on >PASSWORD ~* &* -@all +llen +hscan +select +subscribe";
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_read_only_acl_user_is_enough_and_cannot_write() {
+    let redis = Redis::start().await;
+    let mut admin = raw(&format!("redis://127.0.0.1:{}/1", redis.port)).await;
+    let rule = READ_ONLY_ACL.replace("PASSWORD", "r3ad-0nly");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("taskqueue-operator")
+        .arg(rule.split(' ').collect::<Vec<_>>())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    lpush(&mut admin, b"alpha", 3).await;
+    lpush(&mut admin, b"alpha\x06\x169", 1).await;
+    let entry = serde_json::json!([{"body": "..."}, "", "alpha"]).to_string();
+    let _: () = redis::cmd("HSET").arg("unacked").arg("tag").arg(entry).query_async(&mut admin).await.unwrap();
+
+    // Depth reads through the pool, as the poller does (db 1: SELECT is part of the handshake).
+    let url = format!("redis://taskqueue-operator:r3ad-0nly@127.0.0.1:{}/1", redis.port);
+    let ep = endpoint(&url);
+    let mut conn = BrokerPool::new(Duration::from_secs(2)).connection(&ep).await.unwrap();
+    let got = read_depths(&mut conn, "test", &[DepthQuery::new("alpha", &TransportOptions::default())]).await.unwrap();
+    let alpha = got[0].as_ref().unwrap();
+    assert_eq!((alpha.pending, alpha.in_flight), (4, 1));
+
+    // The operator's own heartbeat subscription, as that user.
+    let workers = taskqueue_operator::broker::heartbeat::SharedWorkers::default();
+    let sub = tokio::spawn(taskqueue_operator::broker::heartbeat::subscribe(
+        ep.clone(),
+        vec![String::new()],
+        workers.clone(),
+        Duration::from_secs(2),
+    ));
+    let event = serde_json::json!({"hostname": "w@pod-1", "active": 2, "freq": 2.0, "type": "worker-heartbeat"});
+    let envelope = serde_json::json!({"body": event.to_string(), "content-type": "application/json", "properties": {}});
+    support::wait_for("the heartbeat seen through the read-only user", Duration::from_secs(10), || {
+        let (workers, envelope) = (workers.clone(), envelope.to_string());
+        let mut admin = admin.clone();
+        async move {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("/1.celeryev/worker.heartbeat")
+                .arg(envelope)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            workers.lock().unwrap().active("w@pod-1", std::time::Instant::now())
+        }
+    })
+    .await;
+    sub.abort();
+
+    // Proof that it is read-only: writing is refused.
+    let mut user =
+        open_client(&ep, Duration::from_secs(2)).await.unwrap().get_multiplexed_async_connection().await.unwrap();
+    for cmd in [
+        redis::cmd("LPUSH").arg("alpha").arg("x").clone(),
+        redis::cmd("DEL").arg("alpha").clone(),
+        redis::cmd("PUBLISH").arg("c").arg("x").clone(),
+    ] {
+        let err = cmd.query_async::<redis::Value>(&mut user).await.unwrap_err();
+        assert_eq!(err.code(), Some("NOPERM"), "{err}");
+    }
+}
+
+async fn redis_with_password(pw: &str, replica_of: Option<u16>) -> (ChildGuard, TempDir, u16) {
+    let port = support::free_port();
+    let dir = TempDir::new(&format!("tq-redis-{port}"));
+    let mut cmd =
+        std::process::Command::new(std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()));
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--requirepass", pw, "--masterauth", pw])
+        .arg("--dir")
+        .arg(&dir.0);
+    if let Some(m) = replica_of {
+        cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+    }
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = ChildGuard(child);
+    let url = format!("redis://:{pw}@127.0.0.1:{port}/0");
+    support::wait_for("redis-server to answer PING", Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let mut c = redis::Client::open(url).ok()?.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+        }
+    })
+    .await;
+    (guard, dir, port)
+}
+
+/// A directory removed on drop.
+#[tokio::test]
+#[ignore = "needs redis-server and redis-sentinel: make test"]
+async fn sentinel_urls_read_the_master_the_sentinels_name_and_follow_a_failover() {
+    let (_master, _master_dir, master_port) = redis_with_password("s3cret", None).await;
+    let (_replica, _replica_dir, replica_port) = redis_with_password("s3cret", Some(master_port)).await;
+    let mut c = raw(&format!("redis://:s3cret@127.0.0.1:{master_port}/3")).await;
+    // Sentinels learn replicas from the master's INFO; attach it first so they know it at once.
+    support::wait_for("the replica to attach", Duration::from_secs(10), || async {
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c.clone()).await.ok()?;
+        info.contains("connected_slaves:1").then_some(())
+    })
+    .await;
+    let (s1, s2) = (
+        Sentinel::start("mymaster", master_port, Some("s3cret")).await,
+        Sentinel::start("mymaster", master_port, Some("s3cret")).await,
+    );
+    lpush(&mut c, b"sentq", 4).await;
+    lpush(&mut c, b"sentq\x06\x166", 2).await;
+
+    // The first sentinel is down: the next one answers. Password and db go to the master.
+    let dead = support::free_port();
+    let url = format!(
+        "sentinel://:s3cret@127.0.0.1:{dead}/3;sentinel://127.0.0.1:{};sentinel://127.0.0.1:{}",
+        s1.port, s2.port
+    );
+    let ep = BrokerEndpoint::resolve(&url, Some("mymaster"), None).unwrap();
+    assert!(!format!("{ep} {ep:?}").contains("s3cret"));
+    let queries = [DepthQuery::new("sentq", &TransportOptions::default())];
+    let pool = BrokerPool::new(Duration::from_secs(2));
+    let mut conn = pool.connection(&ep).await.unwrap();
+    let got = read_depths(&mut conn, "test", &queries).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().pending, 6);
+
+    // A master name the sentinels do not monitor names the field to fix.
+    let wrong = BrokerEndpoint::resolve(&url, Some("nosuchmaster"), None).unwrap();
+    let err = pool.connection(&wrong).await.unwrap_err();
+    assert!(err.to_string().contains("spec.broker.transportOptions.masterName"), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    // No sentinel at all: unreachable, naming every sentinel tried.
+    let (d1, d2) = (support::free_port(), support::free_port());
+    let gone = BrokerEndpoint::resolve(
+        &format!("sentinel://:s3cret@127.0.0.1:{d1};sentinel://127.0.0.1:{d2}"),
+        Some("mymaster"),
+        None,
+    )
+    .unwrap();
+    let err = pool.connection(&gone).await.unwrap_err();
+    assert_eq!(err.reason(), "BrokerUnreachable", "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{d1}")) && err.to_string().contains(&format!("127.0.0.1:{d2}"))
+    );
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+
+    // Failover: the replica becomes master; a fresh client (what the pool dials after
+    // forgetting a failed connection) goes to it.
+    let rc = raw(&format!("redis://:s3cret@127.0.0.1:{replica_port}/3")).await;
+    support::wait_for("the replica to hold the messages", Duration::from_secs(10), || async {
+        let n: i64 = redis::cmd("LLEN").arg("sentq").query_async(&mut rc.clone()).await.ok()?;
+        (n == 4).then_some(())
+    })
+    .await;
+    let sc = raw(&format!("redis://127.0.0.1:{}", s1.port)).await;
+    support::wait_for("the sentinel to accept a failover", Duration::from_secs(30), || async {
+        redis::cmd("SENTINEL").arg("FAILOVER").arg("mymaster").query_async::<()>(&mut sc.clone()).await.ok()
+    })
+    .await;
+    support::wait_for("the sentinels to name the new master", Duration::from_secs(30), || async {
+        let client = open_client(&ep, Duration::from_secs(2)).await.ok()?;
+        let port = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(_, p) => *p,
+            _ => return None,
+        };
+        (port == replica_port).then_some(())
+    })
+    .await;
+    pool.forget(&ep).await;
+    let mut conn = pool.connection(&ep).await.unwrap();
+    let role: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.unwrap();
+    assert!(role.contains("role:master"), "{role}");
+    let got = read_depths(&mut conn, "test", &queries).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().pending, 6, "the replica had the messages");
 }

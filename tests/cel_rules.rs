@@ -66,7 +66,17 @@ const INVALID: &[Case] = &[
         |s| s["broker"]["transportOptions"] = json!({"prioritySteps": [0, 3, 3, 9]}),
         "spec.broker.transportOptions.prioritySteps must not contain duplicates",
     ),
+    (
+        "fallback-outside-bounds",
+        |s| s["scaling"] = json!({"minReplicas": 1, "maxReplicas": 3, "fallbackReplicas": 4}),
+        "spec.scaling.fallbackReplicas must lie within [minReplicas, maxReplicas]",
+    ),
     // OpenAPI schema bounds
+    (
+        "zero-max-step",
+        |s| s["scaling"]["scaleDown"] = json!({"maxStep": 0}),
+        "spec.scaling.scaleDown.maxStep in body should be greater than or equal to 1",
+    ),
     (
         "zero-concurrency",
         |s| s["worker"]["concurrency"] = json!(0),

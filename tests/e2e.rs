@@ -11,6 +11,7 @@ use kube::api::{DeleteParams, PostParams};
 use kube::Api;
 use serde_json::json;
 use support::*;
+use taskqueue_operator::controller::deletion_cost::DELETION_COST;
 use taskqueue_operator::crd::TaskQueue;
 
 const T: Duration = Duration::from_secs(60);
@@ -217,6 +218,9 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "8"]);
     wait_replicas(&client, &ns, "ai", 2).await;
 
+    // The timeline is printed at the end (`--nocapture`), for the record.
+    let t0 = std::time::Instant::now();
+    let mut timeline = vec![(0.0, "redis-server stopped (SIGKILL)".to_string())];
     redis.stop();
     let tq = wait_for("BrokerReachable=False", T, || async {
         let t = taskqueue(&client, &ns, "ai").await;
@@ -224,6 +228,7 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     })
     .await;
     let (_, reason, message) = condition(&tq, "BrokerReachable").unwrap();
+    timeline.push((t0.elapsed().as_secs_f64(), format!("condition BrokerReachable=False {reason}: {message}")));
     assert_eq!(reason, "BrokerUnreachable", "{message}");
     assert!(message.contains(&format!("127.0.0.1:{}", redis.port)), "{message}");
     // Several polls later, still frozen (the window is 1 s, so a decision on missing data
@@ -232,11 +237,34 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     assert_eq!(replicas(&deployment(&client, &ns, "ai").await.unwrap()), 2);
     assert_eq!(events(&client, &ns, "ai", "BrokerUnreachable").await.len(), 1);
 
+    timeline.push((t0.elapsed().as_secs_f64(), "replicas still 2 after 4 s more; 1 BrokerUnreachable event".into()));
+
     redis.restart().await; // empty: no persistence
+    timeline.push((t0.elapsed().as_secs_f64(), "redis-server restarted; 12 tasks sent".into()));
     celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "12"]);
     wait_replicas(&client, &ns, "ai", 3).await;
+    timeline.push((t0.elapsed().as_secs_f64(), "Deployment at 3 replicas".into()));
     let tq = taskqueue(&client, &ns, "ai").await;
-    assert_eq!(condition(&tq, "BrokerReachable").unwrap().0, "True");
+    let (status, reason, message) = condition(&tq, "BrokerReachable").unwrap();
+    assert_eq!(status, "True");
+    timeline.push((t0.elapsed().as_secs_f64(), format!("condition BrokerReachable=True {reason}: {message}")));
+    wait_for("the ScaledUp event of the recovery", T, || async {
+        (events(&client, &ns, "ai", "ScaledUp").await.len() == 2).then_some(())
+    })
+    .await;
+    let all = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
+    for e in all.list(&Default::default()).await.unwrap().items {
+        let at = e.event_time.map(|t| t.0.to_string()).unwrap_or_default();
+        eprintln!(
+            "event {at} {} {}: {}",
+            e.type_.unwrap_or_default(),
+            e.reason.unwrap_or_default(),
+            e.note.unwrap_or_default()
+        );
+    }
+    for (t, what) in timeline {
+        eprintln!("t+{t:5.1}s {what}");
+    }
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;
@@ -398,6 +426,247 @@ async fn unacked_work_keeps_one_worker_even_when_the_queue_is_empty() {
     let (status, _, why) = condition(&taskqueue(&client, &ns, "eta").await, "ScalingLimited").unwrap();
     assert_eq!(status, "True");
     assert!(why.contains("holding 1 replica: 3 unacked message(s) need a running worker"), "{why}");
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_paused_pool_keeps_its_replicas_while_its_template_still_reconciles() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "pause").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    let mut tq = pool("ai", "ai_processing", json!({"maxReplicas": 10, "pollInterval": "500ms"}));
+    tq["metadata"]["annotations"] = json!({"taskqueue.dev/paused": "true"});
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+    wait_replicas(&client, &ns, "ai", 0).await;
+
+    // 12 tasks / 4 per replica would be 3 replicas: paused, it stays at 0.
+    celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "12"]);
+    let t = wait_for("pending 12 seen while paused", T, || async {
+        Some(taskqueue(&client, &ns, "ai").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(12))
+    })
+    .await;
+    let (status, _, message) = condition(&t, "Paused").unwrap();
+    assert_eq!(status, "True", "{message}");
+    assert!(message.contains("taskqueue.dev/paused=true"), "{message}");
+    assert_eq!(t.status.as_ref().unwrap().desired_replicas, Some(0));
+    // The worker template still follows the spec.
+    let api: Api<TaskQueue> = Api::namespaced(client.clone(), &ns);
+    let merge = |v: serde_json::Value| kube::api::Patch::Merge(v);
+    api.patch("ai", &Default::default(), &merge(json!({"spec": {"worker": {"concurrency": 6}}}))).await.unwrap();
+    wait_for("concurrency 6 in the worker command", T, || async {
+        deployment(&client, &ns, "ai").await.filter(|d| command(d).contains(&"--concurrency=6".to_string()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(replicas(&deployment(&client, &ns, "ai").await.unwrap()), 0, "still paused");
+    assert_eq!(events(&client, &ns, "ai", "Paused").await.len(), 1);
+
+    // Unpaused: replicas follow the queue again (12 / 6 per replica).
+    let unpause = json!({"metadata": {"annotations": {"taskqueue.dev/paused": null}}});
+    api.patch("ai", &Default::default(), &merge(unpause)).await.unwrap();
+    wait_replicas(&client, &ns, "ai", 2).await;
+    let t = taskqueue(&client, &ns, "ai").await;
+    assert_eq!(condition(&t, "Paused").unwrap().0, "False");
+    assert_eq!(events(&client, &ns, "ai", "Resumed").await.len(), 1);
+
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn scale_in_gives_idle_workers_the_lowest_deletion_cost() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::watcher;
+
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "idle").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    let mut tq = pool(
+        "ai",
+        "ai_processing",
+        json!({"minReplicas": 3, "maxReplicas": 3, "tasksPerReplica": 1, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "0s"}}),
+    );
+    tq["spec"]["worker"]["concurrency"] = json!(1);
+    tq["spec"]["worker"]["prefetchMultiplier"] = json!(1);
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+    wait_replicas(&client, &ns, "ai", 3).await;
+
+    // The controller-manager creates the pods; with no kubelet here they stay Pending, so real
+    // Celery workers run locally under the pods' names (`-n ai-worker@<pod>`, as %h would be).
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let selector = "app.kubernetes.io/instance=ai";
+    let names = wait_for("3 worker pods", T, || async {
+        let list = pods.list(&kube::api::ListParams::default().labels(selector)).await.unwrap();
+        let mut names: Vec<String> = list.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
+        names.sort();
+        (names.len() == 3).then_some(names)
+    })
+    .await;
+    // Record every pod's last deletion cost, including the pods the scale-in deletes.
+    let costs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, String>::new()));
+    let recorder = tokio::spawn({
+        let (costs, pods) = (costs.clone(), pods.clone());
+        async move {
+            let mut events = std::pin::pin!(watcher(pods, watcher::Config::default().labels(selector)));
+            while let Some(Ok(ev)) = events.next().await {
+                if let watcher::Event::Apply(p) | watcher::Event::Delete(p) | watcher::Event::InitApply(p) = ev {
+                    if let Some(c) = p.metadata.annotations.as_ref().and_then(|a| a.get(DELETION_COST)) {
+                        costs.lock().unwrap().insert(p.metadata.name.clone().unwrap(), c.clone());
+                    }
+                }
+            }
+        }
+    });
+    let d = deployment(&client, &ns, "ai").await.unwrap();
+    let as_pod = |pod: &str| command(&d).iter().map(|a| a.replace("%h", pod)).collect::<Vec<_>>();
+    // The first worker takes one long task (about 200 s) and is busy; the other two stay idle.
+    // Celery acks on start by default, so the running task is in no Redis key: only the
+    // worker's heartbeat (`active`) tells that this pod is busy.
+    let busy = Worker::start_scaled(&redis.url(), &as_pod(&names[0]), "20");
+    celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "1"]);
+    wait_for("the busy worker to take the task", T, || async {
+        (kombu_count(&redis.url(), "ai_processing") == 0).then_some(())
+    })
+    .await;
+    let idle = [Worker::start(&redis.url(), &as_pod(&names[1])), Worker::start(&redis.url(), &as_pod(&names[2]))];
+    tokio::time::sleep(Duration::from_secs(5)).await; // a few heartbeats (every 2 s)
+
+    // Allow scale-in to 1 (nothing waits in Redis, so demand is 0 and minReplicas decides).
+    let api: Api<TaskQueue> = Api::namespaced(client.clone(), &ns);
+    let patch = kube::api::Patch::Merge(json!({"spec": {"scaling": {"minReplicas": 1}}}));
+    api.patch("ai", &Default::default(), &patch).await.unwrap();
+    wait_replicas(&client, &ns, "ai", 1).await;
+    wait_for("deletion costs of all 3 pods seen", T, || async { (costs.lock().unwrap().len() == 3).then_some(()) })
+        .await;
+    let seen = costs.lock().unwrap().clone();
+    assert_eq!(seen[&names[0]], "1", "the busy worker costs its running task: {seen:?}");
+    assert_eq!(seen[&names[1]], "0", "idle: {seen:?}");
+    assert_eq!(seen[&names[2]], "0", "idle: {seen:?}");
+
+    recorder.abort();
+    drop((busy, idle));
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_applies() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "auth").await;
+    let redis = Redis::start().await;
+    let mut admin = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg(&["SET", "requirepass", "right-pw"][..]).query_async(&mut admin).await.unwrap();
+    let wrong = format!("redis://:hunter2-wrong@127.0.0.1:{}/0", redis.port);
+    broker_secret(&client, &ns, &wrong).await;
+    let scaling = json!({"maxReplicas": 5, "pollInterval": "500ms", "fallbackReplicas": 2, "fallbackAfter": "3s", "scaleDown": {"stabilizationWindow": "1s"}});
+    create_taskqueue(&client, &ns, pool("ai", "ai_processing", scaling)).await;
+    // The real binary, so its log output can be checked too.
+    let log = std::env::temp_dir().join(format!("tq-auth-{}.log", free_port()));
+    let _operator = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
+            .args(["run", "--namespace", &ns, "--broker-timeout", "1s"])
+            .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let t = wait_for("BrokerReachable=False", T, || async {
+        Some(taskqueue(&client, &ns, "ai").await)
+            .filter(|t| condition(t, "BrokerReachable").is_some_and(|c| c.0 == "False"))
+    })
+    .await;
+    let (_, reason, message) = condition(&t, "BrokerReachable").unwrap();
+    assert_eq!(reason, "BrokerAuthFailed", "{message}");
+    assert!(message.contains("check the user and password"), "{message}");
+    // fallbackAfter 3 s: the pool gets its fallback replicas, with the reason in the event.
+    wait_replicas(&client, &ns, "ai", 2).await;
+    let up = events(&client, &ns, "ai", "ScaledUp").await;
+    assert_eq!(up.len(), 1);
+    let note = up[0].note.clone().unwrap();
+    assert!(note.contains("fallbackReplicas 2"), "{note}");
+    assert_eq!(events(&client, &ns, "ai", "BrokerAuthFailed").await.len(), 1, "one event per transition");
+
+    // The password is nowhere: status, events, logs.
+    let t = taskqueue(&client, &ns, "ai").await;
+    let status = serde_json::to_string(&t.status).unwrap();
+    let all_events = serde_json::to_string(&events(&client, &ns, "ai", "BrokerAuthFailed").await).unwrap();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("BrokerAuthFailed"), "the failure is logged");
+    for (what, text) in [("status", &status), ("events", &all_events), ("logs", &logs)] {
+        assert!(!text.contains("hunter2-wrong"), "password in {what}: {text}");
+    }
+
+    // The broker accepts that password now (rotation): normal scaling resumes, back to 0.
+    let _: () =
+        redis::cmd("CONFIG").arg(&["SET", "requirepass", "hunter2-wrong"][..]).query_async(&mut admin).await.unwrap();
+    wait_replicas(&client, &ns, "ai", 0).await;
+    let t = taskqueue(&client, &ns, "ai").await;
+    assert_eq!(condition(&t, "BrokerReachable").unwrap().0, "True");
+    let _ = std::fs::remove_file(&log);
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_sentinel_broker_url_with_master_name_scales_like_a_plain_one() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "sentinel").await;
+    let redis = Redis::start().await;
+    let sentinel = Sentinel::start("mymaster", redis.port, None).await;
+    // Several sentinels, the first one down: it is skipped.
+    let url = format!("sentinel://127.0.0.1:{};sentinel://127.0.0.1:{}/0", free_port(), sentinel.port);
+    broker_secret(&client, &ns, &url).await;
+    let mut tq = pool("ai", "ai_processing", json!({"maxReplicas": 10, "pollInterval": "500ms"}));
+    tq["spec"]["broker"]["transportOptions"] = json!({"masterName": "mymaster"});
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+    wait_replicas(&client, &ns, "ai", 0).await;
+
+    // A real Celery producer on the same Sentinel URL (kombu's master_name transport option).
+    let out = python(&url)
+        .env("CELERY_BROKER_MASTER_NAME", "mymaster")
+        .arg(repo().join("deploy/demo/produce.py"))
+        .args(["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(kombu_count(&redis.url(), "ai_processing"), 8, "the messages went to the master behind the sentinel");
+    wait_replicas(&client, &ns, "ai", 2).await;
+    let t = taskqueue(&client, &ns, "ai").await;
+    assert_eq!(t.status.as_ref().unwrap().pending, Some(8));
+    let (status, _, message) = condition(&t, "BrokerReachable").unwrap();
+    assert_eq!(status, "True");
+    assert!(message.contains("(master mymaster)"), "{message}");
+
+    // A master name the sentinels do not know: the condition names the field to fix.
+    let api: Api<TaskQueue> = Api::namespaced(client.clone(), &ns);
+    let patch = json!({"spec": {"broker": {"transportOptions": {"masterName": "other"}}}});
+    api.patch("ai", &Default::default(), &kube::api::Patch::Merge(patch)).await.unwrap();
+    let t = wait_for("BrokerReachable=False", T, || async {
+        Some(taskqueue(&client, &ns, "ai").await)
+            .filter(|t| condition(t, "BrokerReachable").is_some_and(|c| c.0 == "False"))
+    })
+    .await;
+    let (_, _, message) = condition(&t, "BrokerReachable").unwrap();
+    assert!(message.contains("spec.broker.transportOptions.masterName"), "{message}");
+    assert_eq!(replicas(&deployment(&client, &ns, "ai").await.unwrap()), 2, "frozen while unreadable");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -215,6 +215,57 @@ async fn invalid_spec_only_touches_its_status() {
     no_more_requests(&mut h.handle);
 }
 
+/// A Deployment of ours at `replicas` (its template differs from the desired one, so it is patched).
+fn owned_deployment(replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "ai", "namespace": "prod", "annotations": {}, "ownerReferences": [{"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "name": "ai", "uid": "tq-uid", "controller": true}]},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": []}}}
+    })
+}
+
+#[tokio::test]
+async fn the_ca_bundle_comes_from_its_secret_and_a_wrong_one_is_named() {
+    // caSecretRef names a Secret without the key: the condition names the field to fix.
+    let mut h = harness();
+    let mut spec = ai_spec();
+    spec["broker"]["caSecretRef"] = json!({"name": "redis-ca"});
+    let tq = Arc::new(taskqueue(spec.clone()));
+    let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    let ca = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca"}, "data": {"tls.crt": ""}});
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/redis-ca", 200, ca).await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    let applied =
+        expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    assert_eq!(applied["spec"]["replicas"], 3, "replicas stay where they are without broker data");
+    expect_event(&mut h.handle, "BrokerSecretMissing").await;
+    let status = expect_status(&mut h.handle).await;
+    run.await.unwrap().unwrap();
+    let c = condition(&status, "BrokerReachable");
+    assert_eq!(c["status"], "False");
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        msg.contains("Secret prod/redis-ca has no key \"ca.crt\"") && msg.contains("spec.broker.caSecretRef.key"),
+        "{msg}"
+    );
+
+    // A CA for a plain redis:// URL is a mistake, not silently ignored.
+    let mut h = harness();
+    let ca =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca"}, "data": {"ca.crt": "LS0tLS0="}});
+    let run = tokio::spawn(reconcile(Arc::new(taskqueue(spec)), h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/redis-ca", 200, ca).await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    expect_event(&mut h.handle, "InvalidBrokerURL").await;
+    let status = expect_status(&mut h.handle).await;
+    run.await.unwrap().unwrap();
+    let msg = condition(&status, "BrokerReachable")["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("caSecretRef is set but the broker URL is not rediss://"), "{msg}");
+}
+
 #[tokio::test]
 async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
     let mut h = harness();

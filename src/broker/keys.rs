@@ -56,8 +56,12 @@ mod tests {
 
     #[test]
     fn prefix_sep_and_steps_are_honoured() {
-        let opts =
-            TransportOptions { global_keyprefix: "pfx:".into(), priority_steps: vec![0, 1, 5, 9], sep: ":".into() };
+        let opts = TransportOptions {
+            global_keyprefix: "pfx:".into(),
+            priority_steps: vec![0, 1, 5, 9],
+            sep: ":".into(),
+            master_name: None,
+        };
         let keys: Vec<String> =
             DepthQuery::new("alpha", &opts).keys().into_iter().map(|(_, k)| String::from_utf8(k).unwrap()).collect();
         assert_eq!(keys, ["pfx:alpha", "pfx:alpha:1", "pfx:alpha:5", "pfx:alpha:9"]);

@@ -8,6 +8,7 @@ pub const BROKER_REACHABLE: &str = "BrokerReachable";
 pub const DEPLOYMENT_OWNED: &str = "DeploymentOwned";
 pub const ROUTES_ACCEPTED: &str = "RoutesAccepted";
 pub const SCALING_LIMITED: &str = "ScalingLimited";
+pub const PAUSED: &str = "Paused";
 
 /// Builds the new condition list; a condition whose status did not change keeps its
 /// `lastTransitionTime`, so an unchanged world produces an identical status (and no write).

@@ -1,6 +1,7 @@
 //! The controller: watches TaskQueues and their Deployments, polls brokers, reconciles.
 
 pub mod conditions;
+pub mod deletion_cost;
 pub mod deployment;
 pub mod poller;
 pub mod reconcile;

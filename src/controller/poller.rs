@@ -12,6 +12,7 @@ use futures::channel::mpsc::UnboundedSender;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::{Mutex, Notify};
 
+use crate::broker::heartbeat::{self, SharedWorkers};
 use crate::broker::reader::read_depths;
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
@@ -42,10 +43,15 @@ impl Reading {
     }
 }
 
+/// The live workers of one (broker, prefix), and the task keeping them current.
+type Subscription = (SharedWorkers, tokio::task::JoinHandle<()>);
+
 pub struct BrokerState {
     targets: Mutex<HashMap<Key, Target>>,
     readings: Mutex<HashMap<Key, Reading>>,
     pool: BrokerPool,
+    /// One worker-heartbeat subscription per (broker, key prefix) in use.
+    heartbeats: std::sync::Mutex<HashMap<(BrokerEndpoint, String), Subscription>>,
     wake: Notify,
     /// Round trips done so far (for tests and benchmarks).
     pub round_trips: std::sync::atomic::AtomicU64,
@@ -57,6 +63,7 @@ impl BrokerState {
             targets: Mutex::default(),
             readings: Mutex::default(),
             pool: BrokerPool::new(timeout),
+            heartbeats: Default::default(),
             wake: Notify::new(),
             round_trips: Default::default(),
         }
@@ -78,6 +85,35 @@ impl BrokerState {
         self.readings.lock().await.get(key).cloned()
     }
 
+    /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
+    pub async fn workers(&self, key: &Key) -> Option<SharedWorkers> {
+        let target = self.targets.lock().await.get(key).cloned()?;
+        let prefix = target.queries.first()?.prefix.clone();
+        self.heartbeats.lock().expect("lock").get(&(target.endpoint, prefix)).map(|(w, _)| w.clone())
+    }
+
+    /// Start subscriptions for new (broker, prefix) pairs and stop unused ones.
+    fn sync_heartbeats(&self, targets: &HashMap<Key, Target>) {
+        let want: std::collections::HashSet<(BrokerEndpoint, String)> =
+            targets.values().flat_map(|t| t.queries.iter().map(|q| (t.endpoint.clone(), q.prefix.clone()))).collect();
+        let mut subs = self.heartbeats.lock().expect("lock");
+        subs.retain(|k, (_, task)| {
+            let keep = want.contains(k);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (endpoint, prefix) in want {
+            subs.entry((endpoint.clone(), prefix.clone())).or_insert_with(|| {
+                let workers = SharedWorkers::default();
+                let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
+                let task = tokio::spawn(heartbeat::subscribe(endpoint, vec![prefix], workers.clone(), timeout));
+                (workers, task)
+            });
+        }
+    }
+
     /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
     async fn prune(&self, store: &Store<TaskQueue>) {
         let mut targets = self.targets.lock().await;
@@ -90,8 +126,8 @@ impl BrokerState {
     }
 
     /// Read every broker in `groups` once (concurrently); store per-TaskQueue readings and
-    /// return the TaskQueues whose reading changed.
-    async fn read_groups(&self, groups: Vec<(BrokerEndpoint, Vec<(Key, Target)>)>) -> Vec<Key> {
+    /// return the TaskQueues whose reading changed, and the brokers that could not be read.
+    async fn read_groups(&self, groups: Vec<(BrokerEndpoint, Vec<(Key, Target)>)>) -> (Vec<Key>, Vec<BrokerEndpoint>) {
         let reads = groups.into_iter().map(|(endpoint, members)| async move {
             let queries: Vec<DepthQuery> = members
                 .iter()
@@ -104,8 +140,12 @@ impl BrokerState {
         });
         let results = futures::future::join_all(reads).await;
         let mut changed = Vec::new();
+        let mut failed = Vec::new();
         let mut readings = self.readings.lock().await;
         for (endpoint, members, queries, result) in results {
+            if result.is_err() {
+                failed.push(endpoint.clone());
+            }
             for (key, target) in members {
                 let depths = match &result {
                     Err(e) => Err(e.clone()),
@@ -128,7 +168,7 @@ impl BrokerState {
                 }
             }
         }
-        changed
+        (changed, failed)
     }
 
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
@@ -145,6 +185,28 @@ impl BrokerState {
             self.pool.forget(endpoint).await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_brokers_are_read_less_often_up_to_a_cap() {
+        let ms = Duration::from_millis;
+        let got: Vec<Duration> = (0..6).map(|f| read_interval(ms(500), f)).collect();
+        assert_eq!(got, [ms(500), ms(1000), ms(2000), ms(4000), ms(5000), ms(5000)]);
+        assert_eq!(read_interval(Duration::from_secs(30), 3), Duration::from_secs(30), "never below pollInterval");
+        assert_eq!(read_interval(ms(100), 40), MAX_BACKOFF);
+    }
+}
+
+impl Drop for BrokerState {
+    fn drop(&mut self) {
+        for (_, task) in self.heartbeats.lock().expect("lock").values() {
+            task.abort();
+        }
     }
 }
 
@@ -166,10 +228,23 @@ pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: Unbo
     }
 }
 
-/// When each broker was last read.
+/// When each broker was last read, and how many reads in a row failed.
 #[derive(Default)]
 pub struct Schedule {
     last_read: HashMap<BrokerEndpoint, Instant>,
+    failures: HashMap<BrokerEndpoint, u32>,
+}
+
+/// The longest wait between reads of a failing broker: recovery is noticed within this.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Time between reads: the poll interval, doubled per failed read in a row up to
+/// [`MAX_BACKOFF`] (never below the poll interval itself).
+pub fn read_interval(poll: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return poll;
+    }
+    poll.saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF.max(poll))
 }
 
 impl BrokerState {
@@ -178,15 +253,19 @@ impl BrokerState {
     /// when the next broker falls due.
     pub async fn poll_due(&self, schedule: &mut Schedule, now: Instant) -> (Vec<Key>, Instant) {
         let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
-        for (key, target) in self.targets.lock().await.iter() {
+        let targets = self.targets.lock().await.clone();
+        self.sync_heartbeats(&targets);
+        for (key, target) in targets.iter() {
             let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
             g.0 = g.0.min(target.interval);
             g.1.push((key.clone(), target.clone()));
         }
         schedule.last_read.retain(|e, _| groups.contains_key(e));
+        schedule.failures.retain(|e, _| groups.contains_key(e));
         let mut due = Vec::new();
         let mut next_wake = now + Duration::from_secs(1);
-        for (endpoint, (interval, members)) in groups {
+        for (endpoint, (poll, members)) in groups {
+            let interval = read_interval(poll, schedule.failures.get(&endpoint).copied().unwrap_or(0));
             let next = schedule.last_read.get(&endpoint).map_or(now, |t| *t + interval);
             if next <= now {
                 schedule.last_read.insert(endpoint.clone(), now);
@@ -196,7 +275,18 @@ impl BrokerState {
                 next_wake = next_wake.min(next);
             }
         }
-        let changed = if due.is_empty() { Vec::new() } else { self.read_groups(due).await };
+        if due.is_empty() {
+            return (Vec::new(), next_wake);
+        }
+        let read: Vec<BrokerEndpoint> = due.iter().map(|(e, _)| e.clone()).collect();
+        let (changed, failed) = self.read_groups(due).await;
+        for endpoint in read {
+            if failed.contains(&endpoint) {
+                *schedule.failures.entry(endpoint).or_default() += 1;
+            } else {
+                schedule.failures.remove(&endpoint);
+            }
+        }
         (changed, next_wake)
     }
 }

@@ -7,25 +7,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::conditions::{
-    Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
+    Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
 };
+use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
 use super::poller::{BrokerState, Key, Target};
 use crate::broker::{BrokerEndpoint, DepthQuery};
-use crate::crd::{SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus};
 use crate::routing::build_table;
-use crate::scaling::{decide, Bounds, History, Load};
+use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
 use crate::validate::{validate, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -54,7 +55,14 @@ pub struct Memory {
     last_scale: Option<(Time, String)>,
     /// Failing conditions already announced by a Warning event (type -> what was announced).
     warned: HashMap<&'static str, String>,
+    /// Since when the broker could not be read (for `fallbackAfter`).
+    unknown_since: Option<Instant>,
+    /// Whether the pause was last announced as on (None: nothing announced by this process).
+    paused: Option<bool>,
 }
+
+/// The annotation that freezes a pool's replica count.
+pub const PAUSED_ANNOTATION: &str = "taskqueue.dev/paused";
 
 /// How a condition moved, judged against what this process already announced: a cached status
 /// can lag behind our own write and would otherwise announce the same problem twice.
@@ -96,11 +104,14 @@ pub enum Error {
     WriteStatus(String, #[source] kube::Error),
 }
 
+type SecretKey = (String, SecretKeyRef);
+
 /// Broker URLs from Secrets, cached briefly so a steady state does not GET a Secret per tick.
 pub struct SecretCache {
     client: Client,
     ttl: Duration,
-    cache: Mutex<HashMap<(String, SecretKeyRef), (Instant, String)>>,
+    /// (namespace, key) -> (read at, value).
+    cache: Mutex<HashMap<SecretKey, (Instant, Vec<u8>)>>,
 }
 
 impl SecretCache {
@@ -110,6 +121,17 @@ impl SecretCache {
 
     /// The broker URL, or a message that says what to fix (never the URL itself).
     pub async fn get(&self, ns: &str, r: &SecretKeyRef) -> Result<String, String> {
+        let bytes = self.bytes(ns, r, "the Celery broker URL", "spec.broker.urlSecretRef.key").await?;
+        String::from_utf8(bytes).map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))
+    }
+
+    /// The CA bundle named by `spec.broker.caSecretRef`.
+    pub async fn ca(&self, ns: &str, r: &CaSecretRef) -> Result<Vec<u8>, String> {
+        let r = SecretKeyRef { name: r.name.clone(), key: r.key.clone() };
+        self.bytes(ns, &r, "the PEM CA bundle of the broker", "spec.broker.caSecretRef.key").await
+    }
+
+    async fn bytes(&self, ns: &str, r: &SecretKeyRef, what: &str, key_field: &str) -> Result<Vec<u8>, String> {
         let k = (ns.to_string(), r.clone());
         if let Some((at, v)) = self.cache.lock().expect("lock").get(&k) {
             if at.elapsed() < self.ttl {
@@ -120,24 +142,16 @@ impl SecretCache {
         let secret = match api.get_opt(&r.name).await {
             Ok(Some(s)) => s,
             Ok(None) => {
-                return Err(format!(
-                    "Secret {ns}/{} not found; create it with the Celery broker URL under key {:?}",
-                    r.name, r.key
-                ))
+                return Err(format!("Secret {ns}/{} not found; create it with {what} under key {:?}", r.name, r.key))
             }
             Err(e) => return Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
         };
         let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
         let Some(bytes) = bytes else {
-            return Err(format!(
-                "Secret {ns}/{} has no key {:?}; put the Celery broker URL there or fix spec.broker.urlSecretRef.key",
-                r.name, r.key
-            ));
+            return Err(format!("Secret {ns}/{} has no key {:?}; put {what} there or fix {key_field}", r.name, r.key));
         };
-        let url = String::from_utf8(bytes)
-            .map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))?;
-        self.cache.lock().expect("lock").insert(k, (Instant::now(), url.clone()));
-        Ok(url)
+        self.cache.lock().expect("lock").insert(k, (Instant::now(), bytes.clone()));
+        Ok(bytes)
     }
 }
 
@@ -245,13 +259,35 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         tasks_per_replica: valid.tasks_per_replica,
         activation_threshold: valid.activation_threshold,
         stabilization_window: valid.stabilization_window,
+        scale_up_max_step: valid.scale_up_max_step,
+        scale_down_max_step: valid.scale_down_max_step,
+        fallback: valid.fallback,
     };
+    let paused = tq.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let decision = {
         let mut memory = ctx.memory.lock().expect("lock");
-        let history = &mut memory.entry(key.clone()).or_default().history;
-        let load = depth.as_ref().map(|d| Load { pending: d.total, in_flight: d.in_flight });
-        decide(&bounds, current, load, history, Instant::now())
+        let m = memory.entry(key.clone()).or_default();
+        let observation = match &depth {
+            Some(d) => {
+                m.unknown_since = None;
+                Observation::Known(Load { pending: d.total, in_flight: d.in_flight })
+            }
+            None => Observation::Unknown { for_: m.unknown_since.get_or_insert_with(Instant::now).elapsed() },
+        };
+        if paused {
+            // Scaling resumes with a fresh window, as after an outage.
+            m.history = History::default();
+            let replicas = current.unwrap_or(valid.min_replicas);
+            let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {replicas}");
+            Decision { replicas, recommended: replicas, reason, limited: true }
+        } else {
+            decide(&bounds, current, observation, &mut m.history, Instant::now())
+        }
     };
+    announce_pause(&ctx, &tq, &key, &prev, paused, &mut conds).await;
+    if current.is_some_and(|c| decision.replicas < c) {
+        mark_idle_pods(&ctx, &tq, &key, &valid).await;
+    }
     let desired = deployment::build(&tq, &valid, decision.replicas);
     let needs_write = match &observed {
         None => true,
@@ -332,11 +368,73 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 
     // The poller wakes us when the depth changes; a pending scale-down needs a look once per
     // poll so it happens when the window ends.
-    Ok(if decision.replicas > decision.recommended || !reachable {
+    Ok(if decision.replicas != decision.recommended || !reachable {
         Action::requeue(valid.poll_interval)
     } else {
         Action::requeue(Duration::from_secs(60))
     })
+}
+
+/// Right before a scale-in: set each worker pod's deletion cost to its running tasks, so the
+/// ReplicaSet removes idle workers first. Best effort: a failure is logged, the scale-in goes on.
+async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidSpec) {
+    let ns = tq.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let list = match pods.list(&ListParams::default().labels(&selector_string(tq))).await {
+        Ok(l) => l.items,
+        Err(e) => {
+            warn!(taskqueue = %key, error = %e, "cannot list worker pods; scaling in without deletion costs");
+            return;
+        }
+    };
+    let workers = ctx.broker.workers(key).await;
+    let now = Instant::now();
+    let plan = {
+        let workers = workers.as_ref().map(|w| w.lock().expect("lock"));
+        deletion_cost::plan(&list, &valid.node_name, |host| workers.as_ref().and_then(|w| w.active(host, now)))
+    };
+    for (pod, cost) in plan {
+        let patch = json!({"metadata": {"annotations": {DELETION_COST: cost}}});
+        match pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => debug!(taskqueue = %key, pod, cost, "set pod deletion cost"),
+            Err(e) => warn!(taskqueue = %key, pod, error = %e, "cannot set pod deletion cost"),
+        }
+    }
+}
+
+/// The `Paused` condition, and one event each time the pause goes on or off.
+async fn announce_pause(
+    ctx: &Context,
+    tq: &TaskQueue,
+    key: &Key,
+    prev: &TaskQueueStatus,
+    paused: bool,
+    conds: &mut Conditions<'_>,
+) {
+    if paused {
+        let msg =
+            format!("replicas frozen by annotation {PAUSED_ANNOTATION}=true; the worker template still reconciles");
+        conds.set(PAUSED, true, "Annotated", msg);
+    } else {
+        conds.set(PAUSED, false, "Active", "replicas follow the broker");
+    }
+    let announced = {
+        let mut memory = ctx.memory.lock().expect("lock");
+        let m = memory.entry(key.clone()).or_default();
+        // After a restart the stored condition tells what was announced already.
+        let before =
+            m.paused.unwrap_or_else(|| prev.conditions.iter().any(|c| c.type_ == PAUSED && c.status == "True"));
+        m.paused = Some(paused);
+        before
+    };
+    if announced != paused {
+        let (reason, note) = if paused {
+            ("Paused", format!("scaling paused by annotation {PAUSED_ANNOTATION}=true"))
+        } else {
+            ("Resumed", "scaling resumed: replicas follow the broker again".to_string())
+        };
+        publish(ctx, tq, EventType::Normal, reason, note).await;
+    }
 }
 
 /// `RoutesAccepted`: whether all of this TaskQueue's routes made it into the namespace table.
@@ -393,7 +491,19 @@ async fn broker_depth(
             return None;
         }
     };
-    let endpoint = match BrokerEndpoint::parse(&url) {
+    let ca = match &tq.spec.broker.ca_secret_ref {
+        None => None,
+        Some(r) => match ctx.secrets.ca(&ns, r).await {
+            Ok(pem) => Some(pem),
+            Err(msg) => {
+                ctx.broker.unregister(key).await;
+                conds.set(BROKER_REACHABLE, false, "BrokerSecretMissing", msg);
+                return None;
+            }
+        },
+    };
+    let opts = &tq.spec.broker.transport_options;
+    let endpoint = match BrokerEndpoint::resolve(&url, opts.master_name.as_deref(), ca) {
         Ok(e) => e,
         Err(e) => {
             ctx.broker.unregister(key).await;
@@ -406,7 +516,6 @@ async fn broker_depth(
             return None;
         }
     };
-    let opts = &tq.spec.broker.transport_options;
     let target = Target {
         endpoint,
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),

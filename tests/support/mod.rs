@@ -231,8 +231,14 @@ pub struct Worker(Child);
 
 impl Worker {
     pub fn start(broker_url: &str, command: &[String]) -> Self {
+        Self::start_scaled(broker_url, command, "0.01")
+    }
+
+    /// As `start`, with the demo tasks' durations multiplied by `task_scale` (`TASK_SCALE`).
+    pub fn start_scaled(broker_url: &str, command: &[String], task_scale: &str) -> Self {
         assert_eq!(command[0], "celery");
         let child = python(broker_url)
+            .env("TASK_SCALE", task_scale)
             .arg("-m")
             .args(command)
             .args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"])
@@ -297,4 +303,73 @@ pub async fn create_taskqueue(client: &Client, ns: &str, tq: serde_json::Value) 
         .create(&PostParams::default(), &tq)
         .await
         .expect("create TaskQueue")
+}
+
+/// A Redis Sentinel on a free loopback port, killed on drop.
+pub struct Sentinel {
+    pub port: u16,
+    // Field order: the process dies before its directory goes.
+    _child: ChildGuard,
+    _dir: TempDir,
+}
+
+impl Sentinel {
+    pub async fn start(master: &str, master_port: u16, auth: Option<&str>) -> Self {
+        let port = free_port();
+        let dir = TempDir::new(&format!("tq-sentinel-{port}"));
+        // Sentinel rewrites its config file, so it lives in a writable temp dir.
+        let mut conf = format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\nsentinel monitor {master} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {master} 1000\nsentinel failover-timeout {master} 5000\n",
+            dir.0.display()
+        );
+        if let Some(pw) = auth {
+            conf.push_str(&format!("sentinel auth-pass {master} {pw}\n"));
+        }
+        std::fs::write(dir.0.join("sentinel.conf"), conf).unwrap();
+        let bin = std::env::var("TQ_REDIS_SENTINEL").unwrap_or_else(|_| "redis-sentinel".into());
+        let child = std::process::Command::new(bin)
+            .arg(dir.0.join("sentinel.conf"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-sentinel on PATH");
+        let s = Sentinel { port, _child: ChildGuard(child), _dir: dir };
+        let master = master.to_string();
+        wait_for("the sentinel to know its master", Duration::from_secs(10), || {
+            let url = format!("redis://127.0.0.1:{port}");
+            let master = master.clone();
+            async move {
+                let mut c = redis::Client::open(url).ok()?.get_multiplexed_async_connection().await.ok()?;
+                let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&master)
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                addr.map(|_| ())
+            }
+        })
+        .await;
+        s
+    }
+}
+
+/// A redis-server with a password (and optionally replicating another), killed on drop. Its
+/// own temp dir: replication writes an RDB file there even with `--save ""`.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -1,7 +1,7 @@
 """The Celery app of the seed setup (`celery -A app.worker`), used by the demo and the tests.
 
 Broker URL from CELERY_BROKER_URL (the operator sets it in every worker pod from the TaskQueue's
-Secret). Routes: the seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set
+Secret); CELERY_BROKER_MASTER_NAME sets the Sentinel master for `sentinel://` URLs. Routes: the seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set
 (the format the operator's routing ConfigMap holds).
 """
 import json
@@ -18,6 +18,9 @@ SEED_ROUTES = {
     "app.worker.tasks.reports.*": {"queue": "reports"},
     "app.worker.tasks.emails.*": {"queue": "notifications"},
 }
+
+if os.environ.get("CELERY_BROKER_MASTER_NAME"):
+    app.conf.broker_transport_options = {"master_name": os.environ["CELERY_BROKER_MASTER_NAME"]}
 
 routes_file = os.environ.get("TASK_ROUTES_FILE")
 app.conf.update(

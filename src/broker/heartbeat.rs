@@ -1,0 +1,211 @@
+//! Celery worker heartbeats, read from the broker's pub/sub (reference §7).
+//!
+//! Every worker publishes `worker-online`, then `worker-heartbeat` every `freq` seconds (2 s by
+//! default, even without `-E`), and `worker-offline` at a warm shutdown, on the channels
+//! `<prefix>/<db>.celeryev/worker.{online,heartbeat,offline}`. Each event carries the worker's
+//! `hostname` (`<nodeName>@<pod name>` for our Deployments) and `active`, its running tasks.
+//! Like Celery's own `events.State`, a worker is gone once two heartbeats are missed.
+//!
+//! Subscribing is a read: nothing is published and no key is written.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::StreamExt;
+use tracing::{debug, warn};
+
+use super::pool::open_client;
+use super::url::BrokerEndpoint;
+
+/// The three worker event channels for a key prefix and database.
+pub fn channels(prefix: &str, db: i64) -> Vec<String> {
+    ["online", "heartbeat", "offline"].iter().map(|e| format!("{prefix}/{db}.celeryev/worker.{e}")).collect()
+}
+
+/// One decoded worker event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WorkerEvent {
+    /// `worker-online` or `worker-heartbeat`.
+    Alive {
+        hostname: String,
+        active: i64,
+        freq: Duration,
+    },
+    Offline {
+        hostname: String,
+    },
+}
+
+/// Decode a kombu message envelope carrying a worker event (JSON, body base64 or inline).
+pub fn parse_event(payload: &[u8]) -> Option<WorkerEvent> {
+    let envelope: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    let body = envelope.get("body")?;
+    let event: serde_json::Value = match body {
+        serde_json::Value::String(s) => {
+            let base64 = envelope.pointer("/properties/body_encoding").and_then(|e| e.as_str()) == Some("base64");
+            if base64 {
+                serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(s).ok()?).ok()?
+            } else {
+                serde_json::from_str(s).ok()?
+            }
+        }
+        other => other.clone(),
+    };
+    let hostname = event.get("hostname")?.as_str()?.to_string();
+    match event.get("type")?.as_str()? {
+        "worker-online" | "worker-heartbeat" => {
+            let active = event.get("active").and_then(|a| a.as_i64()).unwrap_or(0);
+            let freq = event.get("freq").and_then(|f| f.as_f64()).filter(|f| f.is_finite() && *f > 0.0).unwrap_or(2.0);
+            Some(WorkerEvent::Alive { hostname, active, freq: Duration::from_secs_f64(freq.min(3600.0)) })
+        }
+        "worker-offline" => Some(WorkerEvent::Offline { hostname }),
+        _ => None,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Beat {
+    at: Instant,
+    freq: Duration,
+    active: i64,
+}
+
+/// Live workers of one broker, by hostname.
+#[derive(Debug, Default)]
+pub struct Workers {
+    beats: HashMap<String, Beat>,
+}
+
+impl Workers {
+    pub fn apply(&mut self, event: WorkerEvent, now: Instant) {
+        match event {
+            WorkerEvent::Alive { hostname, active, freq } => {
+                self.beats.insert(hostname, Beat { at: now, freq, active });
+            }
+            WorkerEvent::Offline { hostname } => {
+                self.beats.remove(&hostname);
+            }
+        }
+        // Keep the map bounded by the live workers.
+        self.beats.retain(|_, b| alive(b, now));
+    }
+
+    /// Running tasks of a live worker; None when it is unknown or missed two heartbeats.
+    pub fn active(&self, hostname: &str, now: Instant) -> Option<i64> {
+        self.beats.get(hostname).filter(|b| alive(b, now)).map(|b| b.active)
+    }
+
+    pub fn len(&self) -> usize {
+        self.beats.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.beats.is_empty()
+    }
+}
+
+fn alive(b: &Beat, now: Instant) -> bool {
+    now.saturating_duration_since(b.at) <= b.freq * 2
+}
+
+pub type SharedWorkers = Arc<Mutex<Workers>>;
+
+/// Subscribe to the worker channels of `prefixes` on one broker and keep `workers` current,
+/// reconnecting (with backoff) until the task is aborted.
+pub async fn subscribe(endpoint: BrokerEndpoint, prefixes: Vec<String>, workers: SharedWorkers, timeout: Duration) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match listen(&endpoint, &prefixes, &workers, timeout).await {
+            Ok(()) => debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing"),
+            Err(e) => warn!(broker = %endpoint, error = %e, "heartbeat subscription failed; retrying in {backoff:?}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn listen(
+    endpoint: &BrokerEndpoint,
+    prefixes: &[String],
+    workers: &SharedWorkers,
+    timeout: Duration,
+) -> Result<(), String> {
+    let client = open_client(endpoint, timeout).await.map_err(|e| e.to_string())?;
+    let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| format!("no reply within {timeout:?}"))?
+        .map_err(|e| super::ReadError::from_redis(&endpoint.to_string(), &e).to_string())?;
+    for prefix in prefixes {
+        for channel in channels(prefix, endpoint.db) {
+            pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let mut messages = pubsub.on_message();
+    while let Some(msg) = messages.next().await {
+        if let Some(event) = parse_event(msg.get_payload_bytes()) {
+            workers.lock().expect("lock").apply(event, Instant::now());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(event: serde_json::Value) -> Vec<u8> {
+        let body = base64::engine::general_purpose::STANDARD.encode(event.to_string());
+        serde_json::json!({
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {"hostname": "demo@pod-a"},
+            "properties": {"body_encoding": "base64", "delivery_info": {"exchange": "celeryev", "routing_key": "worker.heartbeat"}}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn channels_carry_prefix_and_db() {
+        assert_eq!(
+            channels("pfx:", 7),
+            ["pfx:/7.celeryev/worker.online", "pfx:/7.celeryev/worker.heartbeat", "pfx:/7.celeryev/worker.offline"]
+        );
+    }
+
+    #[test]
+    fn decodes_celery_heartbeats() {
+        let hb = envelope(serde_json::json!({
+            "hostname": "demo@pod-a", "utcoffset": 0, "pid": 12, "clock": 30, "freq": 2.0, "active": 3,
+            "processed": 10, "loadavg": [0.1, 0.1, 0.1], "sw_ident": "py-celery", "sw_ver": "5.7.0",
+            "sw_sys": "Linux", "timestamp": 1.0, "type": "worker-heartbeat"
+        }));
+        assert_eq!(
+            parse_event(&hb),
+            Some(WorkerEvent::Alive { hostname: "demo@pod-a".into(), active: 3, freq: Duration::from_secs(2) })
+        );
+        let off = envelope(serde_json::json!({"hostname": "demo@pod-a", "type": "worker-offline", "freq": 2.0}));
+        assert_eq!(parse_event(&off), Some(WorkerEvent::Offline { hostname: "demo@pod-a".into() }));
+        assert_eq!(parse_event(b"not json"), None);
+        assert_eq!(parse_event(&envelope(serde_json::json!({"hostname": "x", "type": "task-sent"}))), None);
+    }
+
+    #[test]
+    fn a_worker_is_gone_after_two_missed_heartbeats_or_offline() {
+        let t0 = Instant::now();
+        let mut w = Workers::default();
+        let beat = |h: &str, active| WorkerEvent::Alive { hostname: h.into(), active, freq: Duration::from_secs(2) };
+        w.apply(beat("a@p1", 0), t0);
+        w.apply(beat("b@p2", 2), t0);
+        assert_eq!(w.active("a@p1", t0 + Duration::from_secs(4)), Some(0));
+        assert_eq!(w.active("b@p2", t0 + Duration::from_secs(4)), Some(2));
+        assert_eq!(w.active("a@p1", t0 + Duration::from_millis(4001)), None, "two heartbeats missed");
+        w.apply(WorkerEvent::Offline { hostname: "b@p2".into() }, t0 + Duration::from_secs(1));
+        assert_eq!(w.active("b@p2", t0 + Duration::from_secs(1)), None);
+        w.apply(beat("c@p3", 1), t0 + Duration::from_secs(10));
+        assert_eq!(w.len(), 1, "expired workers are dropped");
+    }
+}

@@ -112,13 +112,20 @@ fn alive(b: &Beat, now: Instant) -> bool {
 
 pub type SharedWorkers = Arc<Mutex<Workers>>;
 
+/// Resubscribe after this long without any message.
+const SILENCE: Duration = Duration::from_secs(60);
+
 /// Subscribe to the worker channels of `prefixes` on one broker and keep `workers` current,
 /// reconnecting (with backoff) until the task is aborted.
 pub async fn subscribe(endpoint: BrokerEndpoint, prefixes: Vec<String>, workers: SharedWorkers, timeout: Duration) {
-    let mut backoff = Duration::from_secs(1);
+    const FIRST: Duration = Duration::from_secs(1);
+    let mut backoff = FIRST;
     loop {
         match listen(&endpoint, &prefixes, &workers, timeout).await {
-            Ok(()) => debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing"),
+            Ok(()) => {
+                debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing");
+                backoff = FIRST;
+            }
             Err(e) => warn!(broker = %endpoint, error = %e, "heartbeat subscription failed; retrying in {backoff:?}"),
         }
         tokio::time::sleep(backoff).await;
@@ -143,7 +150,9 @@ async fn listen(
         }
     }
     let mut messages = pubsub.on_message();
-    while let Some(msg) = messages.next().await {
+    // A silent minute: no worker is publishing, or the connection died without a reset (a
+    // blackholed broker). Either way a fresh subscription is cheap and rules out the latter.
+    while let Ok(Some(msg)) = tokio::time::timeout(SILENCE, messages.next()).await {
         if let Some(event) = parse_event(msg.get_payload_bytes()) {
             workers.lock().expect("lock").apply(event, Instant::now());
         }

@@ -249,7 +249,8 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     assert_eq!(status, "True");
     timeline.push((t0.elapsed().as_secs_f64(), format!("condition BrokerReachable=True {reason}: {message}")));
     wait_for("the ScaledUp event of the recovery", T, || async {
-        (events(&client, &ns, "ai", "ScaledUp").await.len() == 2).then_some(())
+        let up = events(&client, &ns, "ai", "ScaledUp").await;
+        up.iter().any(|e| e.note.as_deref().is_some_and(|n| n.starts_with("scaled up 2 -> 3"))).then_some(())
     })
     .await;
     let all = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);

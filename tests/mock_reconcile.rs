@@ -8,11 +8,11 @@ use futures::FutureExt;
 use http::{Request, Response};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
+use taskqueue_operator::controller::events::EventPublisher;
 use taskqueue_operator::controller::poller::BrokerState;
 use taskqueue_operator::controller::{reconcile, Context, SecretCache};
 use taskqueue_operator::crd::TaskQueue;
@@ -31,7 +31,7 @@ fn harness() -> Harness {
     let (store, writer) = reflector::store::<Deployment>();
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), Reporter { controller: "taskqueue-operator".into(), instance: None }),
+        events: EventPublisher::new(client.clone(), "taskqueue-operator", None),
         deployments: store,
         taskqueues: reflector::store::<TaskQueue>().0,
         routes_configmap: "celery-task-routes".into(),
@@ -224,6 +224,17 @@ fn owned_deployment(replicas: i32) -> Value {
     })
 }
 
+/// The rest of a reconcile without broker data, for an existing Deployment at 3 replicas: it is
+/// applied at 3 (no decision on missing data), one Warning `reason`; returns the status patch.
+async fn frozen_at_3(handle: &mut Handle, reason: &str) -> Value {
+    expect(handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    let applied =
+        expect(handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    assert_eq!(applied["spec"]["replicas"], 3, "replicas stay where they are without broker data");
+    expect_event(handle, reason).await;
+    expect_status(handle).await
+}
+
 #[tokio::test]
 async fn the_ca_bundle_comes_from_its_secret_and_a_wrong_one_is_named() {
     // caSecretRef names a Secret without the key: the condition names the field to fix.
@@ -235,12 +246,7 @@ async fn the_ca_bundle_comes_from_its_secret_and_a_wrong_one_is_named() {
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     let ca = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis-ca"}, "data": {"tls.crt": ""}});
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/redis-ca", 200, ca).await;
-    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
-    let applied =
-        expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
-    assert_eq!(applied["spec"]["replicas"], 3, "replicas stay where they are without broker data");
-    expect_event(&mut h.handle, "BrokerSecretMissing").await;
-    let status = expect_status(&mut h.handle).await;
+    let status = frozen_at_3(&mut h.handle, "BrokerSecretMissing").await;
     run.await.unwrap().unwrap();
     let c = condition(&status, "BrokerReachable");
     assert_eq!(c["status"], "False");
@@ -257,10 +263,7 @@ async fn the_ca_bundle_comes_from_its_secret_and_a_wrong_one_is_named() {
     let run = tokio::spawn(reconcile(Arc::new(taskqueue(spec)), h.ctx.clone()));
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/redis-ca", 200, ca).await;
-    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
-    expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
-    expect_event(&mut h.handle, "InvalidBrokerURL").await;
-    let status = expect_status(&mut h.handle).await;
+    let status = frozen_at_3(&mut h.handle, "InvalidBrokerURL").await;
     run.await.unwrap().unwrap();
     let msg = condition(&status, "BrokerReachable")["message"].as_str().unwrap().to_string();
     assert!(msg.contains("caSecretRef is set but the broker URL is not rediss://"), "{msg}");
@@ -272,21 +275,7 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
     let tq = Arc::new(taskqueue(ai_spec()));
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 404, not_found()).await;
-    let existing = {
-        let mut d = json!({
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "ai", "namespace": "prod", "ownerReferences": [{"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "name": "ai", "uid": "tq-uid", "controller": true}]},
-            "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": []}}}
-        });
-        d["metadata"]["annotations"] = json!({});
-        d
-    };
-    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, existing.clone()).await;
-    let applied =
-        expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, existing.clone()).await;
-    assert_eq!(applied["spec"]["replicas"], 3, "replicas stay where they are without broker data");
-    expect_event(&mut h.handle, "BrokerSecretMissing").await;
-    let status = expect_status(&mut h.handle).await;
+    let status = frozen_at_3(&mut h.handle, "BrokerSecretMissing").await;
     run.await.unwrap().unwrap();
     let c = condition(&status, "BrokerReachable");
     assert_eq!(c["status"], "False");

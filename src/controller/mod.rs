@@ -3,6 +3,7 @@
 pub mod conditions;
 pub mod deletion_cost;
 pub mod deployment;
+pub mod events;
 pub mod poller;
 pub mod reconcile;
 pub mod routes;
@@ -12,7 +13,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client};
 use tracing::{info, warn};
@@ -82,10 +82,9 @@ pub async fn run(
     let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx.clone()));
     let publisher =
         tokio::spawn(routes::run(client.clone(), settings.routes_configmap.clone(), controller.store(), trigger_tx));
-    let reporter = Reporter { controller: deployment::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        events: events::EventPublisher::new(client.clone(), deployment::MANAGER, std::env::var("POD_NAME").ok()),
         deployments: dep_store,
         taskqueues: controller.store(),
         routes_configmap: settings.routes_configmap.clone(),

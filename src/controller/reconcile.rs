@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -22,6 +22,7 @@ use super::conditions::{
 };
 use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
+use super::events::EventPublisher;
 use super::poller::{BrokerState, Key, Target};
 use crate::broker::{BrokerEndpoint, DepthQuery};
 use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus};
@@ -32,7 +33,7 @@ use crate::validate::{validate, ValidSpec};
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: EventPublisher,
     /// Deployments labelled as ours (a cache, so a steady state costs no API reads).
     pub deployments: Store<Deployment>,
     /// All TaskQueues (the controller's cache), for the namespace routing table.
@@ -263,6 +264,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         scale_down_max_step: valid.scale_down_max_step,
         fallback: valid.fallback,
     };
+    let first_read_pending = conds.list.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "Unknown");
     let paused = tq.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let decision = {
         let mut memory = ctx.memory.lock().expect("lock");
@@ -272,6 +274,8 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
                 m.unknown_since = None;
                 Observation::Known(Load { pending: d.total, in_flight: d.in_flight })
             }
+            // Right after a (re)start or spec change the first read is still to come: not an outage.
+            None if first_read_pending => Observation::Unknown { for_: Duration::ZERO },
             None => Observation::Unknown { for_: m.unknown_since.get_or_insert_with(Instant::now).elapsed() },
         };
         if paused {
@@ -575,8 +579,7 @@ async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) ->
 
 /// Events are best effort: a failure is logged, never fails the reconcile.
 async fn publish(ctx: &Context, tq: &TaskQueue, type_: EventType, reason: &str, note: String) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&ev, &tq.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(tq.object_ref(&()), type_, reason, "Reconcile", &note).await {
         warn!(error = %e, reason, "could not publish event");
     }
 }

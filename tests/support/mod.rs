@@ -282,10 +282,12 @@ pub fn condition(tq: &TaskQueue, type_: &str) -> Option<(String, String, String)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-/// Events the operator published about `name` with `reason`.
+/// Events the operator published about `name` with `reason`. Each call of the operator is its
+/// own Event (never folded into a series), so counting them counts what was published.
 pub async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
     let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    api.list(&Default::default())
+    let found: Vec<_> = api
+        .list(&Default::default())
         .await
         .unwrap()
         .items
@@ -293,7 +295,11 @@ pub async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<
         .filter(|e| {
             e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason)
         })
-        .collect()
+        .collect();
+    for e in &found {
+        assert!(e.series.is_none(), "event folded into a series, so the count would hide repeats: {e:?}");
+    }
+    found
 }
 
 /// Create a TaskQueue from JSON in `ns`.

@@ -3,7 +3,9 @@
 pub mod broker;
 pub mod controller;
 pub mod crd;
+pub mod http;
 pub mod manifests;
+pub mod metrics;
 pub mod routing;
 pub mod scaling;
 pub mod validate;

@@ -37,6 +37,9 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long, env = "LOG_JSON")]
         log_json: bool,
+        /// Address for /metrics, /healthz and /readyz (in a pod: `0.0.0.0:8080`).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Print the TaskQueue CustomResourceDefinition as YAML.
     Crd,
@@ -166,7 +169,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { namespace, broker_timeout, routes_configmap, log_json } => {
+        Command::Run { namespace, broker_timeout, routes_configmap, log_json, metrics_addr } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
@@ -175,8 +178,17 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let listener = match taskqueue_operator::http::bind(metrics_addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen on {metrics_addr} for /metrics; pick another --metrics-addr");
+                    return ExitCode::FAILURE;
+                }
+            };
             let settings = Settings { namespace, broker_timeout, routes_configmap, ..Settings::default() };
+            let server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
             controller::run(client, settings, shutdown_signal()).await;
+            server.abort();
             ExitCode::SUCCESS
         }
     }

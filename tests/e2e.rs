@@ -577,9 +577,11 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     create_taskqueue(&client, &ns, pool("ai", "ai_processing", scaling)).await;
     // The real binary, so its log output can be checked too.
     let log = std::env::temp_dir().join(format!("tq-auth-{}.log", free_port()));
+    let metrics_port = free_port();
     let _operator = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
             .args(["run", "--namespace", &ns, "--broker-timeout", "1s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::process::Stdio::null())
@@ -602,6 +604,13 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     let note = up[0].note.clone().unwrap();
     assert!(note.contains("fallbackReplicas 2"), "{note}");
     assert_eq!(events(&client, &ns, "ai", "BrokerAuthFailed").await.len(), 1, "one event per transition");
+    // The same story on /metrics.
+    assert_eq!(http_get(metrics_port, "/readyz").0, 200);
+    let metrics = http_get(metrics_port, "/metrics").1;
+    let series = format!("{{namespace=\"{ns}\",name=\"ai\"}}");
+    assert!(metrics.contains(&format!("taskqueue_broker_up{series} 0")), "{metrics}");
+    assert!(metrics.contains(&format!("taskqueue_desired_replicas{series} 2")), "{metrics}");
+    assert!(metric(&metrics, "taskqueue_broker_reads_total{result=\"BrokerAuthFailed\"}") >= 1.0, "{metrics}");
 
     // The password is nowhere: status, events, logs.
     let t = taskqueue(&client, &ns, "ai").await;
@@ -619,6 +628,21 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     wait_replicas(&client, &ns, "ai", 0).await;
     let t = taskqueue(&client, &ns, "ai").await;
     assert_eq!(condition(&t, "BrokerReachable").unwrap().0, "True");
+    // Settled: the broker is read every 500 ms, and no API write follows.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = http_get(metrics_port, "/metrics").1;
+    assert!(before.contains(&format!("taskqueue_broker_up{series} 1")), "{before}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = http_get(metrics_port, "/metrics").1;
+    let writes = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("taskqueue_api_writes_total"))
+            .map(|l| metric(m, l.rsplit_once(' ').unwrap().0))
+            .sum::<f64>()
+    };
+    assert_eq!(writes(&before), writes(&after), "no API writes in a steady state:\n{before}\n{after}");
+    let ok = "taskqueue_broker_reads_total{result=\"ok\"}";
+    assert!(metric(&after, ok) >= metric(&before, ok) + 5.0, "reads go on: {after}");
     let _ = std::fs::remove_file(&log);
     delete_namespace(&client, &ns).await;
 }
@@ -671,4 +695,24 @@ async fn a_sentinel_broker_url_with_master_name_scales_like_a_plain_one() {
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;
+}
+
+/// `GET path` on the operator's metrics port: (status code, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of one series (`name{labels}`) in an exposition; 0 when absent.
+fn metric(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

@@ -36,7 +36,7 @@ fn chart_lints_and_renders_the_operator_with_least_privilege_rbac() {
     let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
     assert_eq!(
         dep["spec"]["template"]["spec"]["containers"][0]["args"],
-        serde_json::json!(["run", "--namespace", "prod"])
+        serde_json::json!(["run", "--metrics-addr", "0.0.0.0:8080", "--namespace", "prod"])
     );
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
     let secrets =

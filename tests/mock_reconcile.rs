@@ -38,6 +38,7 @@ fn harness() -> Harness {
         broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
         memory: Mutex::default(),
         secrets: SecretCache::new(client, Duration::from_secs(3600)),
+        metrics: Default::default(),
     });
     Harness { ctx, handle, deployments: writer }
 }

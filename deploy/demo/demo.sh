@@ -34,11 +34,23 @@ done
 echo "   (demo: pollInterval 1s, stabilizationWindow 15s; broker URL -> $TQ_REDIS_URL)"
 
 echo "== starting the operator (log: $TQ_STATE/logs/demo-operator.log)"
-"$BIN" run --namespace "$NS" >"$TQ_STATE/logs/demo-operator.log" 2>&1 &
+MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$BIN" run --namespace "$NS" --metrics-addr "127.0.0.1:$MPORT" >"$TQ_STATE/logs/demo-operator.log" 2>&1 &
 OP=$!
 trap 'kill $OP 2>/dev/null; wait $OP 2>/dev/null || true' EXIT
 
 CELERY_BROKER_URL=$TQ_REDIS_URL PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py --namespace "$NS" --logs "$TQ_STATE/logs"
 echo
 kubectl -n "$NS" get tq
+echo
+echo "== the operator's /metrics (excerpt; http://127.0.0.1:$MPORT/metrics)"
+"$TQ_VENV/bin/python" - "$MPORT" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+keep = ("taskqueue_scale_events_total", "taskqueue_api_writes_total", "taskqueue_broker_reads_total",
+        "taskqueue_broker_read_seconds_count", "taskqueue_broker_read_seconds_sum", "taskqueue_reconciles_total")
+for line in text.splitlines():
+    if line.startswith(keep):
+        print("   ", line)
+PY
 echo "The stack keeps running for a look around (kubectl -n $NS get tq,deploy,events); 'make down' stops it."

@@ -97,6 +97,11 @@ impl Workers {
         self.beats.get(hostname).filter(|b| alive(b, now)).map(|b| b.active)
     }
 
+    /// Workers alive at `now`.
+    pub fn live(&self, now: Instant) -> usize {
+        self.beats.values().filter(|b| alive(b, now)).count()
+    }
+
     pub fn len(&self) -> usize {
         self.beats.len()
     }

@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 use crate::crd::TaskQueue;
+use crate::metrics::{Metrics, ResultLabels};
 pub use reconcile::{error_policy, reconcile, Context, Error, SecretCache};
 
 /// Settings of `taskqueue-operator run`.
@@ -31,6 +32,8 @@ pub struct Settings {
     pub secret_ttl: Duration,
     /// Name of the per-namespace routing table ConfigMap.
     pub routes_configmap: String,
+    /// Where the controller reports (served by `http.rs`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for Settings {
@@ -40,6 +43,7 @@ impl Default for Settings {
             broker_timeout: Duration::from_secs(2),
             secret_ttl: Duration::from_secs(30),
             routes_configmap: "celery-task-routes".into(),
+            metrics: Arc::default(),
         }
     }
 }
@@ -71,6 +75,15 @@ pub async fn run(
     )
     .default_backoff()
     .reflect(dep_writer)
+    .inspect({
+        let metrics = settings.metrics.clone();
+        move |e| {
+            // The first full list of our Deployments: caches are filled, the API is reachable.
+            if let Ok(watcher::Event::InitDone) = e {
+                metrics.set_ready();
+            }
+        }
+    })
     .applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
     let controller = Controller::new(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
@@ -78,10 +91,16 @@ pub async fn run(
         .reconcile_on(trigger_rx)
         .graceful_shutdown_on(shutdown);
 
-    let broker = Arc::new(poller::BrokerState::new(settings.broker_timeout));
+    let metrics = settings.metrics.clone();
+    let broker = Arc::new(poller::BrokerState::with_metrics(settings.broker_timeout, metrics.clone()));
     let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx.clone()));
-    let publisher =
-        tokio::spawn(routes::run(client.clone(), settings.routes_configmap.clone(), controller.store(), trigger_tx));
+    let publisher = tokio::spawn(routes::run(
+        client.clone(),
+        settings.routes_configmap.clone(),
+        controller.store(),
+        trigger_tx,
+        metrics.clone(),
+    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: events::EventPublisher::new(client.clone(), deployment::MANAGER, std::env::var("POD_NAME").ok()),
@@ -91,6 +110,7 @@ pub async fn run(
         broker,
         memory: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
+        metrics: metrics.clone(),
     });
     // Reconcile is not called for deleted objects: drop their per-object memory here.
     let janitor = tokio::spawn({
@@ -98,16 +118,31 @@ pub async fn run(
         async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(30)).await;
-                ctx.memory.lock().expect("lock").retain(|key, _| store.get(key).is_some());
+                ctx.memory.lock().expect("lock").retain(|key, _| {
+                    let live = store.get(key).is_some();
+                    if !live {
+                        ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
+                    }
+                    live
+                });
             }
         }
     });
     info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
     controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile error");
+        .for_each(|res| {
+            let metrics = metrics.clone();
+            async move {
+                let result = match &res {
+                    Ok(_) => "ok",
+                    Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => "error",
+                    Err(_) => "controller_error",
+                };
+                metrics.reconciles.get_or_create(&ResultLabels { result: result.into() }).inc();
+                if let Err(e) = res {
+                    warn!(error = %e, "reconcile error");
+                }
             }
         })
         .await;

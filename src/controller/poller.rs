@@ -16,6 +16,7 @@ use crate::broker::heartbeat::{self, SharedWorkers};
 use crate::broker::reader::read_depths;
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
+use crate::metrics::{Metrics, ResultLabels};
 
 pub type Key = ObjectRef<TaskQueue>;
 pub type Depths = Result<Vec<Result<QueueDepth, ReadError>>, ReadError>;
@@ -55,11 +56,17 @@ pub struct BrokerState {
     wake: Notify,
     /// Round trips done so far (for tests and benchmarks).
     pub round_trips: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl BrokerState {
     pub fn new(timeout: Duration) -> Self {
+        Self::with_metrics(timeout, Arc::default())
+    }
+
+    pub fn with_metrics(timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
+            metrics,
             targets: Mutex::default(),
             readings: Mutex::default(),
             pool: BrokerPool::new(timeout),
@@ -172,19 +179,30 @@ impl BrokerState {
     }
 
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
-        let shown = endpoint.to_string();
-        let mut conn = self.pool.connection(endpoint).await?;
-        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
-        let result = match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
-            Ok(r) => r,
-            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
+        let started = Instant::now();
+        let result = self.connect_and_read(endpoint, queries).await;
+        self.metrics.broker_read_seconds.observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
         };
+        self.metrics.broker_reads.get_or_create(&ResultLabels { result: label.into() }).inc();
         if result.is_err() {
             // Dial afresh next time rather than trusting a connection that just failed.
             self.pool.forget(endpoint).await;
         }
         result
+    }
+
+    async fn connect_and_read(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
+        let shown = endpoint.to_string();
+        let mut conn = self.pool.connection(endpoint).await?;
+        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
+        match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
+        }
     }
 }
 
@@ -255,6 +273,9 @@ impl BrokerState {
         let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
         let targets = self.targets.lock().await.clone();
         self.sync_heartbeats(&targets);
+        let live: usize =
+            self.heartbeats.lock().expect("lock").values().map(|(w, _)| w.lock().expect("lock").live(now)).sum();
+        self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
         for (key, target) in targets.iter() {
             let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
             g.0 = g.0.min(target.interval);

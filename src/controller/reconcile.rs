@@ -26,6 +26,7 @@ use super::events::EventPublisher;
 use super::poller::{BrokerState, Key, Target};
 use crate::broker::{BrokerEndpoint, DepthQuery};
 use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
 use crate::routing::build_table;
 use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
 use crate::validate::{validate, ValidSpec};
@@ -44,6 +45,7 @@ pub struct Context {
     /// What this operator did per TaskQueue; caches lag behind our own writes, memory does not.
     pub memory: Mutex<HashMap<Key, Memory>>,
     pub secrets: SecretCache,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-TaskQueue state kept between reconciles.
@@ -300,6 +302,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     };
     if needs_write {
         let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.metrics.write("deployment");
         let written = api
             .patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))
             .await
@@ -315,6 +318,11 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             Some(c) if c < decision.replicas => "ScaledUp",
             Some(_) => "ScaledDown",
         };
+        if let Some(c) = current {
+            let direction = if c < decision.replicas { "up" } else { "down" };
+            let labels = ScaleLabels { namespace: ns.clone(), name: name.clone(), direction: direction.into() };
+            ctx.metrics.scale_events.get_or_create(&labels).inc();
+        }
         publish(&ctx, &tq, EventType::Normal, reason, decision.reason.clone()).await;
         ctx.memory.lock().expect("lock").entry(key.clone()).or_default().last_scale =
             Some((now.clone(), decision.reason.clone()));
@@ -367,6 +375,15 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         }
         Transition::Same => {}
     }
+    let labels = TaskQueueLabels { namespace: ns.clone(), name: name.clone() };
+    let m = &ctx.metrics;
+    if let (Some(p), Some(f)) = (status.pending, status.in_flight) {
+        m.pending.get_or_create(&labels).set(p);
+        m.in_flight.get_or_create(&labels).set(f);
+    }
+    m.desired_replicas.get_or_create(&labels).set(i64::from(decision.replicas));
+    m.broker_up.get_or_create(&labels).set(i64::from(reachable));
+    m.paused.get_or_create(&labels).set(i64::from(paused));
     status.conditions = conds.list;
     write_status(&ctx, &tq, status).await?;
 
@@ -399,6 +416,7 @@ async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
     };
     for (pod, cost) in plan {
         let patch = json!({"metadata": {"annotations": {DELETION_COST: cost}}});
+        ctx.metrics.write("pod");
         match pods.patch(&pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
             Ok(_) => debug!(taskqueue = %key, pod, cost, "set pod deletion cost"),
             Err(e) => warn!(taskqueue = %key, pod, error = %e, "cannot set pod deletion cost"),
@@ -473,6 +491,7 @@ async fn routes_accepted(ctx: &Context, tq: &TaskQueue, key: &Key, conds: &mut C
 }
 
 async fn forget(ctx: &Context, key: &Key) {
+    ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
     ctx.broker.unregister(key).await;
     ctx.memory.lock().expect("lock").remove(key);
 }
@@ -570,6 +589,7 @@ async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) ->
         return Ok(());
     }
     let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
+    ctx.metrics.write("status");
     let patch = json!({"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "status": status});
     api.patch_status(&tq.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await
@@ -579,6 +599,7 @@ async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) ->
 
 /// Events are best effort: a failure is logged, never fails the reconcile.
 async fn publish(ctx: &Context, tq: &TaskQueue, type_: EventType, reason: &str, note: String) {
+    ctx.metrics.write("event");
     if let Err(e) = ctx.events.publish(tq.object_ref(&()), type_, reason, "Reconcile", &note).await {
         warn!(error = %e, reason, "could not publish event");
     }

@@ -59,6 +59,7 @@ pub async fn run(
     name: String,
     store: Store<TaskQueue>,
     trigger: UnboundedSender<ObjectRef<TaskQueue>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     // What was last written per namespace (content + owners), to write only on change.
     let mut published: HashMap<String, String> = HashMap::new();
@@ -74,6 +75,7 @@ pub async fn run(
                 continue;
             }
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            metrics.write("configmap");
             match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await {
                 Ok(_) => {
                     info!(namespace = %ns, configmap = %name, "published Celery routing table");
@@ -88,6 +90,7 @@ pub async fn run(
         let gone: Vec<String> = published.keys().filter(|ns| !by_ns.contains_key(*ns)).cloned().collect();
         for ns in gone {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+            metrics.write("configmap");
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) | Err(kube::Error::Api(_)) => {
                     published.remove(&ns);

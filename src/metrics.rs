@@ -1,0 +1,166 @@
+//! Prometheus metrics, served on `/metrics` (see `http.rs`).
+//!
+//! Per TaskQueue: what the broker holds and what the operator decided. For the operator: reconciles,
+//! broker reads (count and latency), API writes by kind (a steady state should add none), scale
+//! events, live Celery workers seen through heartbeats, and readiness.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskQueueLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `up` or `down`.
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok`, or the failure's reason.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// What was written: `deployment`, `status`, `event`, `pod`, `configmap`.
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub pending: Family<TaskQueueLabels, Gauge>,
+    pub in_flight: Family<TaskQueueLabels, Gauge>,
+    pub desired_replicas: Family<TaskQueueLabels, Gauge>,
+    pub broker_up: Family<TaskQueueLabels, Gauge>,
+    pub paused: Family<TaskQueueLabels, Gauge>,
+    pub scale_events: Family<ScaleLabels, Counter>,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub broker_reads: Family<ResultLabels, Counter>,
+    pub broker_read_seconds: Histogram,
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub live_workers: Gauge,
+    ready: AtomicBool,
+    ready_gauge: Gauge,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("taskqueue");
+        let m = Self {
+            pending: Family::default(),
+            in_flight: Family::default(),
+            desired_replicas: Family::default(),
+            broker_up: Family::default(),
+            paused: Family::default(),
+            scale_events: Family::default(),
+            reconciles: Family::default(),
+            broker_reads: Family::default(),
+            // 0.5 ms .. about 4 s.
+            broker_read_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            api_writes: Family::default(),
+            live_workers: Gauge::default(),
+            ready: AtomicBool::new(false),
+            ready_gauge: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("pending", "Messages waiting in Redis for the pool's queues", m.pending.clone());
+        registry.register("in_flight", "Unacked messages of the pool's queues", m.in_flight.clone());
+        registry.register("desired_replicas", "Replicas the operator decided", m.desired_replicas.clone());
+        registry.register("broker_up", "1 when the pool's broker was read at the last poll", m.broker_up.clone());
+        registry.register("paused", "1 while the pool is paused by annotation", m.paused.clone());
+        registry.register("scale_events", "Replica changes made by the operator", m.scale_events.clone());
+        registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
+        registry.register("broker_reads", "Pipelined broker reads (one per broker per tick)", m.broker_reads.clone());
+        registry.register("broker_read_seconds", "Time of one pipelined broker read", m.broker_read_seconds.clone());
+        registry.register("api_writes", "Kubernetes API writes by kind of object", m.api_writes.clone());
+        registry.register(
+            "live_workers",
+            "Celery workers alive by heartbeat, over all brokers",
+            m.live_workers.clone(),
+        );
+        registry.register("operator_ready", "1 once the operator's caches are filled", m.ready_gauge.clone());
+        Self { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn write(&self, kind: &str) {
+        self.api_writes.get_or_create(&WriteLabels { kind: kind.into() }).inc();
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+        self.ready_gauge.set(1);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Drop the series of a TaskQueue that no longer exists.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let l = TaskQueueLabels { namespace: namespace.into(), name: name.into() };
+        for family in [&self.pending, &self.in_flight, &self.desired_replicas, &self.broker_up, &self.paused] {
+            family.remove(&l);
+        }
+        for direction in ["up", "down"] {
+            self.scale_events.remove(&ScaleLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                direction: direction.into(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openmetrics_and_forgets_deleted_taskqueues() {
+        let m = Metrics::new();
+        let l = TaskQueueLabels { namespace: "prod".into(), name: "ai".into() };
+        m.pending.get_or_create(&l).set(12);
+        m.write("deployment");
+        m.set_ready();
+        let text = m.render();
+        assert!(text.contains("taskqueue_pending{namespace=\"prod\",name=\"ai\"} 12"), "{text}");
+        assert!(text.contains("taskqueue_api_writes_total{kind=\"deployment\"} 1"), "{text}");
+        assert!(text.contains("taskqueue_operator_ready 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+        m.forget("prod", "ai");
+        assert!(!m.render().contains("name=\"ai\""));
+    }
+}

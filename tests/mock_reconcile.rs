@@ -39,6 +39,7 @@ fn harness() -> Harness {
         memory: Mutex::default(),
         secrets: SecretCache::new(client, Duration::from_secs(3600)),
         metrics: Default::default(),
+        routes: Default::default(),
     });
     Harness { ctx, handle, deployments: writer }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::crd::TaskQueue;
@@ -74,6 +74,8 @@ pub async fn run(
         watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR),
     )
     .default_backoff()
+    // managedFields are the bulk of most objects and nothing here reads them.
+    .modify(|d| d.managed_fields_mut().clear())
     .reflect(dep_writer)
     .inspect({
         let metrics = settings.metrics.clone();
@@ -86,7 +88,13 @@ pub async fn run(
     })
     .applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
-    let controller = Controller::new(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
+    let (tq_store, tq_writer) = reflector::store::<TaskQueue>();
+    let tq_stream = watcher(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|t| t.managed_fields_mut().clear())
+        .reflect(tq_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(tq_stream, tq_store)
         .owns_stream(dep_stream)
         .reconcile_on(trigger_rx)
         .graceful_shutdown_on(shutdown);
@@ -94,12 +102,14 @@ pub async fn run(
     let metrics = settings.metrics.clone();
     let broker = Arc::new(poller::BrokerState::with_metrics(settings.broker_timeout, metrics.clone()));
     let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx.clone()));
+    let verdicts = routes::SharedVerdicts::default();
     let publisher = tokio::spawn(routes::run(
         client.clone(),
         settings.routes_configmap.clone(),
         controller.store(),
         trigger_tx,
         metrics.clone(),
+        verdicts.clone(),
     ));
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -111,6 +121,7 @@ pub async fn run(
         memory: Default::default(),
         secrets: SecretCache::new(client, settings.secret_ttl),
         metrics: metrics.clone(),
+        routes: verdicts,
     });
     // Reconcile is not called for deleted objects: drop their per-object memory here.
     let janitor = tokio::spawn({

@@ -24,10 +24,10 @@ use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, owned_by, selector_string, up_to_date, MANAGER};
 use super::events::EventPublisher;
 use super::poller::{BrokerState, Key, Target};
+use super::routes::{RouteInput, SharedVerdicts};
 use crate::broker::{BrokerEndpoint, DepthQuery};
 use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus};
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
-use crate::routing::build_table;
 use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
 use crate::validate::{validate, ValidSpec};
 
@@ -46,6 +46,8 @@ pub struct Context {
     pub memory: Mutex<HashMap<Key, Memory>>,
     pub secrets: SecretCache,
     pub metrics: Arc<Metrics>,
+    /// Each namespace's routing verdicts, kept by the routes publisher.
+    pub routes: SharedVerdicts,
 }
 
 /// Per-TaskQueue state kept between reconciles.
@@ -459,24 +461,20 @@ async fn announce_pause(
     }
 }
 
-/// `RoutesAccepted`: whether all of this TaskQueue's routes made it into the namespace table.
+/// `RoutesAccepted`: whether all of this TaskQueue's routes made it into the namespace table, as
+/// the routes publisher last built it. A verdict computed from other routes or queues than the
+/// object has now is not used: the publisher's next pass (within a second) re-reconciles it.
 async fn routes_accepted(ctx: &Context, tq: &TaskQueue, key: &Key, conds: &mut Conditions<'_>) {
-    let (ns, name) = (tq.namespace(), tq.name_any());
-    let mut peers: Vec<TaskQueue> = ctx
-        .taskqueues
-        .state()
-        .iter()
-        .filter(|t| t.namespace() == ns && t.name_any() != name)
-        .map(|t| (**t).clone())
-        .collect();
-    peers.push(tq.clone());
-    let object = format!("{}/{name}", ns.unwrap_or_default());
-    let lost: Vec<String> = build_table(&peers)
-        .rejected
-        .into_iter()
-        .filter(|r| r.object == object)
-        .map(|r| format!("route {:?} left out: {}", r.pattern, r.reason))
-        .collect();
+    let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
+    let verdict = {
+        let shared = ctx.routes.read().expect("lock");
+        shared.get(&ns).and_then(|v| v.by_name.get(&name)).filter(|(input, _)| *input == RouteInput::of(tq)).cloned()
+    };
+    let Some((_, lost)) = verdict else {
+        let msg = format!("waiting for the routing table of namespace {ns} to include this TaskQueue's routes");
+        conds.unknown(ROUTES_ACCEPTED, "Pending", msg);
+        return;
+    };
     if lost.is_empty() {
         let n = tq.spec.routes.len();
         conds.set(ROUTES_ACCEPTED, true, "Published", format!("{n} route(s) in ConfigMap {}", ctx.routes_configmap));

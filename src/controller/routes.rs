@@ -1,14 +1,21 @@
 //! Publishes each namespace's Celery routing table as a ConfigMap (key `task_routes.json`).
 //!
-//! A small loop over the TaskQueue cache: every second it rebuilds each namespace's table (pure,
-//! `routing::build_table`), and writes the ConfigMap only when its content or owners changed.
+//! A small loop over the TaskQueue cache: every second it rebuilds the table (pure,
+//! `routing::build_table`) of each namespace whose TaskQueues were added, removed or had their
+//! spec changed, and writes the ConfigMap only when its content or owners changed (a failed
+//! write is retried with backoff up to a minute, e.g. a table above the 1 MiB ConfigMap limit).
 //! The ConfigMap is owned by every TaskQueue of the namespace (non-controller owner references),
 //! so the garbage collector removes it with the last one; the loop also deletes it explicitly
 //! when a namespace's last TaskQueue goes. When a table changes, the TaskQueues of that
 //! namespace are reconciled so their `RoutesAccepted` conditions follow.
+//!
+//! The loop also keeps each namespace's verdicts (which routes were left out, and why) for the
+//! reconciler, so a reconcile never rebuilds its namespace's table: with n TaskQueues in a
+//! namespace that would cost O(n) per reconcile and O(n²) per round.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -19,14 +26,54 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::deployment::MANAGER;
-use crate::crd::TaskQueue;
-use crate::routing::build_table;
+use crate::crd::{Route, TaskQueue};
+use crate::routing::{build_table, Table};
 
 pub const KEY: &str = "task_routes.json";
 
+/// What a TaskQueue's verdict depends on besides its peers: its routes and the queues it consumes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteInput {
+    pub routes: Vec<Route>,
+    pub queue: String,
+    pub extra_queues: Vec<String>,
+}
+
+impl RouteInput {
+    pub fn of(tq: &TaskQueue) -> Self {
+        Self {
+            routes: tq.spec.routes.clone(),
+            queue: tq.spec.queue.clone(),
+            extra_queues: tq.spec.extra_queues.clone(),
+        }
+    }
+}
+
+/// One namespace's table, as seen by each of its TaskQueues.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verdicts {
+    /// TaskQueue name -> (what its verdict was computed from, routes left out and why).
+    pub by_name: HashMap<String, (RouteInput, Vec<String>)>,
+}
+
+/// Namespace -> verdicts, shared with the reconciler.
+pub type SharedVerdicts = Arc<RwLock<HashMap<String, Verdicts>>>;
+
+/// The verdicts of a namespace's table (pure).
+pub fn verdicts(taskqueues: &[TaskQueue], table: &Table) -> Verdicts {
+    let mut by_name: HashMap<String, (RouteInput, Vec<String>)> =
+        taskqueues.iter().map(|t| (t.name_any(), (RouteInput::of(t), Vec::new()))).collect();
+    for r in &table.rejected {
+        let name = r.object.rsplit_once('/').map_or(r.object.as_str(), |(_, n)| n);
+        if let Some((_, lost)) = by_name.get_mut(name) {
+            lost.push(format!("route {:?} left out: {}", r.pattern, r.reason));
+        }
+    }
+    Verdicts { by_name }
+}
+
 /// The ConfigMap for one namespace's TaskQueues (pure).
-pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue]) -> ConfigMap {
-    let table = build_table(taskqueues);
+pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue], table: &Table) -> ConfigMap {
     let mut owners: Vec<OwnerReference> = taskqueues
         .iter()
         .filter_map(|t| {
@@ -53,25 +100,60 @@ pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue]) 
     }
 }
 
+/// Per namespace: the TaskQueues the last pass built from, what was written, and when a failed
+/// write is retried.
+#[derive(Default)]
+struct NamespaceState {
+    /// `(name, uid, generation)` of each TaskQueue, sorted: the table depends on nothing else.
+    seen: Vec<(String, String, Option<i64>)>,
+    published: Option<String>,
+    /// (next attempt, current backoff) after a failed write.
+    retry: Option<(Instant, Duration)>,
+}
+
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
 /// Run forever (until the task is aborted).
 pub async fn run(
     client: Client,
     name: String,
     store: Store<TaskQueue>,
     trigger: UnboundedSender<ObjectRef<TaskQueue>>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shared: SharedVerdicts,
 ) {
-    // What was last written per namespace (content + owners), to write only on change.
-    let mut published: HashMap<String, String> = HashMap::new();
+    let mut states: HashMap<String, NamespaceState> = HashMap::new();
     loop {
-        let mut by_ns: BTreeMap<String, Vec<TaskQueue>> = BTreeMap::new();
+        let mut by_ns: BTreeMap<String, Vec<Arc<TaskQueue>>> = BTreeMap::new();
         for tq in store.state() {
-            by_ns.entry(tq.namespace().unwrap_or_default()).or_default().push((*tq).clone());
+            by_ns.entry(tq.namespace().unwrap_or_default()).or_default().push(tq);
         }
-        for (ns, tqs) in &by_ns {
-            let cm = desired_configmap(&name, ns, tqs);
+        let now = Instant::now();
+        for (ns, arcs) in &by_ns {
+            let mut seen: Vec<(String, String, Option<i64>)> =
+                arcs.iter().map(|t| (t.name_any(), t.uid().unwrap_or_default(), t.metadata.generation)).collect();
+            seen.sort();
+            let st = states.entry(ns.clone()).or_default();
+            // Only status changed since the last pass (the usual case): nothing to rebuild.
+            if st.seen == seen && st.retry.is_none() {
+                continue;
+            }
+            if st.retry.is_some_and(|(at, _)| now < at) {
+                continue;
+            }
+            let tqs: Vec<TaskQueue> = arcs.iter().map(|t| (**t).clone()).collect();
+            let table = build_table(&tqs);
+            let v = verdicts(&tqs, &table);
+            if shared.read().expect("lock").get(ns) != Some(&v) {
+                shared.write().expect("lock").insert(ns.clone(), v);
+                for tq in &tqs {
+                    let _ = trigger.unbounded_send(ObjectRef::from_obj(tq));
+                }
+            }
+            let cm = desired_configmap(&name, ns, &tqs, &table);
             let fingerprint = serde_json::to_string(&cm).expect("ConfigMap serializes");
-            if published.get(ns) == Some(&fingerprint) {
+            if st.published.as_ref() == Some(&fingerprint) {
+                (st.seen, st.retry) = (seen, None);
                 continue;
             }
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -79,25 +161,65 @@ pub async fn run(
             match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await {
                 Ok(_) => {
                     info!(namespace = %ns, configmap = %name, "published Celery routing table");
-                    published.insert(ns.clone(), fingerprint);
-                    for tq in tqs {
+                    (st.seen, st.published, st.retry) = (seen, Some(fingerprint), None);
+                    for tq in &tqs {
                         let _ = trigger.unbounded_send(ObjectRef::from_obj(tq));
                     }
                 }
-                Err(e) => warn!(namespace = %ns, error = %e, "could not publish the routing table; retrying"),
+                Err(e) => {
+                    // E.g. a table above the 1 MiB ConfigMap limit: retry, but not every second.
+                    let backoff = st.retry.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_RETRY));
+                    st.retry = Some((now + backoff, backoff));
+                    warn!(namespace = %ns, error = %e, "could not publish the routing table; retrying in {backoff:?}");
+                }
             }
         }
-        let gone: Vec<String> = published.keys().filter(|ns| !by_ns.contains_key(*ns)).cloned().collect();
+        shared.write().expect("lock").retain(|ns, _| by_ns.contains_key(ns));
+        let gone: Vec<String> = states.keys().filter(|ns| !by_ns.contains_key(*ns)).cloned().collect();
         for ns in gone {
+            if states.get(&ns).is_some_and(|st| st.published.is_none()) {
+                states.remove(&ns);
+                continue;
+            }
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
             metrics.write("configmap");
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) | Err(kube::Error::Api(_)) => {
-                    published.remove(&ns);
+                    states.remove(&ns);
                 }
                 Err(e) => warn!(namespace = %ns, error = %e, "could not delete the routing table; retrying"),
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tq(name: &str, created: &str, pattern: &str) -> TaskQueue {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
+            "metadata": {"name": name, "namespace": "prod", "creationTimestamp": created},
+            "spec": {
+                "queue": name, "routes": [{"pattern": pattern}],
+                "broker": {"urlSecretRef": {"name": "b"}},
+                "worker": {"image": "i", "app": "a", "concurrency": 1}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn verdicts_name_what_each_taskqueue_lost_and_what_they_were_built_from() {
+        let tqs = [tq("first", "2026-01-01T00:00:00Z", "app.*"), tq("second", "2026-02-01T00:00:00Z", "app.*")];
+        let v = verdicts(&tqs, &build_table(&tqs));
+        let (input, lost) = &v.by_name["first"];
+        assert!(lost.is_empty());
+        assert_eq!(*input, RouteInput::of(&tqs[0]));
+        let (_, lost) = &v.by_name["second"];
+        assert_eq!(lost.len(), 1);
+        assert!(lost[0].starts_with("route \"app.*\" left out:") && lost[0].contains("first"), "{lost:?}");
     }
 }

@@ -29,6 +29,17 @@ fn pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json::Valu
     })
 }
 
+/// Wait until condition `type_` of the TaskQueue has `status` (the status write follows the
+/// Deployment write, so right after `wait_replicas` it may not be there yet).
+async fn wait_condition(client: &kube::Client, ns: &str, name: &str, type_: &str, status: &str) -> (TaskQueue, String) {
+    wait_for(&format!("{ns}/{name} {type_}={status}"), T, || async {
+        let t = taskqueue(client, ns, name).await;
+        let c = condition(&t, type_).filter(|c| c.0 == status)?;
+        Some((t, c.2))
+    })
+    .await
+}
+
 async fn wait_replicas(client: &kube::Client, ns: &str, name: &str, want: i32) {
     wait_for(&format!("{ns}/{name} at {want} replicas"), T, || async {
         deployment(client, ns, name).await.filter(|d| replicas(d) == want).map(|_| ())
@@ -244,9 +255,8 @@ async fn redis_outage_freezes_replicas_and_recovers() {
     celery(&redis.url(), &["send", "app.worker.tasks.ai_tasks.run_ai_text_generation", "12"]);
     wait_replicas(&client, &ns, "ai", 3).await;
     timeline.push((t0.elapsed().as_secs_f64(), "Deployment at 3 replicas".into()));
-    let tq = taskqueue(&client, &ns, "ai").await;
-    let (status, reason, message) = condition(&tq, "BrokerReachable").unwrap();
-    assert_eq!(status, "True");
+    let (tq, _) = wait_condition(&client, &ns, "ai", "BrokerReachable", "True").await;
+    let (_, reason, message) = condition(&tq, "BrokerReachable").unwrap();
     timeline.push((t0.elapsed().as_secs_f64(), format!("condition BrokerReachable=True {reason}: {message}")));
     wait_for("the ScaledUp event of the recovery", T, || async {
         let up = events(&client, &ns, "ai", "ScaledUp").await;
@@ -472,8 +482,7 @@ async fn a_paused_pool_keeps_its_replicas_while_its_template_still_reconciles() 
     let unpause = json!({"metadata": {"annotations": {"taskqueue.dev/paused": null}}});
     api.patch("ai", &Default::default(), &merge(unpause)).await.unwrap();
     wait_replicas(&client, &ns, "ai", 2).await;
-    let t = taskqueue(&client, &ns, "ai").await;
-    assert_eq!(condition(&t, "Paused").unwrap().0, "False");
+    wait_condition(&client, &ns, "ai", "Paused", "False").await;
     assert_eq!(events(&client, &ns, "ai", "Resumed").await.len(), 1);
 
     operator.stop().await;
@@ -599,17 +608,23 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     assert!(message.contains("check the user and password"), "{message}");
     // fallbackAfter 3 s: the pool gets its fallback replicas, with the reason in the event.
     wait_replicas(&client, &ns, "ai", 2).await;
-    let up = events(&client, &ns, "ai", "ScaledUp").await;
+    let up = wait_for("the ScaledUp event", T, || async {
+        Some(events(&client, &ns, "ai", "ScaledUp").await).filter(|e| !e.is_empty())
+    })
+    .await;
     assert_eq!(up.len(), 1);
     let note = up[0].note.clone().unwrap();
     assert!(note.contains("fallbackReplicas 2"), "{note}");
     assert_eq!(events(&client, &ns, "ai", "BrokerAuthFailed").await.len(), 1, "one event per transition");
     // The same story on /metrics.
     assert_eq!(http_get(metrics_port, "/readyz").0, 200);
-    let metrics = http_get(metrics_port, "/metrics").1;
     let series = format!("{{namespace=\"{ns}\",name=\"ai\"}}");
+    let metrics = wait_for("desired_replicas 2 on /metrics", T, || async {
+        Some(http_get(metrics_port, "/metrics").1)
+            .filter(|m| m.contains(&format!("taskqueue_desired_replicas{series} 2")))
+    })
+    .await;
     assert!(metrics.contains(&format!("taskqueue_broker_up{series} 0")), "{metrics}");
-    assert!(metrics.contains(&format!("taskqueue_desired_replicas{series} 2")), "{metrics}");
     assert!(metric(&metrics, "taskqueue_broker_reads_total{result=\"BrokerAuthFailed\"}") >= 1.0, "{metrics}");
 
     // The password is nowhere: status, events, logs.
@@ -626,8 +641,7 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     let _: () =
         redis::cmd("CONFIG").arg(&["SET", "requirepass", "hunter2-wrong"][..]).query_async(&mut admin).await.unwrap();
     wait_replicas(&client, &ns, "ai", 0).await;
-    let t = taskqueue(&client, &ns, "ai").await;
-    assert_eq!(condition(&t, "BrokerReachable").unwrap().0, "True");
+    wait_condition(&client, &ns, "ai", "BrokerReachable", "True").await;
     // Settled: the broker is read every 500 ms, and no API write follows.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = http_get(metrics_port, "/metrics").1;
@@ -674,8 +688,10 @@ async fn a_sentinel_broker_url_with_master_name_scales_like_a_plain_one() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(kombu_count(&redis.url(), "ai_processing"), 8, "the messages went to the master behind the sentinel");
     wait_replicas(&client, &ns, "ai", 2).await;
-    let t = taskqueue(&client, &ns, "ai").await;
-    assert_eq!(t.status.as_ref().unwrap().pending, Some(8));
+    let t = wait_for("status.pending 8", T, || async {
+        Some(taskqueue(&client, &ns, "ai").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(8))
+    })
+    .await;
     let (status, _, message) = condition(&t, "BrokerReachable").unwrap();
     assert_eq!(status, "True");
     assert!(message.contains("(master mymaster)"), "{message}");

@@ -228,6 +228,9 @@ impl Drop for BrokerState {
     }
 }
 
+/// How long a wake-up for new targets waits for more of them.
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// Run forever: read due brokers, wake reconciles whose reading changed.
 pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
     let mut schedule = Schedule::default();
@@ -241,7 +244,11 @@ pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: Unbo
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next_wake.into()) => {}
-            _ = state.wake.notified() => {}
+            _ = state.wake.notified() => {
+                // New targets come in bursts (startup, a big apply): gather them, since every
+                // pass walks all targets.
+                tokio::time::sleep(WAKE_DEBOUNCE).await;
+            }
         }
     }
 }

@@ -33,7 +33,6 @@ fn harness() -> Harness {
         client: client.clone(),
         events: EventPublisher::new(client.clone(), "taskqueue-operator", None),
         deployments: store,
-        taskqueues: reflector::store::<TaskQueue>().0,
         routes_configmap: "celery-task-routes".into(),
         broker: Arc::new(BrokerState::new(Duration::from_secs(1))),
         memory: Mutex::default(),

@@ -115,7 +115,6 @@ pub async fn run(
         client: client.clone(),
         events: events::EventPublisher::new(client.clone(), deployment::MANAGER, std::env::var("POD_NAME").ok()),
         deployments: dep_store,
-        taskqueues: controller.store(),
         routes_configmap: settings.routes_configmap.clone(),
         broker,
         memory: Default::default(),

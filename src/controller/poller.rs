@@ -278,16 +278,18 @@ impl BrokerState {
     /// when the next broker falls due.
     pub async fn poll_due(&self, schedule: &mut Schedule, now: Instant) -> (Vec<Key>, Instant) {
         let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
-        let targets = self.targets.lock().await.clone();
-        self.sync_heartbeats(&targets);
+        {
+            let targets = self.targets.lock().await;
+            self.sync_heartbeats(&targets);
+            for (key, target) in targets.iter() {
+                let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
+                g.0 = g.0.min(target.interval);
+                g.1.push((key.clone(), target.clone()));
+            }
+        }
         let live: usize =
             self.heartbeats.lock().expect("lock").values().map(|(w, _)| w.lock().expect("lock").live(now)).sum();
         self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
-        for (key, target) in targets.iter() {
-            let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
-            g.0 = g.0.min(target.interval);
-            g.1.push((key.clone(), target.clone()));
-        }
         schedule.last_read.retain(|e, _| groups.contains_key(e));
         schedule.failures.retain(|e, _| groups.contains_key(e));
         let mut due = Vec::new();

@@ -37,8 +37,6 @@ pub struct Context {
     pub events: EventPublisher,
     /// Deployments labelled as ours (a cache, so a steady state costs no API reads).
     pub deployments: Store<Deployment>,
-    /// All TaskQueues (the controller's cache), for the namespace routing table.
-    pub taskqueues: Store<TaskQueue>,
     /// Name of the routing table ConfigMap (for messages).
     pub routes_configmap: String,
     pub broker: Arc<BrokerState>,

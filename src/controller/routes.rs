@@ -6,8 +6,8 @@
 //! write is retried with backoff up to a minute, e.g. a table above the 1 MiB ConfigMap limit).
 //! The ConfigMap is owned by every TaskQueue of the namespace (non-controller owner references),
 //! so the garbage collector removes it with the last one; the loop also deletes it explicitly
-//! when a namespace's last TaskQueue goes. When a table changes, the TaskQueues of that
-//! namespace are reconciled so their `RoutesAccepted` conditions follow.
+//! when a namespace's last TaskQueue goes. When what the table says about its TaskQueues changes
+//! (the verdicts below), they are reconciled so their `RoutesAccepted` conditions follow.
 //!
 //! The loop also keeps each namespace's verdicts (which routes were left out, and why) for the
 //! reconciler, so a reconcile never rebuilds its namespace's table: with n TaskQueues in a
@@ -162,9 +162,6 @@ pub async fn run(
                 Ok(_) => {
                     info!(namespace = %ns, configmap = %name, "published Celery routing table");
                     (st.seen, st.published, st.retry) = (seen, Some(fingerprint), None);
-                    for tq in &tqs {
-                        let _ = trigger.unbounded_send(ObjectRef::from_obj(tq));
-                    }
                 }
                 Err(e) => {
                     // E.g. a table above the 1 MiB ConfigMap limit: retry, but not every second.

@@ -19,6 +19,9 @@ use serde_json::json;
 /// Kombu's default separator between a queue name and its priority step (bytes 0x06 0x16).
 pub const DEFAULT_SEP: &str = "\u{6}\u{16}";
 /// Kombu's default priority steps.
+/// The annotation that freezes a pool's replica count (`"true"`).
+pub const PAUSED_ANNOTATION: &str = "taskqueue.dev/paused";
+
 pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 
 /// Desired state of a Celery worker pool consuming one queue (plus optional extra queues).

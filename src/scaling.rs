@@ -10,9 +10,13 @@
 //!    stabilization window, so a short lull does not stop workers needed a moment later.
 //! 5. `scaleUp.maxStep` / `scaleDown.maxStep` bound the change per decision.
 //! 6. Never zero replicas while messages are unacked: only a running worker restores them.
+//!
+//! A paused pool (annotation) keeps its count whatever the broker says.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use crate::crd::PAUSED_ANNOTATION;
 
 /// The knobs of one TaskQueue (from a validated spec).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,8 @@ pub struct Bounds {
     pub scale_down_max_step: Option<i32>,
     /// (`fallbackReplicas`, `fallbackAfter`).
     pub fallback: Option<(i32, Duration)>,
+    /// Paused by annotation: hold the current count.
+    pub paused: bool,
 }
 
 impl Bounds {
@@ -43,6 +49,7 @@ impl Bounds {
             scale_up_max_step: None,
             scale_down_max_step: None,
             fallback: None,
+            paused: false,
         }
     }
 }
@@ -121,6 +128,12 @@ pub fn decide(
     now: Instant,
 ) -> Decision {
     let current_or_min = current.unwrap_or(bounds.min_replicas);
+    if bounds.paused {
+        // Scaling resumes with a fresh window, as after an outage.
+        *history = History::default();
+        let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {current_or_min}");
+        return Decision { replicas: current_or_min, recommended: current_or_min, reason, limited: true };
+    }
     let Load { pending, in_flight } = match observation {
         Observation::Known(load) => load,
         Observation::Unknown { for_ } => {
@@ -346,6 +359,30 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_pool_holds_and_resumes_with_a_fresh_window() {
+        let paused = Bounds { paused: true, ..bounds(0, 10, 1, 1, 60) };
+        let t0 = Instant::now();
+        let mut h = History::default();
+        assert_eq!(decide(&paused, Some(2), load(9), &mut h, t0).replicas, 2, "no scale-up while paused");
+        let d = decide(&paused, Some(6), load(0), &mut h, t0);
+        assert_eq!(
+            d,
+            Decision {
+                replicas: 6,
+                recommended: 6,
+                reason: "paused by annotation taskqueue.dev/paused=true: holding at 6".into(),
+                limited: true
+            }
+        );
+        assert!(h.is_empty());
+        assert_eq!(decide(&paused, None, load(9), &mut h, t0).replicas, 0, "created at minReplicas");
+        // Unpaused with an empty queue: the window starts now from the 6 running.
+        let b = Bounds { paused: false, ..paused };
+        assert_eq!(decide(&b, Some(6), load(0), &mut h, t0 + Duration::from_secs(1)).replicas, 6);
+        assert_eq!(decide(&b, Some(6), load(0), &mut h, t0 + Duration::from_secs(62)).replicas, 0);
+    }
+
+    #[test]
     fn max_steps_bound_each_change() {
         let b = Bounds { scale_up_max_step: Some(2), scale_down_max_step: Some(3), ..bounds(0, 20, 1, 1, 0) };
         let t0 = Instant::now();
@@ -423,6 +460,7 @@ mod tests {
                 scale_down_max_step: step(rnd(4)),
                 fallback: (rnd(2) == 0)
                     .then(|| (min + rnd(u64::try_from(max - min).unwrap() + 1) as i32, Duration::from_secs(3))),
+                paused: false,
             };
             let mut h = History::default();
             let t0 = Instant::now();

@@ -26,9 +26,9 @@ use super::events::EventPublisher;
 use super::poller::{BrokerState, Key, Target};
 use super::routes::{RouteInput, SharedVerdicts};
 use crate::broker::{BrokerEndpoint, DepthQuery};
-use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus};
+use crate::crd::{CaSecretRef, SecretKeyRef, TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
-use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
+use crate::scaling::{decide, Bounds, History, Load, Observation};
 use crate::validate::{validate, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -63,9 +63,6 @@ pub struct Memory {
     /// Whether the pause was last announced as on (None: nothing announced by this process).
     paused: Option<bool>,
 }
-
-/// The annotation that freezes a pool's replica count.
-pub const PAUSED_ANNOTATION: &str = "taskqueue.dev/paused";
 
 /// How a condition moved, judged against what this process already announced: a cached status
 /// can lag behind our own write and would otherwise announce the same problem twice.
@@ -255,6 +252,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     let applied = ctx.memory.lock().expect("lock").get(&key).and_then(|m| m.applied);
     let cache_stale = applied.is_some_and(|(generation, _)| observed_generation < generation);
     let current = if cache_stale { applied.map(|(_, r)| r) } else { observed_replicas };
+    let paused = tq.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let bounds = Bounds {
         count_in_flight: valid.count_in_flight,
         min_replicas: valid.min_replicas,
@@ -265,9 +263,9 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         scale_up_max_step: valid.scale_up_max_step,
         scale_down_max_step: valid.scale_down_max_step,
         fallback: valid.fallback,
+        paused,
     };
     let first_read_pending = conds.list.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "Unknown");
-    let paused = tq.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let decision = {
         let mut memory = ctx.memory.lock().expect("lock");
         let m = memory.entry(key.clone()).or_default();
@@ -280,15 +278,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
             None if first_read_pending => Observation::Unknown { for_: Duration::ZERO },
             None => Observation::Unknown { for_: m.unknown_since.get_or_insert_with(Instant::now).elapsed() },
         };
-        if paused {
-            // Scaling resumes with a fresh window, as after an outage.
-            m.history = History::default();
-            let replicas = current.unwrap_or(valid.min_replicas);
-            let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {replicas}");
-            Decision { replicas, recommended: replicas, reason, limited: true }
-        } else {
-            decide(&bounds, current, observation, &mut m.history, Instant::now())
-        }
+        decide(&bounds, current, observation, &mut m.history, Instant::now())
     };
     announce_pause(&ctx, &tq, &key, &prev, paused, &mut conds).await;
     if current.is_some_and(|c| decision.replicas < c) {

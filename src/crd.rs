@@ -216,7 +216,9 @@ pub struct WorkerSpec {
     pub termination_grace_period_seconds: Option<i64>,
     /// Partial pod template merged into the generated one (labels, annotations, nodeSelector,
     /// tolerations, affinity, volumes, serviceAccountName, a container named `worker` for
-    /// volumeMounts, ...). The operator owns the worker container's image, command and args.
+    /// volumeMounts, ...). The operator owns the worker container's image, command, args,
+    /// resources and CELERY_BROKER_URL, the pod's terminationGracePeriodSeconds and the
+    /// app.kubernetes.io labels: a template that sets them is rejected, naming the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "preserve_unknown_object")]
     pub pod_template: Option<serde_json::Value>,
@@ -257,9 +259,9 @@ pub struct ScalingSpec {
     #[serde(default = "default_activation_threshold")]
     #[schemars(range(min = 0, max = 1000000))]
     pub activation_threshold: i64,
-    /// How often the broker is read, as a duration (`2s`, `500ms`, `1m`).
+    /// How often the broker is read, as a duration (`2s`, `500ms`, `1m`): 100ms to 1h.
     #[serde(default = "default_poll_interval")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub poll_interval: String,
     /// Count in-flight messages (fetched by workers, not yet acknowledged: prefetched,
     /// `acks_late` running, ETA/countdown) as demand next to pending ones. Either way the pool
@@ -271,9 +273,10 @@ pub struct ScalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 10000))]
     pub fallback_replicas: Option<i32>,
-    /// How long the broker must be unreadable before `fallbackReplicas` applies (`5m`).
+    /// How long the broker must be unreadable before `fallbackReplicas` applies (`5m`); at most
+    /// 24h.
     #[serde(default = "default_fallback_after")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub fallback_after: String,
     /// Scale-up behaviour.
     #[serde(default)]
@@ -333,9 +336,9 @@ fn default_poll_interval() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct ScaleDownSpec {
     /// Scale down only to the highest replica count recommended within this window (`5m`),
-    /// so a short lull does not stop workers that are needed again a moment later.
+    /// so a short lull does not stop workers that are needed again a moment later. At most 24h.
     #[serde(default = "default_stabilization_window")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub stabilization_window: String,
     /// Most replicas removed in one step (one step per poll). Unset: straight to the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,7 +400,7 @@ pub struct TaskQueueStatus {
 fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
-        "description": "Partial pod template merged into the generated one (labels, annotations, nodeSelector, tolerations, affinity, volumes, serviceAccountName, a container named `worker` for volumeMounts, ...). The operator owns the worker container's image, command and args.",
+        "description": "Partial pod template merged into the generated one (labels, annotations, nodeSelector, tolerations, affinity, volumes, serviceAccountName, a container named `worker` for volumeMounts, ...). The operator owns the worker container's image, command, args, resources and CELERY_BROKER_URL, the pod's terminationGracePeriodSeconds and the app.kubernetes.io labels: a template that sets them is rejected, naming the field.",
         "x-kubernetes-preserve-unknown-fields": true
     })
 }
@@ -405,6 +408,26 @@ fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schem
 /// CEL rules, added to the generated schema here so each sits next to the path it checks.
 /// Clusters without CEL (< 1.25) drop them; `validate.rs` enforces the same rules.
 const CEL_RULES: &[(&str, &str, &str)] = &[
+    (
+        "",
+        "size(self.metadata.name) <= 63",
+        "metadata.name must be at most 63 characters: worker pods carry it as a label value",
+    ),
+    (
+        "/properties/spec/properties/scaling/properties/pollInterval",
+        "duration(self) >= duration('100ms') && duration(self) <= duration('1h')",
+        "spec.scaling.pollInterval must lie within [100ms, 1h]",
+    ),
+    (
+        "/properties/spec/properties/scaling/properties/fallbackAfter",
+        "duration(self) <= duration('24h')",
+        "spec.scaling.fallbackAfter must be at most 24h",
+    ),
+    (
+        "/properties/spec/properties/scaling/properties/scaleDown/properties/stabilizationWindow",
+        "duration(self) <= duration('24h')",
+        "spec.scaling.scaleDown.stabilizationWindow must be at most 24h",
+    ),
     (
         "/properties/spec",
         "self.scaling.minReplicas <= self.scaling.maxReplicas",

@@ -6,6 +6,7 @@ pub mod crd;
 pub mod http;
 pub mod manifests;
 pub mod metrics;
+pub mod quantity;
 pub mod routing;
 pub mod scaling;
 pub mod validate;

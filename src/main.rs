@@ -186,10 +186,21 @@ async fn main() -> ExitCode {
                 }
             };
             let settings = Settings { namespace, broker_timeout, routes_configmap, ..Settings::default() };
-            let server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
-            controller::run(client, settings, shutdown_signal()).await;
+            let mut server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
+            // A dead background task (or metrics server) ends the process with an error, so the
+            // pod restarts instead of running on with stale readings.
+            let outcome = tokio::select! {
+                r = controller::run(client, settings, shutdown_signal()) => r.map_err(|e| e.to_string()),
+                r = &mut server => Err(format!("the /metrics server stopped: {r:?}")),
+            };
             server.abort();
-            ExitCode::SUCCESS
+            match outcome {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

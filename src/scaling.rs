@@ -54,30 +54,36 @@ impl Bounds {
     }
 }
 
-/// Recent recommendations of one TaskQueue, oldest first.
-#[derive(Clone, Debug, Default)]
+/// The recommendations of one TaskQueue that can still be the highest in the window: a
+/// sliding-window maximum. Entries are oldest first with strictly falling values (a newer
+/// recommendation evicts every older one not above it), so the first entry is the highest and
+/// the length never exceeds `maxReplicas + 1`, however long the window and short the poll.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct History {
     recommendations: VecDeque<(Instant, i32)>,
 }
 
 impl History {
     fn record(&mut self, now: Instant, replicas: i32, window: Duration) {
+        while self.recommendations.back().is_some_and(|&(_, r)| r <= replicas) {
+            self.recommendations.pop_back();
+        }
         self.recommendations.push_back((now, replicas));
-        while let Some(&(t, _)) = self.recommendations.front() {
-            if now.duration_since(t) > window {
-                self.recommendations.pop_front();
-            } else {
-                break;
-            }
+        while self.recommendations.front().is_some_and(|&(t, _)| now.saturating_duration_since(t) > window) {
+            self.recommendations.pop_front();
         }
     }
 
     fn highest(&self) -> Option<i32> {
-        self.recommendations.iter().map(|&(_, r)| r).max()
+        self.recommendations.front().map(|&(_, r)| r)
     }
 
     pub fn is_empty(&self) -> bool {
         self.recommendations.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.recommendations.len()
     }
 }
 
@@ -141,11 +147,13 @@ pub fn decide(
             // than acting on recommendations from before the outage.
             *history = History::default();
             let (replicas, why) = match bounds.fallback {
+                // The text names fallbackAfter, not the time so far: it stays the same through
+                // the outage, so the status is not rewritten at every poll.
                 Some((fallback, after)) if for_ >= after => (
                     fallback,
                     format!(
-                        "broker unreadable for {}: fallbackReplicas {fallback}",
-                        humantime::format_duration(Duration::from_secs(for_.as_secs()))
+                        "broker unreadable for over {}: fallbackReplicas {fallback}",
+                        humantime::format_duration(after)
                     ),
                 ),
                 _ => {
@@ -174,7 +182,7 @@ pub fn decide(
 
     let tpr = bounds.tasks_per_replica.max(1);
     let (demand, mut why) = if bounds.count_in_flight && in_flight > 0 {
-        (pending + in_flight, format!("{pending} pending + {in_flight} in flight / {tpr} per replica"))
+        (pending.saturating_add(in_flight), format!("{pending} pending + {in_flight} in flight / {tpr} per replica"))
     } else {
         (pending, format!("{pending} pending / {tpr} per replica"))
     };
@@ -182,7 +190,7 @@ pub fn decide(
         why = format!("{pending} pending, below activationThreshold {}", bounds.activation_threshold);
         0
     } else {
-        i32::try_from((demand + tpr - 1) / tpr).unwrap_or(i32::MAX)
+        i32::try_from(demand.saturating_add(tpr - 1) / tpr).unwrap_or(i32::MAX)
     };
     let recommended = raw.clamp(bounds.min_replicas, bounds.max_replicas);
     let mut limited = recommended != raw;
@@ -424,7 +432,7 @@ mod tests {
         assert_eq!((d.replicas, d.reason.as_str()), (8, "holding at 8: broker depth unknown"));
         let d = decide(&b, Some(8), unknown(120), &mut h, t0 + Duration::from_secs(120));
         assert_eq!(d.replicas, 4);
-        assert_eq!(d.reason, "scaled down 8 -> 4: broker unreadable for 2m: fallbackReplicas 4");
+        assert_eq!(d.reason, "scaled down 8 -> 4: broker unreadable for over 2m: fallbackReplicas 4");
         // Back with an empty queue: the window starts now from the 4 running, so no drop to 0
         // until 60 s after recovery (the 8 from before the outage is forgotten).
         let t1 = t0 + Duration::from_secs(200);
@@ -434,6 +442,23 @@ mod tests {
         // Without fallbackReplicas an outage of any length holds.
         let b = bounds(0, 10, 1, 1, 60);
         assert_eq!(decide(&b, Some(8), unknown(86_400), &mut History::default(), t0).replicas, 8);
+    }
+
+    #[test]
+    fn history_is_the_window_maximum_and_stays_small() {
+        let (t0, window) = (Instant::now(), Duration::from_secs(5));
+        let mut h = History::default();
+        let mut all: Vec<(Instant, i32)> = Vec::new();
+        let mut x: u32 = 7;
+        for i in 0..5_000u64 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let (now, r) = (t0 + Duration::from_millis(i * 10), (x >> 16) as i32 % 11);
+            h.record(now, r, window);
+            all.push((now, r));
+            let naive = all.iter().filter(|(t, _)| now.duration_since(*t) <= window).map(|&(_, r)| r).max();
+            assert_eq!(h.highest(), naive, "step {i}");
+            assert!(h.len() <= 11, "at most maxReplicas + 1 entries, got {}", h.len());
+        }
     }
 
     #[test]

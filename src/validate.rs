@@ -8,9 +8,14 @@
 use std::fmt;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::controller::deployment::CONTAINER;
 use crate::crd::TaskQueueSpec;
+use crate::quantity::Quantity;
 
 /// A spec that passed validation, with strings parsed into the types the controller uses.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,186 +62,59 @@ impl fmt::Display for InvalidSpec {
 }
 
 const MIN_POLL: Duration = Duration::from_millis(100);
+const MAX_POLL: Duration = Duration::from_secs(3600);
+/// Label values (the worker pods carry the TaskQueue's name in `app.kubernetes.io/instance`).
+pub const MAX_LABEL_VALUE: usize = 63;
+/// Labels the operator sets on worker pods; the Deployment selector is made of the first two.
+const MANAGED_LABELS: [&str; 4] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+];
+
+/// Collects the problems of one spec, each naming its field.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), message: message.into() });
+    }
+}
 
 pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, InvalidSpec> {
-    let mut errors = Vec::new();
-    let mut err = |field: &str, message: String| errors.push(FieldError { field: field.into(), message });
-
-    check_queue_name(&spec.queue, "spec.queue", &mut err);
-    for (i, q) in spec.extra_queues.iter().enumerate() {
-        let field = format!("spec.extraQueues[{i}]");
-        check_queue_name(q, &field, &mut err);
-        if q == &spec.queue {
-            err(&field, format!("repeats spec.queue {q:?}; remove it from extraQueues"));
-        } else if spec.extra_queues[..i].contains(q) {
-            err(&field, format!("{q:?} is listed twice; remove the duplicate"));
-        }
-    }
-    let queues: Vec<String> = std::iter::once(spec.queue.clone()).chain(spec.extra_queues.iter().cloned()).collect();
-
-    for (i, route) in spec.routes.iter().enumerate() {
-        let field = format!("spec.routes[{i}].pattern");
-        if route.pattern.is_empty() {
-            err(&field, "must not be empty; use a task name or a glob such as `app.tasks.*`".into());
-        } else if route.pattern.chars().count() > 253 {
-            err(&field, "is longer than 253 characters; shorten the pattern".into());
-        } else if route.pattern.chars().any(char::is_control) {
-            err(&field, "contains a control character; remove it".into());
-        } else if route.pattern.contains('*') {
-            if let Err(e) = crate::routing::Glob::new(&route.pattern) {
-                err(&field, format!("Celery cannot compile this glob ({e}); fix the [...] class"));
-            }
-        }
-        if let Some(q) = &route.queue {
-            if !queues.contains(q) {
-                err(
-                    &format!("spec.routes[{i}].queue"),
-                    format!(
-                        "{q:?} is not consumed by this pool; use spec.queue or one of spec.extraQueues ({})",
-                        queues.join(", ")
-                    ),
-                );
-            }
-        }
-    }
-
-    let opts = &spec.broker.transport_options;
-    if spec.broker.url_secret_ref.name.is_empty() {
-        err("spec.broker.urlSecretRef.name", "must name the Secret holding the broker URL".into());
-    }
-    if spec.broker.url_secret_ref.key.is_empty() {
-        err("spec.broker.urlSecretRef.key", "must name the Secret key holding the broker URL (e.g. `url`)".into());
-    }
-    if opts.priority_steps.is_empty() {
-        err(
-            "spec.broker.transportOptions.prioritySteps",
-            "must list at least one step; kombu's default is [0, 3, 6, 9]".into(),
-        );
-    }
-    for (i, s) in opts.priority_steps.iter().enumerate() {
-        if *s > 9 {
-            err(
-                &format!("spec.broker.transportOptions.prioritySteps[{i}]"),
-                format!("{s} is outside kombu's range 0..9"),
-            );
-        } else if opts.priority_steps[..i].contains(s) {
-            err(
-                &format!("spec.broker.transportOptions.prioritySteps[{i}]"),
-                format!("{s} is listed twice; remove the duplicate"),
-            );
-        }
-    }
-    if opts.sep.is_empty() {
-        err("spec.broker.transportOptions.sep", "must not be empty; kombu's default is \"\\u0006\\u0016\"".into());
-    }
-
-    let w = &spec.worker;
-    if w.image.trim().is_empty() {
-        err("spec.worker.image", "must name the container image with the Celery app".into());
-    }
-    if w.app.trim().is_empty() || w.app.chars().any(char::is_whitespace) {
-        err("spec.worker.app", format!("{:?} is not a Celery app for `celery -A`; use e.g. `app.worker`", w.app));
-    }
-    if w.concurrency < 1 {
-        err("spec.worker.concurrency", format!("{} must be at least 1", w.concurrency));
-    }
-    if let Some(p) = w.prefetch_multiplier {
-        if p < 1 {
-            err(
-                "spec.worker.prefetchMultiplier",
-                format!("{p} must be at least 1 (or omit it for Celery's default 4)"),
-            );
-        }
-    }
-    let node_name = w.node_name.clone().unwrap_or_else(|| object_name.to_string());
-    if node_name.is_empty() || node_name.contains('@') || node_name.chars().any(char::is_whitespace) {
-        err(
-            "spec.worker.nodeName",
-            format!("{node_name:?} must be non-empty without '@' or spaces; the operator appends `@%h`"),
-        );
-    }
-    if let Some(g) = w.termination_grace_period_seconds {
-        if g < 0 {
-            err("spec.worker.terminationGracePeriodSeconds", format!("{g} must not be negative"));
-        }
-    }
-    for (i, e) in w.env.iter().enumerate() {
-        if e.name == "CELERY_BROKER_URL" {
-            err(
-                &format!("spec.worker.env[{i}].name"),
-                "CELERY_BROKER_URL is set by the operator from spec.broker.urlSecretRef; remove it".into(),
-            );
-        }
-    }
-    let pod_template = match &w.pod_template {
-        None => None,
-        Some(v) => match serde_json::from_value::<PodTemplateSpec>(v.clone()) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                err("spec.worker.podTemplate", format!("is not a valid partial PodTemplateSpec: {e}"));
-                None
-            }
-        },
-    };
-
-    let s = &spec.scaling;
-    if s.min_replicas < 0 {
-        err("spec.scaling.minReplicas", format!("{} must not be negative", s.min_replicas));
-    }
-    if s.max_replicas < 0 {
-        err("spec.scaling.maxReplicas", format!("{} must not be negative", s.max_replicas));
-    }
-    if s.min_replicas > s.max_replicas {
-        err(
-            "spec.scaling.minReplicas",
+    let mut p = Problems::default();
+    if object_name.len() > MAX_LABEL_VALUE {
+        p.add(
+            "metadata.name",
             format!(
-                "{} must not exceed spec.scaling.maxReplicas ({}); lower minReplicas or raise maxReplicas",
-                s.min_replicas, s.max_replicas
+                "is {} characters long; worker pods are labelled with the TaskQueue's name and label values hold at \
+                 most {MAX_LABEL_VALUE}: use a name of at most {MAX_LABEL_VALUE} characters",
+                object_name.len()
             ),
         );
     }
-    if let Some(t) = s.tasks_per_replica {
-        if t < 1 {
-            err(
-                "spec.scaling.tasksPerReplica",
-                format!("{t} must be at least 1 (or omit it to use worker.concurrency)"),
-            );
-        }
-    }
-    if s.activation_threshold < 0 {
-        err("spec.scaling.activationThreshold", format!("{} must not be negative", s.activation_threshold));
-    }
-    let poll_interval = parse_duration(&s.poll_interval, "spec.scaling.pollInterval", &mut err);
-    if let Some(p) = poll_interval {
-        if p < MIN_POLL {
-            err("spec.scaling.pollInterval", format!("{:?} is below the minimum 100ms", s.poll_interval));
-        }
-    }
-    let window =
-        parse_duration(&s.scale_down.stabilization_window, "spec.scaling.scaleDown.stabilizationWindow", &mut err);
-    for (field, step) in [
-        ("spec.scaling.scaleUp.maxStep", s.scale_up.max_step),
-        ("spec.scaling.scaleDown.maxStep", s.scale_down.max_step),
-    ] {
-        if let Some(n) = step.filter(|n| *n < 1) {
-            err(field, format!("{n} must be at least 1 (or omit it for no limit)"));
-        }
-    }
-    let fallback_after = parse_duration(&s.fallback_after, "spec.scaling.fallbackAfter", &mut err);
-    if let Some(f) = s.fallback_replicas {
-        if f < s.min_replicas || f > s.max_replicas {
-            err(
-                "spec.scaling.fallbackReplicas",
-                format!(
-                    "{f} is outside [minReplicas {}, maxReplicas {}]; pick a count within the bounds",
-                    s.min_replicas, s.max_replicas
-                ),
-            );
-        }
-    }
+    let queues = check_queues(spec, &mut p);
+    check_routes(spec, &queues, &mut p);
+    check_broker(spec, &mut p);
+    let node_name = spec.worker.node_name.clone().unwrap_or_else(|| object_name.to_string());
+    let pod_template = check_worker(spec, &node_name, &mut p);
+    let s = &spec.scaling;
+    let poll_interval = duration(&s.poll_interval, "spec.scaling.pollInterval", MIN_POLL, MAX_POLL, &mut p);
+    let window = duration(
+        &s.scale_down.stabilization_window,
+        "spec.scaling.scaleDown.stabilizationWindow",
+        Duration::ZERO,
+        MAX_DURATION,
+        &mut p,
+    );
+    let fallback_after =
+        duration(&s.fallback_after, "spec.scaling.fallbackAfter", Duration::ZERO, MAX_DURATION, &mut p);
+    check_scaling(spec, &mut p);
 
-    if !errors.is_empty() {
-        return Err(InvalidSpec(errors));
+    if !p.0.is_empty() {
+        return Err(InvalidSpec(p.0));
     }
     Ok(ValidSpec {
         count_in_flight: s.count_in_flight,
@@ -246,7 +124,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
         stabilization_window: window.unwrap_or_default(),
         min_replicas: s.min_replicas,
         max_replicas: s.max_replicas,
-        tasks_per_replica: i64::from(s.tasks_per_replica.unwrap_or(w.concurrency)),
+        tasks_per_replica: i64::from(s.tasks_per_replica.unwrap_or(spec.worker.concurrency)),
         activation_threshold: s.activation_threshold,
         scale_up_max_step: s.scale_up.max_step,
         scale_down_max_step: s.scale_down.max_step,
@@ -255,50 +133,349 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
     })
 }
 
-fn check_queue_name(q: &str, field: &str, err: &mut impl FnMut(&str, String)) {
+/// `spec.queue` and `spec.extraQueues`; returns all queues in order.
+fn check_queues(spec: &TaskQueueSpec, p: &mut Problems) -> Vec<String> {
+    check_queue_name(&spec.queue, "spec.queue", p);
+    for (i, q) in spec.extra_queues.iter().enumerate() {
+        let field = format!("spec.extraQueues[{i}]");
+        check_queue_name(q, &field, p);
+        if q == &spec.queue {
+            p.add(&field, format!("repeats spec.queue {q:?}; remove it from extraQueues"));
+        } else if spec.extra_queues[..i].contains(q) {
+            p.add(&field, format!("{q:?} is listed twice; remove the duplicate"));
+        }
+    }
+    std::iter::once(spec.queue.clone()).chain(spec.extra_queues.iter().cloned()).collect()
+}
+
+fn check_queue_name(q: &str, field: &str, p: &mut Problems) {
     if q.is_empty() {
-        err(field, "must not be empty; name the Celery queue (e.g. `celery`)".into());
+        p.add(field, "must not be empty; name the Celery queue (e.g. `celery`)");
     } else if q.chars().any(|c| c.is_whitespace() || c == ',') {
-        err(field, format!("{q:?} contains whitespace or ','; Celery's --queues takes plain names"));
+        p.add(field, format!("{q:?} contains whitespace or ','; Celery's --queues takes plain names"));
+    } else if q.chars().any(char::is_control) {
+        p.add(field, "contains a control character; remove it");
     } else if q.len() > 200 {
-        err(field, "is longer than 200 bytes".into());
+        p.add(field, "is longer than 200 bytes");
     }
 }
 
-/// Durations as Kubernetes users write them: `500ms`, `2s`, `5m`, `1h30m`.
+fn check_routes(spec: &TaskQueueSpec, queues: &[String], p: &mut Problems) {
+    for (i, route) in spec.routes.iter().enumerate() {
+        let field = format!("spec.routes[{i}].pattern");
+        if route.pattern.is_empty() {
+            p.add(&field, "must not be empty; use a task name or a glob such as `app.tasks.*`");
+        } else if route.pattern.chars().count() > 253 {
+            p.add(&field, "is longer than 253 characters; shorten the pattern");
+        } else if route.pattern.chars().any(char::is_control) {
+            p.add(&field, "contains a control character; remove it");
+        } else if route.pattern.contains('*') {
+            if let Err(e) = crate::routing::Glob::new(&route.pattern) {
+                p.add(&field, format!("Celery cannot compile this glob ({e}); fix the [...] class"));
+            }
+        }
+        if let Some(q) = &route.queue {
+            if !queues.contains(q) {
+                p.add(
+                    &format!("spec.routes[{i}].queue"),
+                    format!(
+                        "{q:?} is not consumed by this pool; use spec.queue or one of spec.extraQueues ({})",
+                        queues.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_broker(spec: &TaskQueueSpec, p: &mut Problems) {
+    let opts = &spec.broker.transport_options;
+    if spec.broker.url_secret_ref.name.is_empty() {
+        p.add("spec.broker.urlSecretRef.name", "must name the Secret holding the broker URL");
+    }
+    if spec.broker.url_secret_ref.key.is_empty() {
+        p.add("spec.broker.urlSecretRef.key", "must name the Secret key holding the broker URL (e.g. `url`)");
+    }
+    if opts.priority_steps.is_empty() {
+        p.add(
+            "spec.broker.transportOptions.prioritySteps",
+            "must list at least one step; kombu's default is [0, 3, 6, 9]",
+        );
+    }
+    for (i, s) in opts.priority_steps.iter().enumerate() {
+        let field = format!("spec.broker.transportOptions.prioritySteps[{i}]");
+        if *s > 9 {
+            p.add(&field, format!("{s} is outside kombu's range 0..9"));
+        } else if opts.priority_steps[..i].contains(s) {
+            p.add(&field, format!("{s} is listed twice; remove the duplicate"));
+        }
+    }
+    if opts.sep.is_empty() {
+        p.add("spec.broker.transportOptions.sep", "must not be empty; kombu's default is \"\\u0006\\u0016\"");
+    }
+}
+
+/// `spec.worker`; returns the parsed pod template.
+fn check_worker(spec: &TaskQueueSpec, node_name: &str, p: &mut Problems) -> Option<PodTemplateSpec> {
+    let w = &spec.worker;
+    if w.image.trim().is_empty() || w.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        p.add("spec.worker.image", format!("{:?} is not a container image; use e.g. `example/app:1.0`", w.image));
+    }
+    if w.app.trim().is_empty() || w.app.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        p.add("spec.worker.app", format!("{:?} is not a Celery app for `celery -A`; use e.g. `app.worker`", w.app));
+    }
+    if w.concurrency < 1 {
+        p.add("spec.worker.concurrency", format!("{} must be at least 1", w.concurrency));
+    }
+    if let Some(n) = w.prefetch_multiplier.filter(|n| *n < 1) {
+        p.add("spec.worker.prefetchMultiplier", format!("{n} must be at least 1 (or omit it for Celery's default 4)"));
+    }
+    if node_name.is_empty() || node_name.contains('@') || node_name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        p.add(
+            "spec.worker.nodeName",
+            format!("{node_name:?} must be non-empty without '@' or spaces; the operator appends `@%h`"),
+        );
+    }
+    if let Some(g) = w.termination_grace_period_seconds.filter(|g| *g < 0) {
+        p.add("spec.worker.terminationGracePeriodSeconds", format!("{g} must not be negative"));
+    }
+    check_env(w.env.iter().map(|e| e.name.as_str()), "spec.worker.env", p);
+    if let Some(r) = &w.resources {
+        check_resources(&r.requests, &r.limits, p);
+    }
+    let template = w.pod_template.as_ref()?;
+    check_pod_template(template, w, p);
+    match serde_json::from_value::<PodTemplateSpec>(template.clone()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            p.add("spec.worker.podTemplate", format!("is not a valid partial PodTemplateSpec: {e}"));
+            None
+        }
+    }
+}
+
+/// Environment variable names as the API server accepts them, each once.
+fn check_env<'a>(names: impl Iterator<Item = &'a str>, field: &str, p: &mut Problems) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, name) in names.enumerate() {
+        let field = format!("{field}[{i}].name");
+        let valid_start = name.starts_with(|c: char| c.is_ascii_alphabetic() || matches!(c, '-' | '.' | '_'));
+        if name == "CELERY_BROKER_URL" {
+            p.add(&field, "CELERY_BROKER_URL is set by the operator from spec.broker.urlSecretRef; remove it");
+        } else if !valid_start || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')) {
+            p.add(&field, format!("{name:?} is not a valid environment variable name (letters, digits, '_', '-', '.'; not starting with a digit)"));
+        } else if !seen.insert(name) {
+            p.add(&field, format!("{name:?} is set twice; keep one"));
+        }
+    }
+}
+
+/// Requests and limits: names Kubernetes knows, quantities in its grammar, not negative, and no
+/// request above its limit (all of which the API server would refuse).
+fn check_resources(requests: &BTreeMap<String, IntOrString>, limits: &BTreeMap<String, IntOrString>, p: &mut Problems) {
+    let mut parsed = |kind: &str, m: &BTreeMap<String, IntOrString>| {
+        let mut out = BTreeMap::new();
+        for (name, v) in m {
+            let field = format!("spec.worker.resources.{kind}[{name:?}]");
+            if !resource_name_ok(name) {
+                p.add(&field, "is not a resource Kubernetes knows; use cpu, memory, ephemeral-storage, hugepages-<size> or a fully qualified extended resource such as nvidia.com/gpu");
+                continue;
+            }
+            let text = match v {
+                IntOrString::Int(i) => i.to_string(),
+                IntOrString::String(s) => s.clone(),
+            };
+            match Quantity::parse(&text) {
+                Ok(q) if q.is_negative() => p.add(&field, format!("{text:?} must not be negative")),
+                Ok(q) => {
+                    out.insert(name.clone(), q);
+                }
+                Err(e) => p.add(&field, e),
+            }
+        }
+        out
+    };
+    let requests = parsed("requests", requests);
+    let limits = parsed("limits", limits);
+    for (name, request) in &requests {
+        if limits.get(name).is_some_and(|limit| request > limit) {
+            p.add(
+                &format!("spec.worker.resources.requests[{name:?}]"),
+                format!("is above its limit; raise spec.worker.resources.limits[{name:?}] or lower the request"),
+            );
+        }
+    }
+}
+
+fn resource_name_ok(name: &str) -> bool {
+    let chars_ok =
+        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    match name.split_once('/') {
+        Some((domain, n)) => chars_ok(domain) && chars_ok(n) && !n.contains('/') && name.len() <= 253,
+        None => {
+            matches!(name, "cpu" | "memory" | "ephemeral-storage")
+                || name.strip_prefix("hugepages-").is_some_and(|s| Quantity::parse(s).is_ok())
+        }
+    }
+}
+
+/// The pod template may add to the pod, not replace what the operator manages: it would be
+/// silently overwritten, and the user would never learn why their value does not apply.
+fn check_pod_template(template: &serde_json::Value, w: &crate::crd::WorkerSpec, p: &mut Problems) {
+    const F: &str = "spec.worker.podTemplate";
+    if !template.is_object() {
+        p.add(F, "must be an object (a partial PodTemplateSpec with metadata and spec)");
+        return;
+    }
+    if let Some(labels) = template.pointer("/metadata/labels").and_then(|l| l.as_object()) {
+        for key in MANAGED_LABELS.iter().filter(|k| labels.contains_key(**k)) {
+            p.add(
+                &format!("{F}.metadata.labels[{key:?}]"),
+                "is set by the operator (it selects the worker pods); remove it",
+            );
+        }
+    }
+    if template.pointer("/spec/terminationGracePeriodSeconds").is_some() {
+        p.add(
+            &format!("{F}.spec.terminationGracePeriodSeconds"),
+            "is set by the operator; use spec.worker.terminationGracePeriodSeconds",
+        );
+    }
+    let containers = template.pointer("/spec/containers").and_then(|c| c.as_array()).map_or(&[][..], Vec::as_slice);
+    for (i, c) in
+        containers.iter().enumerate().filter(|(_, c)| c.get("name").and_then(|n| n.as_str()) == Some(CONTAINER))
+    {
+        let field = format!("{F}.spec.containers[{i}]");
+        for (key, instead) in [
+            ("image", "spec.worker.image"),
+            ("command", "spec.worker.app, queue and concurrency"),
+            ("args", "spec.worker.extraArgs"),
+            ("resources", "spec.worker.resources"),
+        ] {
+            if c.get(key).is_some() {
+                p.add(
+                    &format!("{field}.{key}"),
+                    format!("is set by the operator for the worker container; use {instead}"),
+                );
+            }
+        }
+        let env = c.get("env").and_then(|e| e.as_array()).map_or(&[][..], Vec::as_slice);
+        let names = env.iter().map(|e| e.get("name").and_then(|n| n.as_str()).unwrap_or_default());
+        check_env(
+            names.chain(w.env.iter().map(|e| e.name.as_str())),
+            &format!("{field}.env (with spec.worker.env)"),
+            p,
+        );
+    }
+}
+
+fn check_scaling(spec: &TaskQueueSpec, p: &mut Problems) {
+    let s = &spec.scaling;
+    if s.min_replicas < 0 {
+        p.add("spec.scaling.minReplicas", format!("{} must not be negative", s.min_replicas));
+    }
+    if s.max_replicas < 0 {
+        p.add("spec.scaling.maxReplicas", format!("{} must not be negative", s.max_replicas));
+    }
+    if s.min_replicas > s.max_replicas {
+        p.add(
+            "spec.scaling.minReplicas",
+            format!(
+                "{} must not exceed spec.scaling.maxReplicas ({}); lower minReplicas or raise maxReplicas",
+                s.min_replicas, s.max_replicas
+            ),
+        );
+    }
+    if let Some(t) = s.tasks_per_replica.filter(|t| *t < 1) {
+        p.add("spec.scaling.tasksPerReplica", format!("{t} must be at least 1 (or omit it to use worker.concurrency)"));
+    }
+    if s.activation_threshold < 0 {
+        p.add("spec.scaling.activationThreshold", format!("{} must not be negative", s.activation_threshold));
+    }
+    for (field, step) in [
+        ("spec.scaling.scaleUp.maxStep", s.scale_up.max_step),
+        ("spec.scaling.scaleDown.maxStep", s.scale_down.max_step),
+    ] {
+        if let Some(n) = step.filter(|n| *n < 1) {
+            p.add(field, format!("{n} must be at least 1 (or omit it for no limit)"));
+        }
+    }
+    if let Some(f) = s.fallback_replicas {
+        if f < s.min_replicas || f > s.max_replicas {
+            p.add(
+                "spec.scaling.fallbackReplicas",
+                format!(
+                    "{f} is outside [minReplicas {}, maxReplicas {}]; pick a count within the bounds",
+                    s.min_replicas, s.max_replicas
+                ),
+            );
+        }
+    }
+}
+
+/// The longest duration any field accepts.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Durations as Kubernetes users write them: `500ms`, `2s`, `5m`, `1h30m`, `1.5h` (the CRD's
+/// pattern). Total: any input gives a value or an error, never a panic; more than
+/// [`MAX_DURATION`] is an error.
 pub fn parse_duration_str(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("is empty".into());
     }
-    let mut total = Duration::ZERO;
+    let not_a_duration = || format!("{s:?} is not a duration");
+    let mut total_ns: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_len);
+        let int_len = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let (int, tail) = rest.split_at(int_len);
+        let (frac, tail) = match tail.strip_prefix('.') {
+            // `1.5h`; a dot needs digits on both sides.
+            Some(t) => t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len())),
+            None => ("", tail),
+        };
+        let dot_without_digits = frac.is_empty() && tail.len() < rest.len() - int_len;
+        if int.is_empty() || dot_without_digits {
+            return Err(not_a_duration());
+        }
         let unit_len = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
-        let secs = match unit {
-            "ms" => value / 1000.0,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
+        let unit_ns: u128 = match unit {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(format!("{s:?} has a number without a unit; use ms, s, m or h (e.g. `2s`, `5m`)")),
             _ => return Err(format!("{s:?} has unit {unit:?}; use ms, s, m or h (e.g. `2s`, `5m`)")),
         };
-        total += Duration::from_secs_f64(secs);
+        // Saturating: anything this large is over the maximum anyway.
+        let whole = int.bytes().fold(0u128, |v, d| v.saturating_mul(10).saturating_add(u128::from(d - b'0')));
+        let mut part = whole.saturating_mul(unit_ns);
+        let mut scale = unit_ns;
+        for d in frac.bytes().take(12) {
+            scale /= 10;
+            part = part.saturating_add(u128::from(d - b'0') * scale);
+        }
+        total_ns = total_ns.saturating_add(part);
         rest = tail;
     }
-    Ok(total)
+    if total_ns > MAX_DURATION.as_nanos() {
+        return Err(format!("{s:?} is longer than the maximum 24h"));
+    }
+    Ok(Duration::from_nanos(u64::try_from(total_ns).map_err(|_| not_a_duration())?))
 }
 
-fn parse_duration(s: &str, field: &str, err: &mut impl FnMut(&str, String)) -> Option<Duration> {
+/// A duration field within `[min, max]`.
+fn duration(s: &str, field: &str, min: Duration, max: Duration, p: &mut Problems) -> Option<Duration> {
+    let show = |d: Duration| humantime::format_duration(d).to_string();
     match parse_duration_str(s) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            err(field, format!("{e}; write a duration such as `2s` or `5m`"));
-            None
-        }
+        Ok(d) if d < min => p.add(field, format!("{s:?} is below the minimum {}", show(min))),
+        Ok(d) if d > max => p.add(field, format!("{s:?} is above the maximum {}", show(max))),
+        Ok(d) => return Some(d),
+        Err(e) => p.add(field, format!("{e}; write a duration such as `2s` or `5m`")),
     }
+    None
 }
 
 #[cfg(test)]
@@ -410,6 +587,71 @@ mod tests {
     }
 
     #[test]
+    fn resources_are_checked_like_the_api_server_would() {
+        let e = errors(json!({"worker": {"resources": {
+            "requests": {"cpu": "2", "memory": "lots", "gpu": 1, "nvidia.com/gpu": -1},
+            "limits": {"cpu": "500m"}
+        }}}));
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("spec.worker.resources.requests[\"gpu\"]: is not a resource")), "{e:?}");
+        assert!(e.iter().any(|m| m.starts_with("spec.worker.resources.requests[\"memory\"]: \"lots\"")), "{e:?}");
+        assert!(e.iter().any(|m| m.contains("[\"nvidia.com/gpu\"]: \"-1\" must not be negative")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.starts_with("spec.worker.resources.requests[\"cpu\"]: is above its limit")),
+            "{e:?}"
+        );
+        let ok = json!({"worker": {"resources": {"requests": {"cpu": "0.5", "memory": "1Gi", "hugepages-2Mi": "0"}, "limits": {"cpu": "500m"}}}});
+        assert!(validate(&spec(ok), "general").is_ok());
+    }
+
+    #[test]
+    fn names_that_cannot_become_labels_are_rejected_with_the_limit() {
+        let long = "a".repeat(64);
+        let e = validate(&spec(json!({})), &long).unwrap_err().to_string();
+        assert!(e.starts_with("metadata.name: is 64 characters long") && e.contains("at most 63"), "{e}");
+        assert!(validate(&spec(json!({})), &"a".repeat(63)).is_ok());
+    }
+
+    #[test]
+    fn a_pod_template_cannot_replace_what_the_operator_manages() {
+        let e = errors(json!({"worker": {
+            "env": [{"name": "APP_ENV", "value": "1"}, {"name": "APP_ENV", "value": "2"}, {"name": "1BAD", "value": "x"}],
+            "podTemplate": {
+                "metadata": {"labels": {"app.kubernetes.io/instance": "spoofed", "team": "ok"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "worker", "image": "evil:1", "command": ["sh"], "args": ["-c"], "env": [{"name": "CELERY_BROKER_URL", "value": "redis://evil"}]}]
+                }
+            }
+        }}));
+        for want in [
+            "spec.worker.env[1].name: \"APP_ENV\" is set twice",
+            "spec.worker.env[2].name: \"1BAD\" is not a valid environment variable name",
+            "spec.worker.podTemplate.metadata.labels[\"app.kubernetes.io/instance\"]: is set by the operator",
+            "spec.worker.podTemplate.spec.terminationGracePeriodSeconds: is set by the operator",
+            "spec.worker.podTemplate.spec.containers[0].image: is set by the operator for the worker container; use spec.worker.image",
+            "spec.worker.podTemplate.spec.containers[0].command: is set by the operator",
+            "spec.worker.podTemplate.spec.containers[0].args: is set by the operator",
+            "spec.worker.podTemplate.spec.containers[0].env (with spec.worker.env)[0].name: CELERY_BROKER_URL is set by the operator",
+        ] {
+            assert!(e.iter().any(|m| m.starts_with(want)), "missing {want:?} in {e:#?}");
+        }
+        let e = errors(json!({"worker": {"podTemplate": "not an object"}}));
+        assert!(e[0].starts_with("spec.worker.podTemplate: must be an object"), "{e:?}");
+    }
+
+    #[test]
+    fn duration_bounds_name_the_limit() {
+        let e = errors(
+            json!({"scaling": {"pollInterval": "2h", "fallbackAfter": "25h", "scaleDown": {"stabilizationWindow": "99999999999999999999999h"}}}),
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("spec.scaling.pollInterval: \"2h\" is above the maximum 1h"), "{e:?}");
+        assert!(e[1].contains("is longer than the maximum 24h"), "{e:?}");
+        assert!(e[2].starts_with("spec.scaling.fallbackAfter: \"25h\" is longer than the maximum 24h"), "{e:?}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration_str("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration_str("1m30s").unwrap(), Duration::from_secs(90));
@@ -417,5 +659,14 @@ mod tests {
         assert!(parse_duration_str("").is_err());
         assert!(parse_duration_str("10").is_err());
         assert!(parse_duration_str("s").is_err());
+        assert!(parse_duration_str("5.s").is_err());
+        assert!(parse_duration_str(".5s").is_err());
+        assert_eq!(parse_duration_str("0.0000000001s").unwrap(), Duration::ZERO, "below a nanosecond");
+        assert_eq!(parse_duration_str("24h").unwrap(), MAX_DURATION);
+        assert!(parse_duration_str("24h1ms").is_err());
+        // Twenty-odd digits used to panic in Duration::from_secs_f64 and +=.
+        for huge in ["99999999999999999999999h", "18446744073709551616s", "1e400s", "9".repeat(5000).as_str()] {
+            assert!(parse_duration_str(huge).is_err(), "{huge}");
+        }
     }
 }

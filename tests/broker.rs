@@ -3,14 +3,14 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::runtime::reflector::ObjectRef;
 use support::{ChildGuard, Redis, Sentinel, TempDir};
 use taskqueue_operator::broker::pool::open_client;
 use taskqueue_operator::broker::reader::read_depths;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery, ReadError};
-use taskqueue_operator::controller::poller::{BrokerState, Schedule, Target};
+use taskqueue_operator::controller::poller::{BrokerState, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
@@ -107,30 +107,30 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         interval: Duration::from_millis(100),
     };
     // Three TaskQueues on broker a (two share a queue), one on broker b.
-    state.register(key("ai"), target(&a.url(), &["ai_processing"])).await;
-    state.register(key("demo"), target(&a.url(), &["demo_tasks"])).await;
-    state.register(key("both"), target(&a.url(), &["ai_processing", "demo_tasks"])).await;
-    state.register(key("other"), target(&b.url(), &["celery"])).await;
+    state.register(key("ai"), target(&a.url(), &["ai_processing"]));
+    state.register(key("demo"), target(&a.url(), &["demo_tasks"]));
+    state.register(key("both"), target(&a.url(), &["ai_processing", "demo_tasks"]));
+    state.register(key("other"), target(&b.url(), &["celery"]));
 
     let conns_before = total_connections(&mut ca).await;
-    let mut schedule = Schedule::default();
-    let t0 = Instant::now();
-    let (changed, _) = state.poll_due(&mut schedule, t0).await;
-    assert_eq!(changed.len(), 4, "first reading of every TaskQueue is a change");
+    let (ea, eb) = (endpoint(&a.url()), endpoint(&b.url()));
+    let (changed_a, ok_a) = state.read_endpoint(&ea).await;
+    let (changed_b, ok_b) = state.read_endpoint(&eb).await;
+    assert!(ok_a && ok_b);
+    assert_eq!(changed_a.len() + changed_b.len(), 4, "first reading of every TaskQueue is a change");
     assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 2, "one per broker");
-    let both = state.reading(&key("both")).await.unwrap().depths.unwrap();
+    let both = state.reading(&key("both")).unwrap().depths.unwrap();
     assert_eq!(both.iter().map(|d| d.as_ref().unwrap().pending).collect::<Vec<_>>(), [3, 7]);
 
-    // Not due yet: no reads. Due again: one more round trip per broker, nothing changed.
-    let (changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_millis(50)).await;
-    assert!(changed.is_empty());
-    assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 2);
-    for i in 1..=5 {
-        let (changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_millis(100 * i)).await;
-        assert!(changed.is_empty(), "same depths: no reconcile wake-ups");
+    // Read again: one more round trip per broker each time, nothing changed, nobody woken.
+    for _ in 1..=5 {
+        let (changed_a, _) = state.read_endpoint(&ea).await;
+        let (changed_b, _) = state.read_endpoint(&eb).await;
+        assert!(changed_a.is_empty() && changed_b.is_empty(), "same depths: no reconcile wake-ups");
     }
     assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 12);
     // The pool dialled broker a once for all of that, plus one heartbeat subscription.
+    state.sync_heartbeats();
     support::wait_for("the heartbeat subscription on broker a", Duration::from_secs(10), || {
         let mut ca = ca.clone();
         async move {
@@ -140,9 +140,10 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
     })
     .await;
     assert_eq!(total_connections(&mut ca).await - conns_before, 2);
+    assert_eq!(state.connections().await, 2, "one pooled connection per broker");
 
     lpush(&mut ca, b"ai_processing", 1).await;
-    let (mut changed, _) = state.poll_due(&mut schedule, t0 + Duration::from_secs(1)).await;
+    let (mut changed, _) = state.read_endpoint(&ea).await;
     changed.sort_by_key(|k| k.name.clone());
     assert_eq!(changed, [key("ai"), key("both")], "only the TaskQueues whose depth moved are woken");
 }

@@ -112,6 +112,12 @@ fn condition(patch: &Value, type_: &str) -> Value {
     conds.iter().find(|c| c["type"] == type_).unwrap_or_else(|| panic!("no {type_} in {conds:?}")).clone()
 }
 
+/// A reconcile that is expected to make no request at all: it must finish on its own (a request
+/// nobody answers would hang it).
+async fn within_5s<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), f).await.expect("reconcile made a request nobody answered")
+}
+
 fn no_more_requests(handle: &mut Handle) {
     if let Some(Some((req, _))) = handle.next_request().now_or_never() {
         panic!("unexpected request {} {}", req.method(), req.uri());
@@ -164,7 +170,7 @@ async fn create_then_steady_state_makes_no_writes() {
     h.deployments.apply_watcher_event(&watcher::Event::Apply(deployed));
     let mut tq2 = taskqueue(ai_spec());
     tq2.status = Some(serde_json::from_value(status.clone()).unwrap());
-    reconcile(Arc::new(tq2), h.ctx.clone()).await.unwrap();
+    within_5s(reconcile(Arc::new(tq2), h.ctx.clone())).await.unwrap();
     no_more_requests(&mut h.handle);
 }
 
@@ -212,7 +218,7 @@ async fn invalid_spec_only_touches_its_status() {
     // Reconciled again unchanged: no second event, no status write.
     let mut again = taskqueue(spec);
     again.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
-    reconcile(Arc::new(again), h.ctx.clone()).await.unwrap();
+    within_5s(reconcile(Arc::new(again), h.ctx.clone())).await.unwrap();
     no_more_requests(&mut h.handle);
 }
 
@@ -281,4 +287,36 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
     let c = condition(&status, "BrokerReachable");
     assert_eq!(c["status"], "False");
     assert!(c["message"].as_str().unwrap().contains("Secret prod/celery-broker not found"), "{c}");
+}
+
+#[tokio::test]
+async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event() {
+    let mut h = harness();
+    let tq = Arc::new(taskqueue(ai_spec()));
+    let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    let server_says = "Deployment.apps \"ai\" is invalid: spec.template.spec.containers[0].image: Required value";
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422, "message": server_says});
+    expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 422, refused).await;
+    let event = expect_event(&mut h.handle, "DeploymentRejected").await;
+    assert_eq!(event["type"], "Warning");
+    assert!(event["note"].as_str().unwrap().contains(server_says), "{event}");
+    let status = expect_status(&mut h.handle).await;
+    run.await.unwrap().unwrap();
+    let ready = condition(&status, "Ready");
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("DeploymentRejected")));
+    assert!(ready["message"].as_str().unwrap().contains(server_says), "{ready}");
+    assert_eq!(status["status"]["desiredReplicas"], 3, "the Deployment stays as it was");
+    no_more_requests(&mut h.handle);
+
+    // Reconciled again at once: the refused template is not sent again, no second event, and the
+    // status is already what it should be.
+    let mut cached: Deployment = serde_json::from_value(owned_deployment(3)).unwrap();
+    cached.metadata.resource_version = Some("1".into());
+    h.deployments.apply_watcher_event(&watcher::Event::Apply(cached));
+    let mut again = taskqueue(ai_spec());
+    again.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+    within_5s(reconcile(Arc::new(again), h.ctx.clone())).await.unwrap();
+    no_more_requests(&mut h.handle);
 }

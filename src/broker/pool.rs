@@ -40,6 +40,15 @@ impl BrokerPool {
         Ok(conn)
     }
 
+    /// Open connections.
+    pub async fn len(&self) -> usize {
+        self.conns.lock().await.len()
+    }
+
+    pub async fn is_empty(&self) -> bool {
+        self.len().await == 0
+    }
+
     /// Drop a connection after a failure so the next tick dials afresh (e.g. new password).
     pub async fn forget(&self, endpoint: &BrokerEndpoint) {
         self.conns.lock().await.remove(endpoint);

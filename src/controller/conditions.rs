@@ -10,6 +10,10 @@ pub const ROUTES_ACCEPTED: &str = "RoutesAccepted";
 pub const SCALING_LIMITED: &str = "ScalingLimited";
 pub const PAUSED: &str = "Paused";
 
+/// Condition messages are cut to this many bytes: a spec with hundreds of conflicting routes
+/// would otherwise make a status too large to read (or to store).
+pub const MAX_MESSAGE: usize = 4096;
+
 /// Builds the new condition list; a condition whose status did not change keeps its
 /// `lastTransitionTime`, so an unchanged world produces an identical status (and no write).
 pub struct Conditions<'a> {
@@ -32,6 +36,20 @@ impl<'a> Conditions<'a> {
         self.set_raw(type_, "Unknown", reason, message.into());
     }
 
+    /// Keep the previous value of every condition not set this time (a step that did not run
+    /// says nothing new about its condition).
+    pub fn keep_previous(&mut self) {
+        for c in self.previous {
+            if self.list.iter().all(|n| n.type_ != c.type_) {
+                self.list.push(c.clone());
+            }
+        }
+    }
+
+    pub fn is(&self, type_: &str, status: &str) -> bool {
+        find(&self.list, type_).is_some_and(|c| c.status == status)
+    }
+
     fn set_raw(&mut self, type_: &str, status: &str, reason: &str, message: String) {
         let old = find(self.previous, type_);
         let last_transition_time = match old {
@@ -43,7 +61,7 @@ impl<'a> Conditions<'a> {
             type_: type_.into(),
             status: status.into(),
             reason: reason.into(),
-            message,
+            message: super::events::truncate(&message, MAX_MESSAGE).into_owned(),
             observed_generation: self.generation,
             last_transition_time,
         });

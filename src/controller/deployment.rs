@@ -11,15 +11,15 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use serde_json::Value;
 
 use crate::crd::TaskQueue;
+use crate::quantity;
 use crate::validate::ValidSpec;
 
 pub const MANAGER: &str = "taskqueue-operator";
 pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=taskqueue-operator";
 pub const CONTAINER: &str = "worker";
-/// Hash of everything the operator sets except replicas: equal hash + equal replicas = no write.
-pub const TEMPLATE_HASH: &str = "taskqueue.dev/template-hash";
 pub const DEFAULT_GRACE_SECONDS: i64 = 300;
 
 /// Labels on the Deployment and its pods; the first two form the (immutable) selector.
@@ -93,7 +93,8 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
     c.name = CONTAINER.into();
     c.image = Some(w.image.clone());
     c.command = Some(worker_command(tq, valid));
-    c.args = None;
+    // Owned as empty, so args added by hand count as drift and are removed.
+    c.args = Some(Vec::new());
     let mut env = vec![EnvVar {
         name: "CELERY_BROKER_URL".into(),
         value_from: Some(EnvVarSource {
@@ -119,42 +120,91 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
     pod.containers.insert(0, c);
     pod.termination_grace_period_seconds = Some(w.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS));
 
-    let owner: OwnerReference = tq.controller_owner_ref(&()).expect("TaskQueue from the API has a name and uid");
-    let mut d = Deployment {
+    // A TaskQueue read from the API server always has a name and uid, so always an owner.
+    let owners: Vec<OwnerReference> = tq.controller_owner_ref(&()).into_iter().collect();
+    Deployment {
         metadata: ObjectMeta {
             name: Some(tq.name_any()),
             namespace: tq.namespace(),
             labels: Some(labels(tq)),
-            owner_references: Some(vec![owner]),
+            owner_references: Some(owners),
             ..ObjectMeta::default()
         },
         spec: Some(DeploymentSpec {
-            replicas: None,
+            replicas: Some(replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(tq)), ..LabelSelector::default() },
             template: PodTemplateSpec { metadata: template.metadata, spec: template.spec },
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
-    };
-    let hash = template_hash(&d);
-    d.metadata.annotations = Some(BTreeMap::from([(TEMPLATE_HASH.to_string(), hash)]));
-    if let Some(spec) = d.spec.as_mut() {
-        spec.replicas = Some(replicas);
     }
-    d
 }
 
-fn template_hash(d: &Deployment) -> String {
+/// A hash of everything in `d` (equal Deployments, equal fingerprints, within one process).
+pub fn fingerprint(d: &Deployment) -> u64 {
     let mut h = DefaultHasher::new();
-    serde_json::to_string(d).expect("Deployment serializes").hash(&mut h);
-    format!("{:016x}", h.finish())
+    serde_json::to_string(d).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
-/// Whether `observed` already is what `desired` asks for (so no API write is needed).
-pub fn up_to_date(observed: &Deployment, desired: &Deployment) -> bool {
-    let ann = |d: &Deployment| d.metadata.annotations.as_ref().and_then(|a| a.get(TEMPLATE_HASH).cloned());
-    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
-    ann(observed).is_some() && ann(observed) == ann(desired) && replicas(observed) == replicas(desired)
+/// As [`fingerprint`], replicas left out: what a refused template is remembered by.
+pub fn template_fingerprint(d: &Deployment) -> u64 {
+    let mut d = d.clone();
+    if let Some(spec) = d.spec.as_mut() {
+        spec.replicas = None;
+    }
+    fingerprint(&d)
+}
+
+/// The first field the operator sets in `desired` that `observed` does not hold (as a path such
+/// as `.spec.template.spec.containers[0].image`), or None when `observed` already is what the
+/// operator asks for. Fields someone else added are not drift (server-side apply leaves them);
+/// lists of plain values (the command) must match exactly; an empty value the server dropped is
+/// no difference; quantities compare by value, as the API server rewrites `0.5` as `500m`.
+pub fn drift(observed: &Deployment, desired: &Deployment) -> Option<String> {
+    let (Ok(o), Ok(d)) = (serde_json::to_value(observed), serde_json::to_value(desired)) else {
+        return Some(String::new());
+    };
+    difference(&o, &d, String::new())
+}
+
+fn difference(observed: &Value, desired: &Value, path: String) -> Option<String> {
+    match desired {
+        Value::Object(fields) => fields.iter().find_map(|(k, d)| match observed.get(k) {
+            Some(o) => difference(o, d, format!("{path}.{k}")),
+            None if is_empty(d) => None,
+            None => Some(format!("{path}.{k}")),
+        }),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_object) => {
+            let observed = observed.as_array().map_or(&[][..], Vec::as_slice);
+            // Keyed lists (containers, env, volumes, ...): each of ours must be there, wherever.
+            items.iter().enumerate().find_map(|(i, d)| {
+                let found = observed.iter().any(|o| difference(o, d, path.clone()).is_none());
+                (!found).then(|| format!("{path}[{i}]"))
+            })
+        }
+        Value::Array(items) => {
+            let observed = observed.as_array().map_or(&[][..], Vec::as_slice);
+            (observed != items.as_slice()).then_some(path)
+        }
+        Value::String(d) => match observed.as_str() {
+            Some(o) if o == d => None,
+            Some(o) if path.contains(".resources.") && quantity::same(o, d) => None,
+            _ => Some(path),
+        },
+        Value::Null => None,
+        d => (observed != d).then_some(path),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 /// True when `d` is controlled by this TaskQueue (same uid), i.e. ours to manage.
@@ -191,7 +241,7 @@ mod tests {
                 "env": [{"name": "APP_ENV", "value": "prod"}],
                 "terminationGracePeriodSeconds": 600,
                 "podTemplate": {
-                    "metadata": {"labels": {"team": "data", "app.kubernetes.io/instance": "spoofed"}},
+                    "metadata": {"labels": {"team": "data"}},
                     "spec": {"nodeSelector": {"pool": "workers"}, "containers": [{"name": "worker", "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}, {"name": "sidecar", "image": "proxy:1"}]}
                 }
             }
@@ -231,7 +281,7 @@ mod tests {
         let spec = d.spec.as_ref().unwrap();
         assert_eq!(spec.replicas, Some(4));
         let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
-        assert_eq!(pod_labels["app.kubernetes.io/instance"], "general", "operator labels win over the template");
+        assert_eq!(pod_labels["app.kubernetes.io/instance"], "general");
         assert_eq!(pod_labels["team"], "data");
         assert_eq!(pod_labels["app.kubernetes.io/managed-by"], "taskqueue-operator");
         let pod = spec.template.spec.as_ref().unwrap();
@@ -252,17 +302,72 @@ mod tests {
     }
 
     #[test]
-    fn hash_ignores_replicas_and_tracks_the_template() {
+    fn fingerprints_follow_the_template_and_the_replicas() {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
-        let a = build(&t, &v, 1);
-        assert!(up_to_date(&a, &build(&t, &v, 1)));
-        assert!(!up_to_date(&a, &build(&t, &v, 2)), "replica change needs a write");
+        assert_eq!(fingerprint(&build(&t, &v, 1)), fingerprint(&build(&t, &v, 1)));
+        assert_ne!(fingerprint(&build(&t, &v, 1)), fingerprint(&build(&t, &v, 2)));
+        assert_eq!(template_fingerprint(&build(&t, &v, 1)), template_fingerprint(&build(&t, &v, 9)));
         let mut t2 = general();
         t2.spec.worker.concurrency = 4;
         let v2 = validate(&t2.spec, "general").unwrap();
-        assert!(!up_to_date(&a, &build(&t2, &v2, 1)), "template change needs a write");
-        assert_eq!(build(&t, &v, 1).metadata.annotations, build(&t, &v, 9).metadata.annotations);
+        assert_ne!(template_fingerprint(&build(&t, &v, 1)), template_fingerprint(&build(&t2, &v2, 1)));
+    }
+
+    /// What the API server answers for `d`: defaults added, quantities canonical, empty lists dropped.
+    fn as_stored(d: &Deployment) -> serde_json::Value {
+        let mut v = serde_json::to_value(d).unwrap();
+        v["metadata"]["generation"] = json!(4);
+        v["metadata"]["managedFields"] = json!([{"manager": "taskqueue-operator"}]);
+        v["spec"]["strategy"] = json!({"type": "RollingUpdate"});
+        let c = &mut v["spec"]["template"]["spec"]["containers"][0];
+        c["imagePullPolicy"] = json!("IfNotPresent");
+        c["resources"]["requests"]["cpu"] = json!("0.5"); // written as 500m
+        c.as_object_mut().unwrap().remove("args");
+        v["spec"]["template"]["spec"]["containers"].as_array_mut().unwrap().reverse();
+        v
+    }
+
+    #[test]
+    fn drift_ignores_what_the_server_adds_and_finds_every_managed_field() {
+        let t = general();
+        let v = validate(&t.spec, "general").unwrap();
+        let desired = build(&t, &v, 3);
+        let stored = as_stored(&desired);
+        let parse = |v: serde_json::Value| serde_json::from_value::<Deployment>(v).unwrap();
+        assert_eq!(drift(&parse(stored.clone()), &desired), None, "defaults, canonical quantities, order");
+        let edits: &[(&str, serde_json::Value, &str)] = &[
+            ("/spec/replicas", json!(7), ".spec.replicas"),
+            ("/spec/template/spec/containers/1/image", json!("evil:1"), ".spec.template.spec.containers[0]"),
+            ("/spec/template/spec/containers/1/command/3", json!("beat"), ".spec.template.spec.containers[0]"),
+            ("/spec/template/spec/containers/1/args", json!(["--pool=solo"]), ".spec.template.spec.containers[0]"),
+            ("/spec/template/spec/containers/1/env/1/value", json!("staging"), ".spec.template.spec.containers[0]"),
+            (
+                "/spec/template/spec/containers/1/resources/limits/memory",
+                json!("2Gi"),
+                ".spec.template.spec.containers[0]",
+            ),
+            (
+                "/spec/template/spec/terminationGracePeriodSeconds",
+                json!(1),
+                ".spec.template.spec.terminationGracePeriodSeconds",
+            ),
+        ];
+        for (pointer, value, want) in edits {
+            let mut edited = stored.clone();
+            let (parent, last) = pointer.rsplit_once('/').unwrap();
+            match edited.pointer_mut(parent).unwrap_or_else(|| panic!("{pointer}")) {
+                serde_json::Value::Array(a) => a[last.parse::<usize>().unwrap()] = value.clone(),
+                other => other[last] = value.clone(),
+            }
+            assert_eq!(drift(&parse(edited), &desired).as_deref(), Some(*want), "{pointer}");
+        }
+        let mut extra = stored.clone();
+        extra["spec"]["template"]["spec"]["containers"][1]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "X", "value": "1"}));
+        assert_eq!(drift(&parse(extra), &desired), None, "what others add is theirs");
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl EventPublisher {
 }
 
 /// At most `max` bytes, cut at a character boundary, marked with `…` when cut.
-fn truncate(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub(crate) fn truncate(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max {
         return s.into();
     }

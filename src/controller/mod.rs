@@ -4,9 +4,12 @@ pub mod conditions;
 pub mod deletion_cost;
 pub mod deployment;
 pub mod events;
+pub mod memory;
+pub mod plan;
 pub mod poller;
 pub mod reconcile;
 pub mod routes;
+pub mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,18 +18,19 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::crd::TaskQueue;
 use crate::metrics::{Metrics, ResultLabels};
-pub use reconcile::{error_policy, reconcile, Context, Error, SecretCache};
+pub use reconcile::{error_policy, reconcile, reconcile_guarded, Context, Error};
+pub use secrets::SecretCache;
 
 /// Settings of `taskqueue-operator run`.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Watch one namespace instead of all.
     pub namespace: Option<String>,
-    /// Connect/response timeout for broker reads.
+    /// Deadline of one whole broker read (connect, Sentinel discovery, LLENs, HSCAN pages).
     pub broker_timeout: Duration,
     /// How long a broker URL read from a Secret is reused.
     pub secret_ttl: Duration,
@@ -62,12 +66,19 @@ where
     }
 }
 
-/// Run until SIGTERM/SIGINT (or until `shutdown` resolves).
+/// A background task of the controller ended: the process must not go on with stale readings
+/// or an unpublished routing table.
+#[derive(Debug, thiserror::Error)]
+#[error("the {0} task stopped: {1}")]
+pub struct TaskDied(pub &'static str, pub String);
+
+/// Run until SIGTERM/SIGINT (or until `shutdown` resolves). An error means a background task
+/// (broker poller, routes publisher, janitor) ended on its own: exit non-zero so the pod restarts.
 pub async fn run(
     client: Client,
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> Result<(), TaskDied> {
     let (dep_store, dep_writer) = reflector::store::<Deployment>();
     let dep_stream = watcher(
         api::<Deployment>(&client, &settings.namespace),
@@ -101,63 +112,81 @@ pub async fn run(
 
     let metrics = settings.metrics.clone();
     let broker = Arc::new(poller::BrokerState::with_metrics(settings.broker_timeout, metrics.clone()));
-    let poller = tokio::spawn(poller::run(broker.clone(), controller.store(), trigger_tx.clone()));
     let verdicts = routes::SharedVerdicts::default();
-    let publisher = tokio::spawn(routes::run(
-        client.clone(),
-        settings.routes_configmap.clone(),
-        controller.store(),
-        trigger_tx,
-        metrics.clone(),
-        verdicts.clone(),
-    ));
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: events::EventPublisher::new(client.clone(), deployment::MANAGER, std::env::var("POD_NAME").ok()),
         deployments: dep_store,
         routes_configmap: settings.routes_configmap.clone(),
-        broker,
+        broker: broker.clone(),
         memory: Default::default(),
-        secrets: SecretCache::new(client, settings.secret_ttl),
+        secrets: SecretCache::new(client.clone(), settings.secret_ttl),
         metrics: metrics.clone(),
-        routes: verdicts,
+        routes: verdicts.clone(),
     });
-    // Reconcile is not called for deleted objects: drop their per-object memory here.
-    let janitor = tokio::spawn({
-        let (ctx, store) = (ctx.clone(), controller.store());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone())));
+    tasks.spawn(named(
+        "routes publisher",
+        routes::run(routes::Publisher {
+            client,
+            name: settings.routes_configmap.clone(),
+            store: controller.store(),
+            trigger: trigger_tx,
+            metrics: metrics.clone(),
+            shared: verdicts,
+        }),
+    ));
+    tasks.spawn(named("janitor", janitor(ctx.clone(), controller.store())));
+    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
+    let reconciling = controller.run(reconcile_guarded, error_policy, ctx).for_each(|res| {
+        let metrics = metrics.clone();
         async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                ctx.memory.lock().expect("lock").retain(|key, _| {
-                    let live = store.get(key).is_some();
-                    if !live {
-                        ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
-                    }
-                    live
-                });
+            let result = match &res {
+                Ok(_) => "ok",
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => "error",
+                Err(_) => "controller_error",
+            };
+            metrics.reconciles.get_or_create(&ResultLabels { result: result.into() }).inc();
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile error");
             }
         }
     });
-    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| {
-            let metrics = metrics.clone();
-            async move {
-                let result = match &res {
-                    Ok(_) => "ok",
-                    Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => "error",
-                    Err(_) => "controller_error",
-                };
-                metrics.reconciles.get_or_create(&ResultLabels { result: result.into() }).inc();
-                if let Err(e) = res {
-                    warn!(error = %e, "reconcile error");
-                }
-            }
-        })
-        .await;
-    poller.abort();
-    publisher.abort();
-    janitor.abort();
+    let outcome = tokio::select! {
+        _ = reconciling => Ok(()),
+        Some(ended) = tasks.join_next() => {
+            let died = match ended {
+                Ok(name) => TaskDied(name, "returned".into()),
+                Err(e) => TaskDied("background", e.to_string()),
+            };
+            error!("{died}; stopping so the process restarts with fresh state");
+            Err(died)
+        }
+    };
+    tasks.abort_all();
     info!("controller stopped");
+    outcome
+}
+
+/// A background task that reports its name when it ends.
+async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> &'static str {
+    task.await;
+    name
+}
+
+/// Memory, metrics and cached Secrets of objects that are gone (reconcile is not called for
+/// deleted objects), every 30 s.
+async fn janitor(ctx: Arc<Context>, store: reflector::Store<TaskQueue>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        ctx.memory.lock().expect("lock").retain(|key, _| {
+            let live = store.get(key).is_some();
+            if !live {
+                ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
+            }
+            live
+        });
+        ctx.secrets.evict_expired();
+    }
 }

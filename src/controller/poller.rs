@@ -1,16 +1,24 @@
-//! The broker poller: every tick, one pipelined read per broker for all TaskQueues using it.
+//! The broker poller: one reader task per broker endpoint, each on its own clock.
 //!
-//! Reconciles register what they need to read (a [`Target`]); the poller groups targets by broker
-//! endpoint, reads each broker once per its shortest poll interval, stores a [`Reading`] per
-//! TaskQueue and wakes the reconciler for those whose reading changed.
+//! Reconciles register what they need read (a [`Target`]). A supervising loop keeps one reader
+//! task per endpoint in use and one worker-heartbeat subscription per (endpoint, key prefix);
+//! an endpoint nobody uses any more loses its task, its subscription and its connection. Each
+//! reader reads its broker once per the shortest poll interval of its TaskQueues (backing off
+//! while it fails) in one pipelined round trip, with one deadline over everything the read does
+//! (connecting, Sentinel discovery, the LLENs, the HSCAN pages). It stores a [`Reading`] per
+//! TaskQueue as soon as its own read is done and wakes the reconciles whose reading changed. A
+//! slow or blackholed broker therefore only ever delays its own TaskQueues.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
 use kube::runtime::reflector::{ObjectRef, Store};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::error;
 
 use crate::broker::heartbeat::{self, SharedWorkers};
 use crate::broker::reader::read_depths;
@@ -35,6 +43,8 @@ pub struct Reading {
     pub endpoint: BrokerEndpoint,
     pub queries: Vec<DepthQuery>,
     pub depths: Depths,
+    /// When the read started.
+    pub at: Instant,
 }
 
 impl Reading {
@@ -45,17 +55,56 @@ impl Reading {
 }
 
 /// The live workers of one (broker, prefix), and the task keeping them current.
-type Subscription = (SharedWorkers, tokio::task::JoinHandle<()>);
+type Subscription = (SharedWorkers, JoinHandle<()>);
+
+/// The reader task of one endpoint, and how to make it read early (a new target).
+struct Reader {
+    task: JoinHandle<()>,
+    wake: Arc<Notify>,
+}
+
+/// Targets grouped by endpoint (each reader walks only its own).
+#[derive(Default)]
+struct Targets {
+    by_endpoint: HashMap<BrokerEndpoint, HashMap<Key, Target>>,
+    endpoint_of: HashMap<Key, BrokerEndpoint>,
+}
+
+impl Targets {
+    /// Insert or replace; true when it changed.
+    fn insert(&mut self, key: Key, target: Target) -> bool {
+        if self.endpoint_of.get(&key).is_some_and(|e| *e != target.endpoint) {
+            self.remove(&key);
+        }
+        self.endpoint_of.insert(key.clone(), target.endpoint.clone());
+        let group = self.by_endpoint.entry(target.endpoint.clone()).or_default();
+        group.insert(key, target.clone()).as_ref() != Some(&target)
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let Some(endpoint) = self.endpoint_of.remove(key) else { return };
+        if let Some(group) = self.by_endpoint.get_mut(&endpoint) {
+            group.remove(key);
+            if group.is_empty() {
+                self.by_endpoint.remove(&endpoint);
+            }
+        }
+    }
+}
 
 pub struct BrokerState {
-    targets: Mutex<HashMap<Key, Target>>,
+    targets: Mutex<Targets>,
     readings: Mutex<HashMap<Key, Reading>>,
     pool: BrokerPool,
+    /// The whole of one broker read must finish within this.
+    deadline: Duration,
+    readers: Mutex<HashMap<BrokerEndpoint, Reader>>,
     /// One worker-heartbeat subscription per (broker, key prefix) in use.
-    heartbeats: std::sync::Mutex<HashMap<(BrokerEndpoint, String), Subscription>>,
+    heartbeats: Mutex<HashMap<(BrokerEndpoint, String), Subscription>>,
+    /// A new endpoint appeared: the supervisor starts its reader.
     wake: Notify,
     /// Round trips done so far (for tests and benchmarks).
-    pub round_trips: std::sync::atomic::AtomicU64,
+    pub round_trips: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -70,117 +119,104 @@ impl BrokerState {
             targets: Mutex::default(),
             readings: Mutex::default(),
             pool: BrokerPool::new(timeout),
-            heartbeats: Default::default(),
+            deadline: timeout,
+            readers: Mutex::default(),
+            heartbeats: Mutex::default(),
             wake: Notify::new(),
-            round_trips: Default::default(),
+            round_trips: AtomicU64::default(),
         }
     }
 
-    pub async fn register(&self, key: Key, target: Target) {
-        let changed = self.targets.lock().await.insert(key, target.clone()).as_ref() != Some(&target);
-        if changed {
-            self.wake.notify_one();
+    pub fn register(&self, key: Key, target: Target) {
+        let endpoint = target.endpoint.clone();
+        let changed = self.targets.lock().expect("lock").insert(key, target);
+        if !changed {
+            return;
+        }
+        match self.readers.lock().expect("lock").get(&endpoint) {
+            Some(r) => r.wake.notify_one(),
+            None => self.wake.notify_one(),
         }
     }
 
-    pub async fn unregister(&self, key: &Key) {
-        self.targets.lock().await.remove(key);
-        self.readings.lock().await.remove(key);
+    pub fn unregister(&self, key: &Key) {
+        self.targets.lock().expect("lock").remove(key);
+        self.readings.lock().expect("lock").remove(key);
     }
 
-    pub async fn reading(&self, key: &Key) -> Option<Reading> {
-        self.readings.lock().await.get(key).cloned()
+    pub fn reading(&self, key: &Key) -> Option<Reading> {
+        self.readings.lock().expect("lock").get(key).cloned()
     }
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
-    pub async fn workers(&self, key: &Key) -> Option<SharedWorkers> {
-        let target = self.targets.lock().await.get(key).cloned()?;
-        let prefix = target.queries.first()?.prefix.clone();
-        self.heartbeats.lock().expect("lock").get(&(target.endpoint, prefix)).map(|(w, _)| w.clone())
+    pub fn workers(&self, key: &Key) -> Option<SharedWorkers> {
+        let prefix = {
+            let targets = self.targets.lock().expect("lock");
+            let endpoint = targets.endpoint_of.get(key)?;
+            let target = targets.by_endpoint.get(endpoint)?.get(key)?;
+            (endpoint.clone(), target.queries.first()?.prefix.clone())
+        };
+        self.heartbeats.lock().expect("lock").get(&prefix).map(|(w, _)| w.clone())
     }
 
-    /// Start subscriptions for new (broker, prefix) pairs and stop unused ones.
-    fn sync_heartbeats(&self, targets: &HashMap<Key, Target>) {
-        let want: std::collections::HashSet<(BrokerEndpoint, String)> =
-            targets.values().flat_map(|t| t.queries.iter().map(|q| (t.endpoint.clone(), q.prefix.clone()))).collect();
-        let mut subs = self.heartbeats.lock().expect("lock");
-        subs.retain(|k, (_, task)| {
-            let keep = want.contains(k);
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for (endpoint, prefix) in want {
-            subs.entry((endpoint.clone(), prefix.clone())).or_insert_with(|| {
-                let workers = SharedWorkers::default();
-                let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
-                let task = tokio::spawn(heartbeat::subscribe(endpoint, vec![prefix], workers.clone(), timeout));
-                (workers, task)
-            });
+    /// Endpoints in use.
+    pub fn endpoints(&self) -> Vec<BrokerEndpoint> {
+        self.targets.lock().expect("lock").by_endpoint.keys().cloned().collect()
+    }
+
+    /// Open broker connections (bounded by the endpoints in use).
+    pub async fn connections(&self) -> usize {
+        self.pool.len().await
+    }
+
+    /// Read one endpoint once for all its TaskQueues: store their readings, return the
+    /// TaskQueues whose reading changed and whether the read worked.
+    pub async fn read_endpoint(&self, endpoint: &BrokerEndpoint) -> (Vec<Key>, bool) {
+        let members: Vec<(Key, Target)> = {
+            let targets = self.targets.lock().expect("lock");
+            let group = targets.by_endpoint.get(endpoint);
+            group.map(|g| g.iter().map(|(k, t)| (k.clone(), t.clone())).collect()).unwrap_or_default()
+        };
+        if members.is_empty() {
+            return (Vec::new(), true);
         }
-    }
-
-    /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
-    async fn prune(&self, store: &Store<TaskQueue>) {
-        let mut targets = self.targets.lock().await;
-        let before = targets.len();
-        targets.retain(|k, _| store.get(k).is_some());
-        if targets.len() != before {
-            let live: std::collections::HashSet<Key> = targets.keys().cloned().collect();
-            self.readings.lock().await.retain(|k, _| live.contains(k));
-        }
-    }
-
-    /// Read every broker in `groups` once (concurrently); store per-TaskQueue readings and
-    /// return the TaskQueues whose reading changed, and the brokers that could not be read.
-    async fn read_groups(&self, groups: Vec<(BrokerEndpoint, Vec<(Key, Target)>)>) -> (Vec<Key>, Vec<BrokerEndpoint>) {
-        let reads = groups.into_iter().map(|(endpoint, members)| async move {
-            let queries: Vec<DepthQuery> = members
-                .iter()
-                .flat_map(|(_, t)| t.queries.iter().cloned())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let result = self.read_one(&endpoint, &queries).await;
-            (endpoint, members, queries, result)
-        });
-        let results = futures::future::join_all(reads).await;
+        let queries: Vec<DepthQuery> =
+            members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+        let at = Instant::now();
+        let result = self.read_one(endpoint, &queries).await;
+        let ok = result.is_ok();
         let mut changed = Vec::new();
-        let mut failed = Vec::new();
-        let mut readings = self.readings.lock().await;
-        for (endpoint, members, queries, result) in results {
-            if result.is_err() {
-                failed.push(endpoint.clone());
-            }
-            for (key, target) in members {
-                let depths = match &result {
-                    Err(e) => Err(e.clone()),
-                    Ok(all) => Ok(target
-                        .queries
-                        .iter()
-                        .map(|q| {
-                            queries
-                                .binary_search(q)
-                                .map(|i| all[i].clone())
-                                .unwrap_or_else(|_| Ok(QueueDepth::default()))
-                        })
-                        .collect()),
-                };
-                let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), depths };
-                let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == reading.depths);
-                readings.insert(key.clone(), reading);
-                if !same {
-                    changed.push(key);
-                }
+        let mut readings = self.readings.lock().expect("lock");
+        for (key, target) in members {
+            let depths = match &result {
+                Err(e) => Err(e.clone()),
+                Ok(all) => Ok(target
+                    .queries
+                    .iter()
+                    .map(|q| {
+                        queries.binary_search(q).map(|i| all[i].clone()).unwrap_or_else(|_| Ok(QueueDepth::default()))
+                    })
+                    .collect()),
+            };
+            let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == depths);
+            let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), depths, at };
+            readings.insert(key.clone(), reading);
+            if !same {
+                changed.push(key);
             }
         }
-        (changed, failed)
+        (changed, ok)
     }
 
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
         let started = Instant::now();
-        let result = self.connect_and_read(endpoint, queries).await;
+        let result = match tokio::time::timeout(self.deadline, self.connect_and_read(endpoint, queries)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReadError::Unreachable {
+                endpoint: endpoint.to_string(),
+                cause: format!("no reply within {:?}", self.deadline),
+            }),
+        };
         self.metrics.broker_read_seconds.observe(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(_) => "ok",
@@ -195,13 +231,160 @@ impl BrokerState {
     }
 
     async fn connect_and_read(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
-        let shown = endpoint.to_string();
         let mut conn = self.pool.connection(endpoint).await?;
-        self.round_trips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let timeout = self.pool.timeout.unwrap_or(Duration::from_secs(5));
-        match tokio::time::timeout(timeout, read_depths(&mut conn, &shown, queries)).await {
-            Ok(r) => r,
-            Err(_) => Err(ReadError::Unreachable { endpoint: shown, cause: format!("no reply within {timeout:?}") }),
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        read_depths(&mut conn, &endpoint.to_string(), queries).await
+    }
+
+    /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
+    fn prune(&self, store: &Store<TaskQueue>) {
+        let gone: Vec<Key> = {
+            let targets = self.targets.lock().expect("lock");
+            targets.endpoint_of.keys().filter(|k| store.get(k).is_none()).cloned().collect()
+        };
+        for key in &gone {
+            self.unregister(key);
+        }
+    }
+
+    /// One reader per endpoint in use: start missing ones (and ones that died), stop unused
+    /// ones and drop their connections.
+    async fn sync_readers(self: &Arc<Self>, trigger: &UnboundedSender<Key>) {
+        let want: HashSet<BrokerEndpoint> = self.endpoints().into_iter().collect();
+        let unused: Vec<BrokerEndpoint> = {
+            let mut readers = self.readers.lock().expect("lock");
+            let unused: Vec<BrokerEndpoint> = readers.keys().filter(|e| !want.contains(*e)).cloned().collect();
+            for e in &unused {
+                if let Some(r) = readers.remove(e) {
+                    r.task.abort();
+                }
+            }
+            for endpoint in &want {
+                if readers.get(endpoint).is_some_and(|r| r.task.is_finished()) {
+                    // Readers loop until aborted: a finished one panicked. Start it again.
+                    error!(broker = %endpoint, "broker reader stopped unexpectedly; restarting it");
+                    readers.remove(endpoint);
+                }
+                readers.entry(endpoint.clone()).or_insert_with(|| {
+                    let wake = Arc::new(Notify::new());
+                    let task = tokio::spawn(read_loop(self.clone(), endpoint.clone(), wake.clone(), trigger.clone()));
+                    Reader { task, wake }
+                });
+            }
+            unused
+        };
+        for e in unused {
+            self.pool.forget(&e).await;
+        }
+    }
+
+    /// Start subscriptions for new (broker, prefix) pairs and stop unused ones (and restart
+    /// one that died). Called by the supervising loop.
+    pub fn sync_heartbeats(&self) {
+        let want: HashSet<(BrokerEndpoint, String)> = {
+            let targets = self.targets.lock().expect("lock");
+            targets
+                .by_endpoint
+                .iter()
+                .flat_map(|(e, group)| {
+                    group.values().flat_map(|t| t.queries.iter().map(|q| (e.clone(), q.prefix.clone())))
+                })
+                .collect()
+        };
+        let mut subs = self.heartbeats.lock().expect("lock");
+        subs.retain(|k, (_, task)| {
+            let keep = want.contains(k) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (endpoint, prefix) in want {
+            subs.entry((endpoint.clone(), prefix.clone())).or_insert_with(|| {
+                let workers = SharedWorkers::default();
+                let task = tokio::spawn(heartbeat::subscribe(endpoint, vec![prefix], workers.clone(), self.deadline));
+                (workers, task)
+            });
+        }
+    }
+
+    fn count_live_workers(&self) {
+        let now = Instant::now();
+        let live: usize =
+            self.heartbeats.lock().expect("lock").values().map(|(w, _)| w.lock().expect("lock").live(now)).sum();
+        self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for BrokerState {
+    fn drop(&mut self) {
+        for (_, task) in self.heartbeats.get_mut().map(|h| h.values()).into_iter().flatten() {
+            task.abort();
+        }
+        for r in self.readers.get_mut().map(|r| r.values()).into_iter().flatten() {
+            r.task.abort();
+        }
+    }
+}
+
+/// How long a wake-up for new targets waits for more of them (they come in bursts: startup, a
+/// big apply).
+const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The longest wait between reads of a failing broker: recovery is noticed within this.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Time between reads: the poll interval, doubled per failed read in a row up to
+/// [`MAX_BACKOFF`] (never below the poll interval itself).
+pub fn read_interval(poll: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return poll;
+    }
+    poll.saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF.max(poll))
+}
+
+/// One endpoint's reader: read, wake the changed TaskQueues, wait; until aborted or unused.
+async fn read_loop(
+    state: Arc<BrokerState>,
+    endpoint: BrokerEndpoint,
+    wake: Arc<Notify>,
+    trigger: UnboundedSender<Key>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let poll = {
+            let targets = state.targets.lock().expect("lock");
+            let group = targets.by_endpoint.get(&endpoint);
+            group.and_then(|g| g.values().map(|t| t.interval).min())
+        };
+        let Some(poll) = poll else { return };
+        let (changed, ok) = state.read_endpoint(&endpoint).await;
+        failures = if ok { 0 } else { failures.saturating_add(1) };
+        for key in changed {
+            if trigger.unbounded_send(key).is_err() {
+                return; // controller stopped
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(read_interval(poll, failures)) => {}
+            _ = wake.notified() => tokio::time::sleep(WAKE_DEBOUNCE).await,
+        }
+    }
+}
+
+/// Supervise the readers and subscriptions until the controller stops.
+pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
+    loop {
+        if trigger.is_closed() {
+            return;
+        }
+        state.prune(&store);
+        state.sync_readers(&trigger).await;
+        state.sync_heartbeats();
+        state.count_live_workers();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = state.wake.notified() => tokio::time::sleep(WAKE_DEBOUNCE).await,
         }
     }
 }
@@ -218,105 +401,18 @@ mod tests {
         assert_eq!(read_interval(Duration::from_secs(30), 3), Duration::from_secs(30), "never below pollInterval");
         assert_eq!(read_interval(ms(100), 40), MAX_BACKOFF);
     }
-}
 
-impl Drop for BrokerState {
-    fn drop(&mut self) {
-        for (_, task) in self.heartbeats.lock().expect("lock").values() {
-            task.abort();
-        }
-    }
-}
-
-/// How long a wake-up for new targets waits for more of them.
-const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
-
-/// Run forever: read due brokers, wake reconciles whose reading changed.
-pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
-    let mut schedule = Schedule::default();
-    loop {
-        state.prune(&store).await;
-        let (changed, next_wake) = state.poll_due(&mut schedule, Instant::now()).await;
-        for key in changed {
-            if trigger.unbounded_send(key).is_err() {
-                return; // controller stopped
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep_until(next_wake.into()) => {}
-            _ = state.wake.notified() => {
-                // New targets come in bursts (startup, a big apply): gather them, since every
-                // pass walks all targets.
-                tokio::time::sleep(WAKE_DEBOUNCE).await;
-            }
-        }
-    }
-}
-
-/// When each broker was last read, and how many reads in a row failed.
-#[derive(Default)]
-pub struct Schedule {
-    last_read: HashMap<BrokerEndpoint, Instant>,
-    failures: HashMap<BrokerEndpoint, u32>,
-}
-
-/// The longest wait between reads of a failing broker: recovery is noticed within this.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Time between reads: the poll interval, doubled per failed read in a row up to
-/// [`MAX_BACKOFF`] (never below the poll interval itself).
-pub fn read_interval(poll: Duration, failures: u32) -> Duration {
-    if failures == 0 {
-        return poll;
-    }
-    poll.saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF.max(poll))
-}
-
-impl BrokerState {
-    /// One tick: read every broker whose shortest poll interval has elapsed (one pipelined round
-    /// trip each, shared by all its TaskQueues). Returns the TaskQueues whose reading changed and
-    /// when the next broker falls due.
-    pub async fn poll_due(&self, schedule: &mut Schedule, now: Instant) -> (Vec<Key>, Instant) {
-        let mut groups: HashMap<BrokerEndpoint, (Duration, Vec<(Key, Target)>)> = HashMap::new();
-        {
-            let targets = self.targets.lock().await;
-            self.sync_heartbeats(&targets);
-            for (key, target) in targets.iter() {
-                let g = groups.entry(target.endpoint.clone()).or_insert((target.interval, Vec::new()));
-                g.0 = g.0.min(target.interval);
-                g.1.push((key.clone(), target.clone()));
-            }
-        }
-        let live: usize =
-            self.heartbeats.lock().expect("lock").values().map(|(w, _)| w.lock().expect("lock").live(now)).sum();
-        self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
-        schedule.last_read.retain(|e, _| groups.contains_key(e));
-        schedule.failures.retain(|e, _| groups.contains_key(e));
-        let mut due = Vec::new();
-        let mut next_wake = now + Duration::from_secs(1);
-        for (endpoint, (poll, members)) in groups {
-            let interval = read_interval(poll, schedule.failures.get(&endpoint).copied().unwrap_or(0));
-            let next = schedule.last_read.get(&endpoint).map_or(now, |t| *t + interval);
-            if next <= now {
-                schedule.last_read.insert(endpoint.clone(), now);
-                next_wake = next_wake.min(now + interval);
-                due.push((endpoint, members));
-            } else {
-                next_wake = next_wake.min(next);
-            }
-        }
-        if due.is_empty() {
-            return (Vec::new(), next_wake);
-        }
-        let read: Vec<BrokerEndpoint> = due.iter().map(|(e, _)| e.clone()).collect();
-        let (changed, failed) = self.read_groups(due).await;
-        for endpoint in read {
-            if failed.contains(&endpoint) {
-                *schedule.failures.entry(endpoint).or_default() += 1;
-            } else {
-                schedule.failures.remove(&endpoint);
-            }
-        }
-        (changed, next_wake)
+    #[test]
+    fn targets_move_between_endpoints() {
+        let e = |port| BrokerEndpoint::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let t = |port| Target { endpoint: e(port), queries: Vec::new(), interval: Duration::from_secs(1) };
+        let key = ObjectRef::<TaskQueue>::new("a").within("ns");
+        let mut targets = Targets::default();
+        assert!(targets.insert(key.clone(), t(1)));
+        assert!(!targets.insert(key.clone(), t(1)), "same target again is no change");
+        assert!(targets.insert(key.clone(), t(2)), "a rotated URL moves the TaskQueue");
+        assert_eq!(targets.by_endpoint.keys().collect::<Vec<_>>(), [&e(2)], "the old endpoint is unused now");
+        targets.remove(&key);
+        assert!(targets.by_endpoint.is_empty() && targets.endpoint_of.is_empty());
     }
 }

@@ -6,7 +6,9 @@
 //! write is retried with backoff up to a minute, e.g. a table above the 1 MiB ConfigMap limit).
 //! The ConfigMap is owned by every TaskQueue of the namespace (non-controller owner references),
 //! so the garbage collector removes it with the last one; the loop also deletes it explicitly
-//! when a namespace's last TaskQueue goes. When what the table says about its TaskQueues changes
+//! when a namespace's last TaskQueue goes. A ConfigMap of that name the operator did not create
+//! is never taken over: the TaskQueues say so (`RoutesAccepted=False`, `ConfigMapConflict`) and
+//! the loop looks again with backoff. When what the table says about its TaskQueues changes
 //! (the verdicts below), they are reconciled so their `RoutesAccepted` conditions follow.
 //!
 //! The loop also keeps each namespace's verdicts (which routes were left out, and why) for the
@@ -30,6 +32,8 @@ use crate::crd::{Route, TaskQueue};
 use crate::routing::{build_table, Table};
 
 pub const KEY: &str = "task_routes.json";
+/// `app.kubernetes.io/component` of the routing table ConfigMap.
+const COMPONENT: &str = "celery-task-routes";
 
 /// What a TaskQueue's verdict depends on besides its peers: its routes and the queues it consumes.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,6 +58,8 @@ impl RouteInput {
 pub struct Verdicts {
     /// TaskQueue name -> (what its verdict was computed from, routes left out and why).
     pub by_name: HashMap<String, (RouteInput, Vec<String>)>,
+    /// Why the table could not be published at all: (reason, message).
+    pub refused: Option<(&'static str, String)>,
 }
 
 /// Namespace -> verdicts, shared with the reconciler.
@@ -69,7 +75,7 @@ pub fn verdicts(taskqueues: &[TaskQueue], table: &Table) -> Verdicts {
             lost.push(format!("route {:?} left out: {}", r.pattern, r.reason));
         }
     }
-    Verdicts { by_name }
+    Verdicts { by_name, refused: None }
 }
 
 /// The ConfigMap for one namespace's TaskQueues (pure).
@@ -90,7 +96,7 @@ pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue], 
             namespace: Some(namespace.to_string()),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
-                ("app.kubernetes.io/component".to_string(), "celery-task-routes".to_string()),
+                ("app.kubernetes.io/component".to_string(), COMPONENT.to_string()),
             ])),
             owner_references: Some(owners),
             ..ObjectMeta::default()
@@ -101,7 +107,7 @@ pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue], 
 }
 
 /// Per namespace: the TaskQueues the last pass built from, what was written, and when a failed
-/// write is retried.
+/// (or refused) write is tried again.
 #[derive(Default)]
 struct NamespaceState {
     /// `(name, uid, generation)` of each TaskQueue, sorted: the table depends on nothing else.
@@ -113,82 +119,131 @@ struct NamespaceState {
 
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
-/// Run forever (until the task is aborted).
-pub async fn run(
-    client: Client,
-    name: String,
-    store: Store<TaskQueue>,
-    trigger: UnboundedSender<ObjectRef<TaskQueue>>,
-    metrics: Arc<crate::metrics::Metrics>,
-    shared: SharedVerdicts,
-) {
+/// The publisher's dependencies.
+pub struct Publisher {
+    pub client: Client,
+    /// ConfigMap name.
+    pub name: String,
+    pub store: Store<TaskQueue>,
+    pub trigger: UnboundedSender<ObjectRef<TaskQueue>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub shared: SharedVerdicts,
+}
+
+/// Run until the controller stops.
+pub async fn run(p: Publisher) {
     let mut states: HashMap<String, NamespaceState> = HashMap::new();
-    loop {
+    while !p.trigger.is_closed() {
         let mut by_ns: BTreeMap<String, Vec<Arc<TaskQueue>>> = BTreeMap::new();
-        for tq in store.state() {
+        for tq in p.store.state() {
             by_ns.entry(tq.namespace().unwrap_or_default()).or_default().push(tq);
         }
         let now = Instant::now();
         for (ns, arcs) in &by_ns {
-            let mut seen: Vec<(String, String, Option<i64>)> =
-                arcs.iter().map(|t| (t.name_any(), t.uid().unwrap_or_default(), t.metadata.generation)).collect();
-            seen.sort();
             let st = states.entry(ns.clone()).or_default();
-            // Only status changed since the last pass (the usual case): nothing to rebuild.
-            if st.seen == seen && st.retry.is_none() {
-                continue;
-            }
-            if st.retry.is_some_and(|(at, _)| now < at) {
-                continue;
-            }
-            let tqs: Vec<TaskQueue> = arcs.iter().map(|t| (**t).clone()).collect();
-            let table = build_table(&tqs);
-            let v = verdicts(&tqs, &table);
-            if shared.read().expect("lock").get(ns) != Some(&v) {
-                shared.write().expect("lock").insert(ns.clone(), v);
-                for tq in &tqs {
-                    let _ = trigger.unbounded_send(ObjectRef::from_obj(tq));
-                }
-            }
-            let cm = desired_configmap(&name, ns, &tqs, &table);
-            let fingerprint = serde_json::to_string(&cm).expect("ConfigMap serializes");
-            if st.published.as_ref() == Some(&fingerprint) {
-                (st.seen, st.retry) = (seen, None);
-                continue;
-            }
-            let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-            metrics.write("configmap");
-            match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&cm)).await {
-                Ok(_) => {
-                    info!(namespace = %ns, configmap = %name, "published Celery routing table");
-                    (st.seen, st.published, st.retry) = (seen, Some(fingerprint), None);
-                }
-                Err(e) => {
-                    // E.g. a table above the 1 MiB ConfigMap limit: retry, but not every second.
-                    let backoff = st.retry.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_RETRY));
-                    st.retry = Some((now + backoff, backoff));
-                    warn!(namespace = %ns, error = %e, "could not publish the routing table; retrying in {backoff:?}");
-                }
-            }
+            p.namespace(ns, arcs, st, now).await;
         }
-        shared.write().expect("lock").retain(|ns, _| by_ns.contains_key(ns));
+        p.shared.write().expect("lock").retain(|ns, _| by_ns.contains_key(ns));
         let gone: Vec<String> = states.keys().filter(|ns| !by_ns.contains_key(*ns)).cloned().collect();
         for ns in gone {
-            if states.get(&ns).is_some_and(|st| st.published.is_none()) {
+            if p.remove(&ns, states.get(&ns).is_some_and(|st| st.published.is_some())).await {
                 states.remove(&ns);
-                continue;
-            }
-            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-            metrics.write("configmap");
-            match api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) | Err(kube::Error::Api(_)) => {
-                    states.remove(&ns);
-                }
-                Err(e) => warn!(namespace = %ns, error = %e, "could not delete the routing table; retrying"),
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+impl Publisher {
+    /// Rebuild and write one namespace's table when its TaskQueues changed (or a retry is due).
+    async fn namespace(&self, ns: &str, arcs: &[Arc<TaskQueue>], st: &mut NamespaceState, now: Instant) {
+        let mut seen: Vec<(String, String, Option<i64>)> =
+            arcs.iter().map(|t| (t.name_any(), t.uid().unwrap_or_default(), t.metadata.generation)).collect();
+        seen.sort();
+        // Only status changed since the last pass (the usual case): nothing to rebuild.
+        if (st.seen == seen && st.retry.is_none()) || st.retry.is_some_and(|(at, _)| now < at) {
+            return;
+        }
+        let tqs: Vec<TaskQueue> = arcs.iter().map(|t| (**t).clone()).collect();
+        let table = build_table(&tqs);
+        let cm = desired_configmap(&self.name, ns, &tqs, &table);
+        let fingerprint = serde_json::to_string(&cm).unwrap_or_default();
+        let mut verdicts = verdicts(&tqs, &table);
+        let outcome = if st.published.as_ref() == Some(&fingerprint) { Ok(()) } else { self.write(ns, &cm).await };
+        match outcome {
+            Ok(()) => (st.seen, st.published, st.retry) = (seen, Some(fingerprint), None),
+            Err(refused) => {
+                // E.g. someone else's ConfigMap, or a table above the 1 MiB ConfigMap limit:
+                // try again, but not every second.
+                let backoff = st.retry.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_RETRY));
+                st.retry = Some((now + backoff, backoff));
+                warn!(namespace = %ns, reason = refused.0, "{}; retrying in {backoff:?}", refused.1);
+                verdicts.refused = Some(refused);
+            }
+        }
+        if self.shared.read().expect("lock").get(ns) != Some(&verdicts) {
+            self.shared.write().expect("lock").insert(ns.to_string(), verdicts);
+            for tq in &tqs {
+                let _ = self.trigger.unbounded_send(ObjectRef::from_obj(tq));
+            }
+        }
+    }
+
+    /// Write the table, unless a ConfigMap of that name exists that this operator did not
+    /// create: that one is never taken over. The error is (reason, message) for the condition.
+    async fn write(&self, ns: &str, cm: &ConfigMap) -> Result<(), (&'static str, String)> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let name = &self.name;
+        match api.get_opt(name).await {
+            Ok(Some(existing)) if !is_ours(&existing) => {
+                return Err((
+                    "ConfigMapConflict",
+                    format!(
+                        "ConfigMap {ns}/{name} already exists and was not created by taskqueue-operator (no label \
+                         app.kubernetes.io/managed-by=taskqueue-operator); the routing table is not published until \
+                         that ConfigMap is renamed or deleted, or the operator runs with another --routes-configmap"
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(("RoutesNotPublished", format!("cannot read ConfigMap {ns}/{name}: {e}"))),
+        }
+        self.metrics.write("configmap");
+        match api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm)).await {
+            Ok(_) => {
+                info!(namespace = %ns, configmap = %name, "published Celery routing table");
+                Ok(())
+            }
+            Err(e) => Err((
+                "RoutesNotPublished",
+                format!("the routing table could not be written to ConfigMap {ns}/{name}: {e}"),
+            )),
+        }
+    }
+
+    /// Delete the table of a namespace whose last TaskQueue went (only one we published).
+    /// Returns whether the namespace is done with.
+    async fn remove(&self, ns: &str, published: bool) -> bool {
+        if !published {
+            return true;
+        }
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        self.metrics.write("configmap");
+        match api.delete(&self.name, &DeleteParams::default()).await {
+            Ok(_) | Err(kube::Error::Api(_)) => true,
+            Err(e) => {
+                warn!(namespace = %ns, error = %e, "could not delete the routing table; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// A ConfigMap this operator created (labelled as its routing table).
+fn is_ours(cm: &ConfigMap) -> bool {
+    let labels = cm.labels();
+    labels.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGER)
+        && labels.get("app.kubernetes.io/component").map(String::as_str) == Some(COMPONENT)
 }
 
 #[cfg(test)]

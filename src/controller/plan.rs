@@ -1,0 +1,692 @@
+//! One reconcile's decisions (pure): from what was seen — the spec, the broker reading, the
+//! Deployment, the routing verdict and this process's memory — to the Deployment to write (or
+//! none), the whole status, the events to publish and the next memory.
+//!
+//! `plan` has no client and no clock of its own, and it is the only place a status is built:
+//! every outcome (invalid spec, foreign Deployment, refused write, broker outage, pause, a
+//! scale-down waiting out its window) is a path through it, table-tested below without a cluster.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+
+use super::conditions::{
+    Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
+};
+use super::deployment::{self, owned_by, selector_string};
+use super::memory::Memory;
+use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
+use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
+use crate::validate::{InvalidSpec, ValidSpec};
+
+/// A refused Deployment template is tried again after this long (or at once when it changes).
+pub const REJECT_RETRY: Duration = Duration::from_secs(60);
+/// Look again this often even when nothing changes.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// Everything one reconcile looked at.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub valid: Result<ValidSpec, InvalidSpec>,
+    pub broker: BrokerView,
+    /// The Deployment named like the TaskQueue, ours or not.
+    pub deployment: Option<Deployment>,
+    pub routes: RoutesView,
+    pub memory: Memory,
+    /// Wall clock (whole seconds) for condition and scale times.
+    pub now: Time,
+    /// Monotonic clock for windows and outages.
+    pub instant: Instant,
+}
+
+/// What the broker side says for this TaskQueue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BrokerView {
+    /// Not looked at (the spec is invalid).
+    NotRead,
+    /// The first read of a new target is still to come.
+    Waiting(String),
+    /// The Secret, URL or CA cannot be used, or the read failed: (reason, message).
+    Failed(&'static str, String),
+    /// Read: the pool's load, pending per queue, and a message naming what was read.
+    Read { load: Load, by_queue: BTreeMap<String, i64>, message: String },
+}
+
+/// This TaskQueue's routes in its namespace's routing table.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoutesView {
+    /// The table has not been built from the current routes yet.
+    Pending(String),
+    Published(String),
+    /// Left out or not published: (reason, message).
+    Refused(&'static str, String),
+}
+
+/// An Event to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Announcement {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// A replica change, for logs and metrics.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleChange {
+    pub from: Option<i32>,
+    pub to: i32,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The Deployment to apply; None when nothing needs writing (or nothing may be written).
+    pub deployment: Option<Deployment>,
+    /// `deployment::template_fingerprint` of the desired Deployment, when one was built.
+    pub template: Option<u64>,
+    /// Why `deployment` is written over an existing one that someone else changed.
+    pub restores: Option<String>,
+    pub status: TaskQueueStatus,
+    pub events: Vec<Announcement>,
+    pub memory: Memory,
+    pub scale: Option<ScaleChange>,
+    /// Replicas go down: give idle workers the lowest deletion cost first.
+    pub scale_in: bool,
+    pub paused: bool,
+    /// When to look again without a change; None: wait for one.
+    pub requeue: Option<Duration>,
+}
+
+pub fn plan(tq: &TaskQueue, seen: &Seen) -> Plan {
+    let prev = tq.status.clone().unwrap_or_default();
+    let mut d = Draft {
+        tq,
+        seen,
+        conds: Conditions::new(&prev.conditions, tq.metadata.generation, seen.now.clone()),
+        memory: seen.memory.clone(),
+        events: Vec::new(),
+        status: TaskQueueStatus {
+            observed_generation: tq.metadata.generation,
+            selector: Some(selector_string(tq)),
+            last_scale_time: prev.last_scale_time.clone(),
+            last_scale_reason: prev.last_scale_reason.clone(),
+            ..TaskQueueStatus::default()
+        },
+        out: Plan {
+            deployment: None,
+            template: None,
+            restores: None,
+            status: TaskQueueStatus::default(),
+            events: Vec::new(),
+            memory: Memory::default(),
+            scale: None,
+            scale_in: false,
+            paused: paused(tq),
+            requeue: None,
+        },
+    };
+    match &seen.valid {
+        Err(invalid) => d.invalid_spec(invalid),
+        Ok(valid) => d.valid_spec(valid),
+    }
+    d.finish()
+}
+
+fn paused(tq: &TaskQueue) -> bool {
+    tq.annotations().get(PAUSED_ANNOTATION).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// How a condition moved, judged against what this process already announced: a cached status
+/// can lag behind our own write and would otherwise announce the same problem twice.
+#[derive(Debug, PartialEq, Eq)]
+enum Transition {
+    Failed,
+    Recovered,
+    Same,
+}
+
+struct Draft<'a> {
+    tq: &'a TaskQueue,
+    seen: &'a Seen,
+    conds: Conditions<'a>,
+    memory: Memory,
+    events: Vec<Announcement>,
+    status: TaskQueueStatus,
+    out: Plan,
+}
+
+impl Draft<'_> {
+    fn announce(&mut self, type_: EventType, reason: &'static str, note: impl Into<String>) {
+        self.events.push(Announcement { type_, reason, note: note.into() });
+    }
+
+    /// Whether condition `type_` just failed or recovered. A spec problem or a refused Deployment
+    /// is news whenever its message changes; other failures only when their reason does (the
+    /// cause text of one outage varies from read to read).
+    fn transition(&mut self, type_: &'static str) -> Transition {
+        let Some(c) = self.conds.list.iter().find(|c| c.type_ == type_) else { return Transition::Same };
+        if c.status != "False" {
+            let was_failing = self.memory.warned.remove(type_).is_some();
+            return if was_failing && c.status == "True" { Transition::Recovered } else { Transition::Same };
+        }
+        let announced =
+            if matches!(type_, SPEC_VALID | READY) { format!("{}: {}", c.reason, c.message) } else { c.reason.clone() };
+        let new = self.memory.warned.get(type_) != Some(&announced);
+        self.memory.warned.insert(type_, announced);
+        // After a restart memory is empty: the stored status tells whether it was announced.
+        if new && self.conds.turned_false(type_) {
+            Transition::Failed
+        } else {
+            Transition::Same
+        }
+    }
+
+    /// A Warning event with the condition's message, when it just failed.
+    fn warn_on_failure(&mut self, type_: &'static str) {
+        if self.transition(type_) == Transition::Failed {
+            self.warn(type_);
+        }
+    }
+
+    /// A Warning event with condition `type_`'s reason and message.
+    fn warn(&mut self, type_: &str) {
+        if let Some(c) = self.conds.list.iter().find(|c| c.type_ == type_) {
+            let (reason, note) = (event_reason(&c.reason), c.message.clone());
+            self.announce(EventType::Warning, reason, note);
+        }
+    }
+
+    /// An invalid spec changes nothing but this object's status.
+    fn invalid_spec(&mut self, invalid: &InvalidSpec) {
+        self.memory.history = History::default();
+        self.conds.set(SPEC_VALID, false, "InvalidSpec", invalid.to_string());
+        self.conds.set(
+            READY,
+            false,
+            "InvalidSpec",
+            "spec is invalid; the worker Deployment is left unchanged until it is fixed",
+        );
+        self.routes();
+        self.conds.keep_previous();
+        self.warn_on_failure(SPEC_VALID);
+        let observed = self.seen.deployment.as_ref().filter(|d| owned_by(d, self.tq));
+        self.deployment_status(observed, observed.map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)));
+        self.out.requeue = None;
+    }
+
+    fn valid_spec(&mut self, valid: &ValidSpec) {
+        self.conds.set(SPEC_VALID, true, "Valid", "spec is valid");
+        self.transition(SPEC_VALID); // valid again: forget the announced problem
+        self.routes();
+        let load = self.broker();
+        match &self.seen.deployment {
+            Some(d) if !owned_by(d, self.tq) => self.foreign(d),
+            observed => self.scale(valid, observed.as_ref(), load),
+        }
+    }
+
+    /// `RoutesAccepted`, from the namespace's routing table as the publisher last built it.
+    fn routes(&mut self) {
+        match &self.seen.routes {
+            RoutesView::Pending(msg) => self.conds.unknown(ROUTES_ACCEPTED, "Pending", msg.clone()),
+            RoutesView::Published(msg) => {
+                self.conds.set(ROUTES_ACCEPTED, true, "Published", msg.clone());
+                self.transition(ROUTES_ACCEPTED);
+            }
+            RoutesView::Refused(reason, msg) => {
+                self.conds.set(ROUTES_ACCEPTED, false, reason, msg.clone());
+                self.warn_on_failure(ROUTES_ACCEPTED);
+            }
+        }
+    }
+
+    /// `BrokerReachable` and the depth fields of the status; the load when the broker was read.
+    fn broker(&mut self) -> Option<Load> {
+        let load = match &self.seen.broker {
+            BrokerView::NotRead => None,
+            BrokerView::Waiting(msg) => {
+                self.conds.unknown(BROKER_REACHABLE, "Reading", msg.clone());
+                None
+            }
+            BrokerView::Failed(reason, msg) => {
+                self.conds.set(BROKER_REACHABLE, false, reason, msg.clone());
+                None
+            }
+            BrokerView::Read { load, by_queue, message } => {
+                self.conds.set(BROKER_REACHABLE, true, "Read", message.clone());
+                self.status.pending = Some(load.pending);
+                self.status.in_flight = Some(load.in_flight);
+                self.status.pending_by_queue = by_queue.clone();
+                Some(*load)
+            }
+        };
+        match self.transition(BROKER_REACHABLE) {
+            Transition::Failed => self.warn(BROKER_REACHABLE),
+            Transition::Recovered => {
+                self.announce(EventType::Normal, "BrokerReachable", "broker readable again; scaling resumed")
+            }
+            Transition::Same => {}
+        }
+        load
+    }
+
+    /// Never take over a Deployment we do not own.
+    fn foreign(&mut self, d: &Deployment) {
+        let (ns, name) = (self.tq.namespace().unwrap_or_default(), self.tq.name_any());
+        let owner =
+            d.owner_references().first().map_or("no owner".to_string(), |o| format!("owner {}/{}", o.kind, o.name));
+        let msg = format!(
+            "Deployment {ns}/{name} already exists ({owner}) and is not managed by this TaskQueue; delete or rename \
+             that Deployment, or rename the TaskQueue"
+        );
+        self.conds.set(DEPLOYMENT_OWNED, false, "DeploymentConflict", msg);
+        self.conds.set(READY, false, "DeploymentConflict", "the worker Deployment belongs to someone else");
+        self.warn_on_failure(DEPLOYMENT_OWNED);
+        self.out.requeue = Some(RESYNC);
+    }
+
+    /// The main path: decide the replicas, build the Deployment, say why.
+    fn scale(&mut self, valid: &ValidSpec, observed: Option<&Deployment>, load: Option<Load>) {
+        let name = self.tq.name_any();
+        self.conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
+        self.transition(DEPLOYMENT_OWNED);
+        let current = self.current_replicas(observed);
+        let paused = self.out.paused;
+        let observation = self.observation(load);
+        let bounds = bounds(valid, paused);
+        let decision = decide(&bounds, current, observation, &mut self.memory.history, self.seen.instant);
+        self.pause_condition(paused);
+
+        let desired = deployment::build(self.tq, valid, decision.replicas);
+        let template = deployment::template_fingerprint(&desired);
+        self.out.template = Some(template);
+        let refused =
+            self.memory.rejected.clone().filter(|r| r.template == template && self.seen.instant < r.at + REJECT_RETRY);
+        if let Some(r) = refused {
+            self.refused(current, &r.message);
+            self.deployment_status(observed, current);
+            return;
+        }
+        self.memory.rejected = None;
+        self.memory.warned.remove(READY);
+        if let Some(restores) = self.needs_write(observed, &desired) {
+            if let Some(why) = &restores {
+                self.announce(EventType::Normal, "Restored", format!("{why}; restored from the spec"));
+            }
+            self.out.restores = restores;
+            self.out.deployment = Some(desired);
+        }
+        self.scaled(current, &decision);
+        if decision.limited {
+            self.conds.set(SCALING_LIMITED, true, "Limited", decision.reason.clone());
+        } else {
+            self.conds.set(SCALING_LIMITED, false, "FollowsDemand", decision.reason.clone());
+        }
+        self.deployment_status(observed, Some(decision.replicas));
+        let reachable = self.conds.is(BROKER_REACHABLE, "True");
+        let ready = self.status.ready_replicas.unwrap_or(0);
+        if !reachable {
+            let msg =
+                format!("replicas held at {}: the broker could not be read (see BrokerReachable)", decision.replicas);
+            self.conds.set(READY, false, "BrokerNotRead", msg);
+        } else if ready < decision.replicas {
+            self.conds.set(READY, false, "WorkersNotReady", format!("{ready}/{} worker pods ready", decision.replicas));
+        } else {
+            self.conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
+        }
+        // The poller wakes us when the depth changes; a pending scale-down or step needs a look
+        // once per poll so it happens when due.
+        let busy = decision.replicas != decision.recommended || !reachable;
+        self.out.requeue = Some(if busy { valid.poll_interval } else { RESYNC });
+    }
+
+    /// The API server refused this Deployment: it stays as it was, and the status says why.
+    fn refused(&mut self, current: Option<i32>, message: &str) {
+        let held = current.map_or("not created".to_string(), |c| format!("left at {c} replicas"));
+        let msg = format!(
+            "the API server refused the worker Deployment ({held}, retried in {}s or when the spec changes): {message}",
+            REJECT_RETRY.as_secs()
+        );
+        self.conds.set(READY, false, "DeploymentRejected", msg);
+        self.warn_on_failure(READY);
+        self.conds.set(
+            SCALING_LIMITED,
+            true,
+            "DeploymentRejected",
+            "replicas held: the worker Deployment cannot be written (see Ready)",
+        );
+        self.out.requeue = Some(REJECT_RETRY);
+    }
+
+    /// The Deployment's current replicas. A cached copy older than our last write is stale: our
+    /// write is the truth then (otherwise every reconcile right after a scale would scale again).
+    fn current_replicas(&self, observed: Option<&Deployment>) -> Option<i32> {
+        let o = observed?;
+        let generation = o.metadata.generation.unwrap_or(0);
+        match self.memory.applied {
+            Some(a) if generation < a.generation => Some(a.replicas),
+            _ => Some(o.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)),
+        }
+    }
+
+    /// Whether `desired` must be written: Some(why, when it repairs someone else's change).
+    fn needs_write(&self, observed: Option<&Deployment>, desired: &Deployment) -> Option<Option<String>> {
+        let Some(o) = observed else { return Some(None) };
+        let generation = o.metadata.generation.unwrap_or(0);
+        match self.memory.applied {
+            // Nobody changed it since our write (or the cache has not caught up): only a new
+            // desired state needs a write. This also stops a write loop on a difference the
+            // server itself makes.
+            Some(a) if generation <= a.generation => {
+                (a.fingerprint != deployment::fingerprint(desired)).then_some(None)
+            }
+            _ => deployment::drift(o, desired).map(|path| {
+                let changed_by_others = self.memory.applied.is_some();
+                changed_by_others
+                    .then(|| format!("field {path} of the worker Deployment was changed outside the operator"))
+            }),
+        }
+    }
+
+    fn observation(&mut self, load: Option<Load>) -> Observation {
+        match (load, &self.seen.broker) {
+            (Some(load), _) => {
+                self.memory.unknown_since = None;
+                Observation::Known(load)
+            }
+            // Right after a (re)start or spec change the first read is still to come: not an outage.
+            (None, BrokerView::Waiting(_)) => Observation::Unknown { for_: Duration::ZERO },
+            (None, _) => {
+                let since = *self.memory.unknown_since.get_or_insert(self.seen.instant);
+                Observation::Unknown { for_: self.seen.instant.saturating_duration_since(since) }
+            }
+        }
+    }
+
+    /// Status, memory and an event for a replica change.
+    fn scaled(&mut self, current: Option<i32>, decision: &Decision) {
+        if current == Some(decision.replicas) {
+            return;
+        }
+        let reason = match current {
+            None => "Created",
+            Some(c) if c < decision.replicas => "ScaledUp",
+            Some(_) => "ScaledDown",
+        };
+        self.announce(EventType::Normal, reason, decision.reason.clone());
+        self.memory.last_scale = Some((self.seen.now.clone(), decision.reason.clone()));
+        self.out.scale_in = current.is_some_and(|c| decision.replicas < c);
+        self.out.scale = Some(ScaleChange { from: current, to: decision.replicas, reason: decision.reason.clone() });
+    }
+
+    /// The `Paused` condition, and one event each time the pause goes on or off.
+    fn pause_condition(&mut self, paused: bool) {
+        if paused {
+            let msg =
+                format!("replicas frozen by annotation {PAUSED_ANNOTATION}=true; the worker template still reconciles");
+            self.conds.set(PAUSED, true, "Annotated", msg);
+        } else {
+            self.conds.set(PAUSED, false, "Active", "replicas follow the broker");
+        }
+        // After a restart the stored condition tells what was announced already.
+        let prev = self.tq.status.as_ref().map_or(&[][..], |s| s.conditions.as_slice());
+        let announced =
+            self.memory.paused.unwrap_or_else(|| prev.iter().any(|c| c.type_ == PAUSED && c.status == "True"));
+        self.memory.paused = Some(paused);
+        if announced != paused {
+            if paused {
+                self.announce(
+                    EventType::Normal,
+                    "Paused",
+                    format!("scaling paused by annotation {PAUSED_ANNOTATION}=true"),
+                );
+            } else {
+                self.announce(EventType::Normal, "Resumed", "scaling resumed: replicas follow the broker again");
+            }
+        }
+    }
+
+    /// Replica fields of the status: what the Deployment runs, and what was asked for.
+    fn deployment_status(&mut self, observed: Option<&Deployment>, desired: Option<i32>) {
+        let s = observed.and_then(|d| d.status.as_ref());
+        self.status.replicas = Some(s.and_then(|s| s.replicas).unwrap_or(0));
+        self.status.ready_replicas = Some(s.and_then(|s| s.ready_replicas).unwrap_or(0));
+        self.status.desired_replicas = desired;
+    }
+
+    fn finish(mut self) -> Plan {
+        if let Some((at, why)) = self.memory.last_scale.clone() {
+            self.status.last_scale_time = Some(at);
+            self.status.last_scale_reason = Some(why);
+        }
+        self.status.conditions = std::mem::take(&mut self.conds.list);
+        Plan { status: self.status, events: self.events, memory: self.memory, ..self.out }
+    }
+}
+
+/// The scaling knobs of a validated spec.
+fn bounds(valid: &ValidSpec, paused: bool) -> Bounds {
+    Bounds {
+        count_in_flight: valid.count_in_flight,
+        min_replicas: valid.min_replicas,
+        max_replicas: valid.max_replicas,
+        tasks_per_replica: valid.tasks_per_replica,
+        activation_threshold: valid.activation_threshold,
+        stabilization_window: valid.stabilization_window,
+        scale_up_max_step: valid.scale_up_max_step,
+        scale_down_max_step: valid.scale_down_max_step,
+        fallback: valid.fallback,
+        paused,
+    }
+}
+
+/// Condition reasons double as event reasons; events want a `'static` one.
+fn event_reason(reason: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "InvalidSpec",
+        "DeploymentConflict",
+        "DeploymentRejected",
+        "RouteConflict",
+        "ConfigMapConflict",
+        "BrokerSecretMissing",
+        "InvalidBrokerURL",
+        "BrokerUnreachable",
+        "BrokerAuthFailed",
+        "WrongKeyType",
+        "BrokerReadFailed",
+    ];
+    KNOWN.iter().copied().find(|k| *k == reason).unwrap_or("Warning")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::memory::{Applied, Rejected};
+    use crate::validate::validate;
+    use serde_json::json;
+
+    fn taskqueue(annotations: serde_json::Value, scaling: serde_json::Value) -> TaskQueue {
+        serde_json::from_value(json!({
+            "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
+            "metadata": {"name": "ai", "namespace": "prod", "uid": "tq-uid", "generation": 2, "annotations": annotations},
+            "spec": {
+                "queue": "ai_processing",
+                "broker": {"urlSecretRef": {"name": "celery-broker"}},
+                "worker": {"image": "app:1", "app": "app.worker", "concurrency": 4},
+                "scaling": scaling
+            }
+        }))
+        .unwrap()
+    }
+
+    fn plain() -> TaskQueue {
+        taskqueue(json!({}), json!({"minReplicas": 0, "maxReplicas": 10, "scaleDown": {"stabilizationWindow": "60s"}}))
+    }
+
+    fn read(pending: i64) -> BrokerView {
+        let load = Load { pending, in_flight: 0 };
+        BrokerView::Read { load, by_queue: BTreeMap::from([("ai_processing".into(), pending)]), message: "read".into() }
+    }
+
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    fn seen(tq: &TaskQueue, broker: BrokerView, deployment: Option<Deployment>, memory: Memory) -> Seen {
+        Seen {
+            valid: validate(&tq.spec, &tq.name_any()),
+            broker,
+            deployment,
+            routes: RoutesView::Published("0 route(s)".into()),
+            memory,
+            now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
+            instant: t0() + Duration::from_secs(100),
+        }
+    }
+
+    /// Our Deployment for `tq` at `replicas`, as stored at `generation`.
+    fn ours(tq: &TaskQueue, replicas: i32, generation: i64) -> Deployment {
+        let mut d = deployment::build(tq, validate(&tq.spec, "ai").as_ref().unwrap(), replicas);
+        d.metadata.generation = Some(generation).filter(|g| *g > 0);
+        d
+    }
+
+    /// Memory after our write of `d` at `generation`.
+    fn wrote(d: &Deployment, generation: i64) -> Memory {
+        let replicas = d.spec.as_ref().unwrap().replicas.unwrap();
+        let mut sent = d.clone();
+        sent.metadata.generation = None;
+        let applied = Applied { generation, fingerprint: deployment::fingerprint(&sent), replicas };
+        Memory { applied: Some(applied), ..Memory::default() }
+    }
+
+    struct Want {
+        /// Replicas of the Deployment written, or None for no write.
+        written: Option<i32>,
+        desired: Option<i32>,
+        ready: &'static str,
+        events: &'static [&'static str],
+        requeue: Option<u64>,
+    }
+
+    #[test]
+    fn every_outcome_goes_through_one_plan() {
+        let mut bad = plain();
+        bad.spec.scaling.min_replicas = 5;
+        bad.spec.scaling.max_replicas = 2;
+        let mut foreign = ours(&plain(), 7, 1);
+        foreign.metadata.owner_references = None;
+        let at_3 = ours(&plain(), 3, 4);
+        let mut edited = at_3.clone();
+        edited.metadata.generation = Some(5);
+        edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some("evil:1".into());
+        let refused = Memory {
+            rejected: Some(Rejected {
+                template: deployment::template_fingerprint(&ours(&plain(), 3, 0)),
+                message: "spec.template: Invalid value".into(),
+                at: t0() + Duration::from_secs(90),
+            }),
+            ..wrote(&at_3, 4)
+        };
+        let mut window = wrote(&ours(&plain(), 6, 4), 4);
+        let first = plan(
+            &plain(),
+            &Seen {
+                instant: t0() + Duration::from_secs(90),
+                ..seen(&plain(), read(24), Some(ours(&plain(), 6, 4)), window.clone())
+            },
+        );
+        window.history = first.memory.history;
+        let paused = taskqueue(json!({"taskqueue.dev/paused": "true"}), json!({"maxReplicas": 10}));
+        let unknown = Memory { unknown_since: Some(t0()), ..wrote(&at_3, 4) };
+
+        #[rustfmt::skip]
+        let rows: Vec<(&str, TaskQueue, Seen, Want)> = vec![
+            ("new TaskQueue, 9 pending / 4 per replica", plain(), seen(&plain(), read(9), None, Memory::default()),
+                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Created"], requeue: Some(60) }),
+            ("first read still to come", plain(), seen(&plain(), BrokerView::Waiting("waiting".into()), None, Memory::default()),
+                Want { written: Some(0), desired: Some(0), ready: "BrokerNotRead", events: &["Created"], requeue: Some(2) }),
+            ("steady state: nothing to write or say", plain(), seen(&plain(), read(12), Some(at_3.clone()), wrote(&at_3, 4)),
+                Want { written: None, desired: Some(3), ready: "WorkersNotReady", events: &[], requeue: Some(60) }),
+            ("invalid spec", bad.clone(), seen(&bad, BrokerView::NotRead, Some(at_3.clone()), Memory::default()),
+                Want { written: None, desired: Some(3), ready: "InvalidSpec", events: &["InvalidSpec"], requeue: None }),
+            ("foreign Deployment", plain(), seen(&plain(), read(12), Some(foreign), Memory::default()),
+                Want { written: None, desired: None, ready: "DeploymentConflict", events: &["DeploymentConflict"], requeue: Some(60) }),
+            ("refused apply is held until the retry", plain(), seen(&plain(), read(12), Some(at_3.clone()), refused),
+                Want { written: None, desired: Some(3), ready: "DeploymentRejected", events: &["DeploymentRejected"], requeue: Some(60) }),
+            ("broker outage holds the replicas", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(at_3.clone()), unknown),
+                Want { written: None, desired: Some(3), ready: "BrokerNotRead", events: &["BrokerUnreachable"], requeue: Some(2) }),
+            ("pause holds at 0 with 12 pending", paused.clone(), seen(&paused, read(12), Some(ours(&paused, 0, 1)), wrote(&ours(&paused, 0, 1), 1)),
+                Want { written: None, desired: Some(0), ready: "WorkersReady", events: &["Paused"], requeue: Some(60) }),
+            ("scale-down waits out its window", plain(), seen(&plain(), read(0), Some(ours(&plain(), 6, 4)), window),
+                Want { written: None, desired: Some(6), ready: "WorkersNotReady", events: &[], requeue: Some(2) }),
+            ("hand edit of the image is restored", plain(), seen(&plain(), read(12), Some(edited), wrote(&at_3, 4)),
+                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Restored"], requeue: Some(60) }),
+        ];
+        for (name, tq, seen, want) in rows {
+            let p = plan(&tq, &seen);
+            let written = p.deployment.as_ref().map(|d| d.spec.as_ref().unwrap().replicas.unwrap());
+            assert_eq!(written, want.written, "{name}: written");
+            assert_eq!(p.status.desired_replicas, want.desired, "{name}: desiredReplicas");
+            let ready = p.status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+            assert_eq!(ready.reason, want.ready, "{name}: Ready {ready:?}");
+            let events: Vec<&str> = p.events.iter().map(|e| e.reason).collect();
+            assert_eq!(events, want.events, "{name}: events");
+            assert_eq!(p.requeue, want.requeue.map(Duration::from_secs), "{name}: requeue");
+            // The whole status comes from this one place: every condition type is there.
+            let types: Vec<&str> = p.status.conditions.iter().map(|c| c.type_.as_str()).collect();
+            assert!(
+                types.contains(&SPEC_VALID) && types.contains(&READY) && types.contains(&ROUTES_ACCEPTED),
+                "{name}: {types:?}"
+            );
+            assert_eq!(p.status.observed_generation, Some(2), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_announced_problem_is_not_announced_again() {
+        let tq = plain();
+        let first =
+            plan(&tq, &seen(&tq, BrokerView::Failed("BrokerUnreachable", "refused".into()), None, Memory::default()));
+        assert_eq!(first.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["BrokerUnreachable", "Created"]);
+        let mut again = tq.clone();
+        again.status = Some(first.status.clone());
+        let cause_changed = BrokerView::Failed("BrokerUnreachable", "broken pipe".into());
+        let second = plan(&again, &seen(&again, cause_changed, Some(ours(&tq, 0, 1)), first.memory.clone()));
+        assert!(second.events.is_empty(), "same reason, other cause text: no new event: {:?}", second.events);
+        let back = plan(&again, &seen(&again, read(0), Some(ours(&tq, 0, 1)), second.memory));
+        assert_eq!(back.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["BrokerReachable"]);
+    }
+
+    #[test]
+    fn a_long_outage_with_fallback_writes_the_status_once() {
+        let tq = taskqueue(json!({}), json!({"maxReplicas": 10, "fallbackReplicas": 2, "fallbackAfter": "10s"}));
+        let d = ours(&tq, 5, 4);
+        let memory = Memory { unknown_since: Some(t0()), ..wrote(&d, 4) };
+        let failed = || BrokerView::Failed("BrokerUnreachable", "refused".into());
+        let first = plan(&tq, &seen(&tq, failed(), Some(d.clone()), memory));
+        assert_eq!(first.deployment.as_ref().and_then(|d| d.spec.as_ref()?.replicas), Some(2));
+        let mut stored = tq.clone();
+        stored.status = Some(first.status.clone());
+        let d2 = ours(&tq, 2, 5);
+        let mut memory = first.memory.clone();
+        memory.applied = wrote(&d2, 5).applied;
+        // One more status after the change ("steady at 2" instead of "scaled down 5 -> 2"), then
+        // the same one however long the outage lasts.
+        let at = |secs: u64| Seen {
+            instant: t0() + Duration::from_secs(secs),
+            ..seen(&stored, failed(), Some(d2.clone()), memory.clone())
+        };
+        let steady = plan(&stored, &at(200)).status;
+        for later in [3_000, 80_000] {
+            let p = plan(&stored, &at(later));
+            assert!(p.deployment.is_none() && p.events.is_empty(), "{later}s");
+            assert_eq!(p.status, steady, "{later}s into the outage: the status is unchanged (no write)");
+        }
+    }
+}

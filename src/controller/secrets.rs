@@ -1,0 +1,86 @@
+//! Broker URLs and CA bundles from Secrets, read with `get` only (no list/watch on Secrets) and
+//! cached briefly so a steady state does not read a Secret per tick. Entries nobody asked for
+//! within the TTL are dropped by [`SecretCache::evict_expired`], so the cache holds only the
+//! Secrets live TaskQueues use.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+use crate::crd::{CaSecretRef, SecretKeyRef};
+
+type SecretKey = (String, SecretKeyRef);
+
+pub struct SecretCache {
+    client: Client,
+    ttl: Duration,
+    /// (namespace, key) -> (read at, value).
+    cache: Mutex<HashMap<SecretKey, (Instant, Vec<u8>)>>,
+}
+
+impl SecretCache {
+    pub fn new(client: Client, ttl: Duration) -> Self {
+        Self { client, ttl, cache: Mutex::default() }
+    }
+
+    /// The broker URL, or a message that says what to fix (never the URL itself). A cached value
+    /// read before `fresh_after` is read again (the broker rejected what it says).
+    pub async fn url(&self, ns: &str, r: &SecretKeyRef, fresh_after: Option<Instant>) -> Result<String, String> {
+        let what = "the Celery broker URL";
+        let bytes = self.bytes(ns, r, what, "spec.broker.urlSecretRef.key", fresh_after).await?;
+        String::from_utf8(bytes).map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))
+    }
+
+    /// The CA bundle named by `spec.broker.caSecretRef`.
+    pub async fn ca(&self, ns: &str, r: &CaSecretRef, fresh_after: Option<Instant>) -> Result<Vec<u8>, String> {
+        let r = SecretKeyRef { name: r.name.clone(), key: r.key.clone() };
+        let what = "the PEM CA bundle of the broker";
+        self.bytes(ns, &r, what, "spec.broker.caSecretRef.key", fresh_after).await
+    }
+
+    async fn bytes(
+        &self,
+        ns: &str,
+        r: &SecretKeyRef,
+        what: &str,
+        key_field: &str,
+        fresh_after: Option<Instant>,
+    ) -> Result<Vec<u8>, String> {
+        let k = (ns.to_string(), r.clone());
+        if let Some((at, v)) = self.cache.lock().expect("lock").get(&k) {
+            if at.elapsed() < self.ttl && fresh_after.is_none_or(|f| *at >= f) {
+                return Ok(v.clone());
+            }
+        }
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let secret = match api.get_opt(&r.name).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Err(format!("Secret {ns}/{} not found; create it with {what} under key {:?}", r.name, r.key))
+            }
+            Err(e) => return Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
+        };
+        let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
+        let Some(bytes) = bytes else {
+            return Err(format!("Secret {ns}/{} has no key {:?}; put {what} there or fix {key_field}", r.name, r.key));
+        };
+        self.cache.lock().expect("lock").insert(k, (Instant::now(), bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// Drop entries past their TTL (they would be read again anyway).
+    pub fn evict_expired(&self) {
+        self.cache.lock().expect("lock").retain(|_, (at, _)| at.elapsed() < self.ttl);
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

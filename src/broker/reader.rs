@@ -147,7 +147,7 @@ pub async fn read_depths<C: redis::aio::ConnectionLike>(
 
 /// The routing key of one `unacked` value, `[message, exchange, routing_key]` (kombu's layout);
 /// None for a value in another format.
-fn routing_key(value: &[u8]) -> Option<String> {
+pub fn routing_key(value: &[u8]) -> Option<String> {
     let (_, _, rk): (serde::de::IgnoredAny, serde::de::IgnoredAny, String) = serde_json::from_slice(value).ok()?;
     Some(rk)
 }

@@ -14,39 +14,6 @@ use support::*;
 use taskqueue_operator::controller::deletion_cost::DELETION_COST;
 use taskqueue_operator::crd::TaskQueue;
 
-const T: Duration = Duration::from_secs(60);
-
-fn pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
-        "metadata": {"name": name},
-        "spec": {
-            "queue": queue,
-            "broker": {"urlSecretRef": {"name": "celery-broker", "key": "url"}},
-            "worker": {"image": "example/celery-app:1.0", "app": "app.worker", "concurrency": 4, "nodeName": format!("{name}-worker")},
-            "scaling": scaling
-        }
-    })
-}
-
-/// Wait until condition `type_` of the TaskQueue has `status` (the status write follows the
-/// Deployment write, so right after `wait_replicas` it may not be there yet).
-async fn wait_condition(client: &kube::Client, ns: &str, name: &str, type_: &str, status: &str) -> (TaskQueue, String) {
-    wait_for(&format!("{ns}/{name} {type_}={status}"), T, || async {
-        let t = taskqueue(client, ns, name).await;
-        let c = condition(&t, type_).filter(|c| c.0 == status)?;
-        Some((t, c.2))
-    })
-    .await
-}
-
-async fn wait_replicas(client: &kube::Client, ns: &str, name: &str, want: i32) {
-    wait_for(&format!("{ns}/{name} at {want} replicas"), T, || async {
-        deployment(client, ns, name).await.filter(|d| replicas(d) == want).map(|_| ())
-    })
-    .await;
-}
-
 #[tokio::test]
 #[ignore = "needs the local stack: make test"]
 async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
@@ -339,14 +306,6 @@ async fn an_invalid_taskqueue_is_reported_and_others_are_unaffected() {
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;
-}
-
-async fn routes_configmap(client: &kube::Client, ns: &str) -> Option<String> {
-    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt("celery-task-routes")
-        .await
-        .unwrap()?;
-    cm.data?.get("task_routes.json").cloned()
 }
 
 #[tokio::test]
@@ -711,24 +670,4 @@ async fn a_sentinel_broker_url_with_master_name_scales_like_a_plain_one() {
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;
-}
-
-/// `GET path` on the operator's metrics port: (status code, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
-
-/// The value of one series (`name{labels}`) in an exposition; 0 when absent.
-fn metric(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

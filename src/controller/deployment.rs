@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::crd::TaskQueue;
 use crate::quantity;
@@ -166,6 +166,28 @@ pub fn drift(observed: &Deployment, desired: &Deployment) -> Option<String> {
         return Some(String::new());
     };
     difference(&o, &d, String::new())
+}
+
+/// When the worker container of `observed` differs from the desired one: a JSON patch that
+/// replaces it whole (guarded by the resourceVersion it was computed from). Server-side apply
+/// alone cannot repair every hand edit: a field another manager added next to ours (an env
+/// `value` beside our `valueFrom`) stays, and the apply is then refused.
+pub fn repair_worker(observed: &Deployment, desired: &Deployment) -> Option<Value> {
+    let worker = |d: &Deployment| {
+        let containers = &d.spec.as_ref()?.template.spec.as_ref()?.containers;
+        containers.iter().position(|c| c.name == CONTAINER).map(|i| (i, containers[i].clone()))
+    };
+    let (_, want) = worker(desired)?;
+    let want = serde_json::to_value(&want).ok()?;
+    let rv = observed.metadata.resource_version.clone()?;
+    let op = match worker(observed) {
+        Some((i, have)) => {
+            difference(&serde_json::to_value(&have).ok()?, &want, String::new())?;
+            json!({"op": "replace", "path": format!("/spec/template/spec/containers/{i}"), "value": want})
+        }
+        None => json!({"op": "add", "path": "/spec/template/spec/containers/0", "value": want}),
+    };
+    Some(json!([{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, op]))
 }
 
 fn difference(observed: &Value, desired: &Value, path: String) -> Option<String> {

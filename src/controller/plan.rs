@@ -74,6 +74,15 @@ pub struct Announcement {
     pub note: String,
 }
 
+/// A Deployment write decided by the plan, beyond the apply itself.
+#[derive(Default)]
+struct Write {
+    /// Why (when it repairs someone else's change).
+    restores: Option<String>,
+    /// The JSON patch that puts the worker container back whole first.
+    repair: Option<serde_json::Value>,
+}
+
 /// A replica change, for logs and metrics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaleChange {
@@ -90,6 +99,8 @@ pub struct Plan {
     pub template: Option<u64>,
     /// Why `deployment` is written over an existing one that someone else changed.
     pub restores: Option<String>,
+    /// A JSON patch sent before `deployment` that puts the worker container back whole.
+    pub repair: Option<serde_json::Value>,
     pub status: TaskQueueStatus,
     pub events: Vec<Announcement>,
     pub memory: Memory,
@@ -120,6 +131,7 @@ pub fn plan(tq: &TaskQueue, seen: &Seen) -> Plan {
             deployment: None,
             template: None,
             restores: None,
+            repair: None,
             status: TaskQueueStatus::default(),
             events: Vec::new(),
             memory: Memory::default(),
@@ -313,11 +325,11 @@ impl Draft<'_> {
         }
         self.memory.rejected = None;
         self.memory.warned.remove(READY);
-        if let Some(restores) = self.needs_write(observed, &desired) {
-            if let Some(why) = &restores {
+        if let Some(write) = self.needs_write(observed, &desired) {
+            if let Some(why) = &write.restores {
                 self.announce(EventType::Normal, "Restored", format!("{why}; restored from the spec"));
             }
-            self.out.restores = restores;
+            (self.out.restores, self.out.repair) = (write.restores, write.repair);
             self.out.deployment = Some(desired);
         }
         self.scaled(current, &decision);
@@ -373,22 +385,28 @@ impl Draft<'_> {
         }
     }
 
-    /// Whether `desired` must be written: Some(why, when it repairs someone else's change).
-    fn needs_write(&self, observed: Option<&Deployment>, desired: &Deployment) -> Option<Option<String>> {
-        let Some(o) = observed else { return Some(None) };
+    /// Whether `desired` must be written, and what else comes with the write when the
+    /// Deployment differs from it without our doing.
+    fn needs_write(&self, observed: Option<&Deployment>, desired: &Deployment) -> Option<Write> {
+        let Some(o) = observed else { return Some(Write::default()) };
         let generation = o.metadata.generation.unwrap_or(0);
         match self.memory.applied {
             // Nobody changed it since our write (or the cache has not caught up): only a new
             // desired state needs a write. This also stops a write loop on a difference the
             // server itself makes.
             Some(a) if generation <= a.generation => {
-                (a.fingerprint != deployment::fingerprint(desired)).then_some(None)
+                (a.fingerprint != deployment::fingerprint(desired)).then(Write::default)
             }
-            _ => deployment::drift(o, desired).map(|path| {
-                let changed_by_others = self.memory.applied.is_some();
-                changed_by_others
-                    .then(|| format!("field {path} of the worker Deployment was changed outside the operator"))
-            }),
+            // Changed by someone else since our write, or not written by this process yet.
+            _ => {
+                let path = deployment::drift(o, desired)?;
+                let by_others = self.memory.applied.is_some();
+                Some(Write {
+                    restores: by_others
+                        .then(|| format!("field {path} of the worker Deployment was changed outside the operator")),
+                    repair: deployment::repair_worker(o, desired),
+                })
+            }
         }
     }
 
@@ -584,6 +602,7 @@ mod tests {
         let at_3 = ours(&plain(), 3, 4);
         let mut edited = at_3.clone();
         edited.metadata.generation = Some(5);
+        edited.metadata.resource_version = Some("77".into());
         edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].image = Some("evil:1".into());
         let refused = Memory {
             rejected: Some(Rejected {
@@ -645,6 +664,11 @@ mod tests {
                 "{name}: {types:?}"
             );
             assert_eq!(p.status.observed_generation, Some(2), "{name}");
+            assert_eq!(
+                p.repair.is_some(),
+                name.starts_with("hand edit"),
+                "{name}: the worker container is put back whole"
+            );
         }
     }
 

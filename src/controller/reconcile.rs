@@ -233,6 +233,14 @@ async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> R
         mark_idle_pods(ctx, tq, valid).await;
     }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(ops) = &plan.repair {
+        let ops: json_patch::Patch = serde_json::from_value(ops.clone()).unwrap_or_default();
+        let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+        ctx.metrics.write("deployment");
+        api.patch(&name, &params, &Patch::Json::<()>(ops))
+            .await
+            .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
+    }
     ctx.metrics.write("deployment");
     match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(desired)).await {
         Ok(written) => {

@@ -189,13 +189,19 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(client: &Client, ns: &str) -> Self {
+        Self::start_with(client, ns, |_| {})
+    }
+
+    /// As `start`, with the test defaults (1 s broker deadline, 1 s Secret cache) changed by `f`.
+    pub fn start_with(client: &Client, ns: &str, f: impl FnOnce(&mut Settings)) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
+        let mut settings = Settings {
             namespace: Some(ns.to_string()),
             broker_timeout: Duration::from_secs(1),
             secret_ttl: Duration::from_secs(1),
             ..Settings::default()
         };
+        f(&mut settings);
         let task = tokio::spawn(controller::run(client.clone(), settings, async move {
             let _ = rx.await;
         }));
@@ -394,4 +400,73 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// How long the end-to-end waits give the operator.
+pub const T: Duration = Duration::from_secs(60);
+
+/// A TaskQueue `name` on `queue` (concurrency 4, node name `<name>-worker`) with `scaling`.
+pub fn pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "queue": queue,
+            "broker": {"urlSecretRef": {"name": "celery-broker", "key": "url"}},
+            "worker": {"image": "example/celery-app:1.0", "app": "app.worker", "concurrency": 4, "nodeName": format!("{name}-worker")},
+            "scaling": scaling
+        }
+    })
+}
+
+/// Wait until condition `type_` of the TaskQueue has `status` (the status write follows the
+/// Deployment write, so right after `wait_replicas` it may not be there yet).
+pub async fn wait_condition(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> (TaskQueue, String) {
+    wait_for(&format!("{ns}/{name} {type_}={status}"), T, || async {
+        let t = taskqueue(client, ns, name).await;
+        let c = condition(&t, type_).filter(|c| c.0 == status)?;
+        Some((t, c.2))
+    })
+    .await
+}
+
+pub async fn wait_replicas(client: &kube::Client, ns: &str, name: &str, want: i32) {
+    wait_for(&format!("{ns}/{name} at {want} replicas"), T, || async {
+        deployment(client, ns, name).await.filter(|d| replicas(d) == want).map(|_| ())
+    })
+    .await;
+}
+
+pub async fn routes_configmap(client: &kube::Client, ns: &str) -> Option<String> {
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt("celery-task-routes")
+        .await
+        .unwrap()?;
+    cm.data?.get("task_routes.json").cloned()
+}
+
+/// `GET path` on the operator's metrics port: (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// The value of one series (`name{labels}`) in an exposition; 0 when absent.
+pub fn metric(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }

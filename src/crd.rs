@@ -46,13 +46,13 @@ pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
 pub struct TaskQueueSpec {
     /// Celery queue the workers consume (`celery worker --queues=<queue>`). Also the base name of
     /// the Redis lists kombu pushes to. Must match the queue name the Celery app routes to.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^\s,\x00-\x1F\x7F]+$"))]
     pub queue: String,
 
     /// Further queues the same workers consume, e.g. `[reports, notifications]` for a general
     /// pool on `celery`. Their pending messages count towards this pool's demand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,]+$")))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 200), regex(pattern = r"^[^\s,\x00-\x1F\x7F]+$")))]
     pub extra_queues: Vec<String>,
 
     /// Ordered Celery task routes served by this pool. Order matters (first match wins), which is

@@ -247,7 +247,15 @@ fn check_worker(spec: &TaskQueueSpec, node_name: &str, p: &mut Problems) -> Opti
     let template = w.pod_template.as_ref()?;
     check_pod_template(template, w, p);
     match serde_json::from_value::<PodTemplateSpec>(template.clone()) {
-        Ok(t) => Some(t),
+        Ok(t) => {
+            // Unknown keys would be dropped here without a word: a misspelled field must not
+            // silently do nothing.
+            let parsed = serde_json::to_value(&t).unwrap_or_default();
+            for path in unknown_fields(template, &parsed, "spec.worker.podTemplate".into()) {
+                p.add(&path, "is not a field of a pod template; check the spelling (see `kubectl explain pod.spec`)");
+            }
+            Some(t)
+        }
         Err(e) => {
             p.add("spec.worker.podTemplate", format!("is not a valid partial PodTemplateSpec: {e}"));
             None
@@ -367,6 +375,26 @@ fn check_pod_template(template: &serde_json::Value, w: &crate::crd::WorkerSpec, 
             &format!("{field}.env (with spec.worker.env)"),
             p,
         );
+    }
+}
+
+/// Keys of `input` that parsing into the typed object dropped (null values aside: those mean
+/// "not set" and are dropped on purpose).
+fn unknown_fields(input: &serde_json::Value, parsed: &serde_json::Value, path: String) -> Vec<String> {
+    use serde_json::Value;
+    match (input, parsed) {
+        (Value::Object(i), Value::Object(o)) => i
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .flat_map(|(k, v)| match o.get(k) {
+                None => vec![format!("{path}.{k}")],
+                Some(pv) => unknown_fields(v, pv, format!("{path}.{k}")),
+            })
+            .collect(),
+        (Value::Array(i), Value::Array(o)) => {
+            i.iter().zip(o).enumerate().flat_map(|(n, (v, pv))| unknown_fields(v, pv, format!("{path}[{n}]"))).collect()
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -636,6 +664,18 @@ mod tests {
         ] {
             assert!(e.iter().any(|m| m.starts_with(want)), "missing {want:?} in {e:#?}");
         }
+        let e = errors(
+            json!({"worker": {"podTemplate": {"spec": {"nodeSelecter": {"a": "b"}, "containers": [{"name": "side", "imagePullPolicee": "x"}]}}}}),
+        );
+        assert_eq!(
+            e,
+            [
+                "spec.worker.podTemplate.spec.containers[0].imagePullPolicee: is not a field of a pod template; check the spelling (see `kubectl explain pod.spec`)",
+                "spec.worker.podTemplate.spec.nodeSelecter: is not a field of a pod template; check the spelling (see `kubectl explain pod.spec`)"
+            ]
+        );
+        let fine = json!({"worker": {"podTemplate": {"metadata": {"labels": {"any-key": "v"}}, "spec": {"nodeSelector": {"x/y": "z"}, "tolerations": [{"key": "k", "operator": "Exists"}], "affinity": null}}}});
+        assert!(validate(&spec(fine), "general").is_ok(), "map keys and nulls are not unknown fields");
         let e = errors(json!({"worker": {"podTemplate": "not an object"}}));
         assert!(e[0].starts_with("spec.worker.podTemplate: must be an object"), "{e:?}");
     }

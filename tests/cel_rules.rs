@@ -8,17 +8,13 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::api::{ApiResource, DynamicObject, PostParams};
+use kube::Api;
 use serde_json::{json, Value};
+use support::modern::{install_crd, script, ModernApiServer};
 use taskqueue_operator::crd::TaskQueue;
 
 const NS: &str = "cel-rules";
@@ -99,20 +95,45 @@ const INVALID: &[Case] = &[
         |s| s["routes"][0]["pattern"] = json!("a".repeat(254)),
         "spec.routes[0].pattern: Too long: may not be more than 253 bytes",
     ),
+    (
+        "poll-interval-above-1h",
+        |s| s["scaling"]["pollInterval"] = json!("2h"),
+        "spec.scaling.pollInterval must lie within [100ms, 1h]",
+    ),
+    (
+        "poll-interval-below-100ms",
+        |s| s["scaling"]["pollInterval"] = json!("50ms"),
+        "spec.scaling.pollInterval must lie within [100ms, 1h]",
+    ),
+    (
+        "fallback-after-above-24h",
+        |s| s["scaling"]["fallbackAfter"] = json!("25h"),
+        "spec.scaling.fallbackAfter must be at most 24h",
+    ),
+    (
+        "window-above-24h",
+        |s| s["scaling"]["scaleDown"] = json!({"stabilizationWindow": "24h1s"}),
+        "spec.scaling.scaleDown.stabilizationWindow must be at most 24h",
+    ),
+    (
+        "duration-string-too-long",
+        |s| s["scaling"]["pollInterval"] = json!("1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s1s"),
+        "spec.scaling.pollInterval: Too long",
+    ),
+    ("queue-control-character", |s| s["queue"] = json!("q\u{7}"), "spec.queue in body should match"),
 ];
 
 #[tokio::test]
 #[ignore = "needs ../shared/tools/modern-apiserver.sh: make test"]
 async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = repo.join("../shared/tools/modern-apiserver.sh");
-    if !script.exists() {
+    let Some(script) = script() else {
         support::skipped(
             "cel_rules_reject_invalid_taskqueues_and_accept_the_seed",
             "../shared/tools/modern-apiserver.sh not present",
         );
         return;
-    }
+    };
     let server = ModernApiServer::start(script);
     let client = server.client().await;
     install_crd(&client).await;
@@ -166,91 +187,4 @@ async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
 
     assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
     assert_eq!(accepted, 4, "seed.yaml should hold 4 TaskQueues");
-}
-
-/// Server-side apply of `crd::crd()`, then wait until it is Established.
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = taskqueue_operator::crd::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(&name, &PatchParams::apply("cel-rules-test").force(), &Patch::Apply(&crd))
-        .await
-        .expect("the API server accepts the CRD (CEL rules compile within the cost limits)");
-    for _ in 0..150 {
-        let established = crds.get(&name).await.ok().and_then(|c| c.status?.conditions);
-        if established.iter().flatten().any(|c| c.type_ == "Established" && c.status == "True") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("CRD {name} not Established after 30s");
-}
-
-/// The API server started by `modern-apiserver.sh up`; dropping it runs `down`, also when the
-/// test panics.
-struct ModernApiServer {
-    script: PathBuf,
-    state: PathBuf,
-    ports: [u16; 3],
-}
-
-impl ModernApiServer {
-    fn start(script: PathBuf) -> Self {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
-        let server =
-            ModernApiServer { script, state: cache.join("taskqueue-operator/modern-state"), ports: free_ports() };
-        server.run("build"); // cached after the first run (~/.cache/realk8s-modern)
-        server.run("down"); // leftovers of an earlier run that was killed before its own `down`
-        server.run("up");
-        server
-    }
-
-    fn kubeconfig(&self) -> PathBuf {
-        self.state.join("kubeconfig")
-    }
-
-    async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("kubeconfig from `up`");
-        let config =
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("usable kubeconfig");
-        Client::try_from(config).expect("client")
-    }
-
-    fn command(&self, action: &str) -> Command {
-        let [etcd, etcd_peer, api] = self.ports.map(|p| p.to_string());
-        let mut cmd = Command::new("bash");
-        cmd.arg(&self.script)
-            .arg(action)
-            .env("REALK8S_STATE", &self.state)
-            .env("REALK8S_KUBECONFIG", self.kubeconfig())
-            .env("REALK8S_ETCD_PORT", etcd)
-            .env("REALK8S_ETCD_PEER_PORT", etcd_peer)
-            .env("REALK8S_API_PORT", api)
-            .env_remove("REALK8S_ETCD_DIR")
-            .env_remove("REALK8S_KEEP_DATA");
-        cmd
-    }
-
-    fn run(&self, action: &str) {
-        let status =
-            self.command(action).status().unwrap_or_else(|e| panic!("running modern-apiserver.sh {action}: {e}"));
-        assert!(status.success(), "modern-apiserver.sh {action} failed: {status}");
-    }
-}
-
-impl Drop for ModernApiServer {
-    fn drop(&mut self) {
-        if let Err(e) = self.command("down").status() {
-            eprintln!("modern-apiserver.sh down: {e}");
-        }
-    }
-}
-
-/// Three distinct free loopback ports (all bound at once, so they differ).
-fn free_ports() -> [u16; 3] {
-    let listeners = [(); 3].map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
-    listeners.map(|l| l.local_addr().unwrap().port())
 }

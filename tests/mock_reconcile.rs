@@ -286,7 +286,10 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
     run.await.unwrap().unwrap();
     let c = condition(&status, "BrokerReachable");
     assert_eq!(c["status"], "False");
-    assert!(c["message"].as_str().unwrap().contains("Secret prod/celery-broker not found"), "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("Secret prod/celery-broker (spec.broker.urlSecretRef.name) not found"),
+        "{c}"
+    );
 }
 
 #[tokio::test]

@@ -175,8 +175,9 @@ async fn resolve_target(
         Some(r) => Some(ctx.secrets.ca(&ns, r, fresh_after).await.map_err(missing)?),
     };
     let opts = &tq.spec.broker.transport_options;
-    let endpoint = BrokerEndpoint::resolve(&url, opts.master_name.as_deref(), ca)
-        .map_err(|e| ("InvalidBrokerURL", format!("Secret {ns}/{} key {:?}: {e}", sref.name, sref.key)))?;
+    let endpoint = BrokerEndpoint::resolve(&url, opts.master_name.as_deref(), ca).map_err(|e| {
+        ("InvalidBrokerURL", format!("Secret {ns}/{} key {:?} (spec.broker.urlSecretRef): {e}", sref.name, sref.key))
+    })?;
     Ok(Target {
         endpoint,
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),

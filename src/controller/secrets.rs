@@ -29,24 +29,27 @@ impl SecretCache {
     /// The broker URL, or a message that says what to fix (never the URL itself). A cached value
     /// read before `fresh_after` is read again (the broker rejected what it says).
     pub async fn url(&self, ns: &str, r: &SecretKeyRef, fresh_after: Option<Instant>) -> Result<String, String> {
-        let what = "the Celery broker URL";
-        let bytes = self.bytes(ns, r, what, "spec.broker.urlSecretRef.key", fresh_after).await?;
-        String::from_utf8(bytes).map_err(|_| format!("Secret {ns}/{} key {:?} is not UTF-8 text", r.name, r.key))
+        const FIELD: &str = "spec.broker.urlSecretRef";
+        let bytes = self.bytes(ns, r, "the Celery broker URL", FIELD, fresh_after).await?;
+        String::from_utf8(bytes).map_err(|_| {
+            format!("Secret {ns}/{} key {:?} ({FIELD}) is not UTF-8 text; put the broker URL there", r.name, r.key)
+        })
     }
 
     /// The CA bundle named by `spec.broker.caSecretRef`.
     pub async fn ca(&self, ns: &str, r: &CaSecretRef, fresh_after: Option<Instant>) -> Result<Vec<u8>, String> {
         let r = SecretKeyRef { name: r.name.clone(), key: r.key.clone() };
         let what = "the PEM CA bundle of the broker";
-        self.bytes(ns, &r, what, "spec.broker.caSecretRef.key", fresh_after).await
+        self.bytes(ns, &r, what, "spec.broker.caSecretRef", fresh_after).await
     }
 
+    /// The value under `r`; errors name the spec field (`field`) that points at it.
     async fn bytes(
         &self,
         ns: &str,
         r: &SecretKeyRef,
         what: &str,
-        key_field: &str,
+        field: &str,
         fresh_after: Option<Instant>,
     ) -> Result<Vec<u8>, String> {
         let k = (ns.to_string(), r.clone());
@@ -59,13 +62,16 @@ impl SecretCache {
         let secret = match api.get_opt(&r.name).await {
             Ok(Some(s)) => s,
             Ok(None) => {
-                return Err(format!("Secret {ns}/{} not found; create it with {what} under key {:?}", r.name, r.key))
+                return Err(format!(
+                    "Secret {ns}/{} ({field}.name) not found; create it with {what} under key {:?}",
+                    r.name, r.key
+                ))
             }
-            Err(e) => return Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
+            Err(e) => return Err(format!("cannot read Secret {ns}/{} ({field}.name): {e}", r.name)),
         };
         let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone());
         let Some(bytes) = bytes else {
-            return Err(format!("Secret {ns}/{} has no key {:?}; put {what} there or fix {key_field}", r.name, r.key));
+            return Err(format!("Secret {ns}/{} has no key {:?}; put {what} there or fix {field}.key", r.name, r.key));
         };
         self.cache.lock().expect("lock").insert(k, (Instant::now(), bytes.clone()));
         Ok(bytes)

@@ -495,3 +495,47 @@ async fn sentinel_urls_read_the_master_the_sentinels_name_and_follow_a_failover(
     let got = read_depths(&mut conn, "test", &queries).await.unwrap();
     assert_eq!(got[0].as_ref().unwrap().pending, 6, "the replica had the messages");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_broker_no_taskqueue_uses_any_more_loses_its_connections() {
+    let (a, b) = (Redis::start().await, Redis::start().await);
+    let state = std::sync::Arc::new(BrokerState::new(Duration::from_secs(1)));
+    let opts = TransportOptions::default();
+    let key = |n: &str| ObjectRef::<TaskQueue>::new(n).within("ns");
+    let target = |url: &str| Target {
+        endpoint: endpoint(url),
+        queries: vec![DepthQuery::new("q", &opts)],
+        interval: Duration::from_secs(3600),
+    };
+    let (trigger, _rx) = futures::channel::mpsc::unbounded();
+    state.register(key("a"), target(&a.url()));
+    state.register(key("b"), target(&b.url()));
+    state.tidy(&trigger).await;
+    state.read_endpoint(&endpoint(&a.url())).await;
+    state.read_endpoint(&endpoint(&b.url())).await;
+    assert_eq!(state.connections().await, 2);
+    let cb = raw(&b.url()).await;
+    let clients = |cb: &redis::aio::MultiplexedConnection| {
+        let mut cb = cb.clone();
+        async move {
+            let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut cb).await.unwrap();
+            list.lines().count()
+        }
+    };
+    // One pooled connection and one heartbeat subscription on b, besides this one.
+    support::wait_for("b's reader and subscription", Duration::from_secs(10), || async {
+        (clients(&cb).await == 3).then_some(())
+    })
+    .await;
+
+    // The TaskQueue moves away from b (deleted, or its Secret now names another broker).
+    state.unregister(&key("b"));
+    state.tidy(&trigger).await;
+    assert_eq!(state.connections().await, 1, "b's pooled connection is closed");
+    assert_eq!(state.endpoints(), [endpoint(&a.url())]);
+    support::wait_for("b left with only this test's connection", Duration::from_secs(10), || async {
+        (clients(&cb).await == 1).then_some(())
+    })
+    .await;
+}

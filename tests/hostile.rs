@@ -409,7 +409,7 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
                 let t = taskqueue(&client, &ns, &names[c.name]).await;
                 let working = condition(&t, "SpecValid").is_some_and(|s| s.0 == "True")
                     && condition(&t, "BrokerReachable").is_some_and(|s| s.0 == "True")
-                && condition(&t, "RoutesAccepted").is_some_and(|s| s.0 != "Unknown")
+                    && condition(&t, "RoutesAccepted").is_some_and(|s| s.0 != "Unknown")
                     && deployment(&client, &ns, &names[c.name]).await.is_some();
                 let verdict = match reported(&t, c.field) {
                     Some(r) if !c.valid => Some(r),
@@ -448,10 +448,12 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
         let cell_api = |r: Option<&Result<(), String>>| match r {
             None => "not checked (no modern API server here)".to_string(),
             Some(Ok(())) => "accepted".to_string(),
-            Some(Err(m)) => format!("**rejected**: {}", short(m)),
+            Some(Err(m)) => {
+                format!("**rejected**: {}", short(m.split_once(" is invalid: ").map_or(m.as_str(), |x| x.1)))
+            }
         };
         let cell_op = match (&verdict, working) {
-            (Some(v), _) => format!("**reported** {}", short(v)),
+            (Some(v), _) => format!("**reported** {}", short(&v.replace(&ns, "NS"))),
             (None, true) => "accepted: valid, Deployment created, broker read".to_string(),
             (None, false) => "—".to_string(),
         };
@@ -501,7 +503,7 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
         "{} cases ({} hostile, {valid} valid at a limit): {by_schema} rejected by the 1.20 API server's schema, \
          {by_operator} stored and reported by the operator (a condition naming the field), {by_modern_only} caught \
          only by the modern API server (CEL rules or strict field validation), {unchecked} not checked here; the \
-         neighbour scaled 0 -> 2 beside them and the operator process (pid {pid}) never restarted, no panic in its log.",
+         neighbour scaled 0 -> 2 beside them and the operator process never restarted, no panic in its log.",
         cases.len(),
         cases.len() - valid,
     );

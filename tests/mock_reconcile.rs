@@ -323,3 +323,23 @@ async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event()
     within_5s(reconcile(Arc::new(again), h.ctx.clone())).await.unwrap();
     no_more_requests(&mut h.handle);
 }
+
+#[tokio::test]
+async fn cached_secrets_nobody_reads_any_more_are_dropped() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let cache = SecretCache::new(Client::new(service, "default"), Duration::from_millis(50));
+    let r: taskqueue_operator::crd::SecretKeyRef = serde_json::from_value(json!({"name": "celery-broker"})).unwrap();
+    let get = tokio::spawn(async move {
+        let url = cache.url("prod", &r, None).await;
+        (cache, url)
+    });
+    expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    let (cache, url) = get.await.unwrap();
+    assert_eq!(url.unwrap(), "redis://127.0.0.1:1/0");
+    assert_eq!(cache.len(), 1);
+    cache.evict_expired();
+    assert_eq!(cache.len(), 1, "still fresh");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    cache.evict_expired();
+    assert!(cache.is_empty(), "expired entries are dropped");
+}

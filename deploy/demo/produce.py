@@ -4,6 +4,7 @@
   python produce.py send TASK N [PRIO]     N x TASK with .delay(), or apply_async(priority=PRIO)
   python produce.py sendq QUEUE N           N x page_oncall sent explicitly to QUEUE
   python produce.py later QUEUE N SECONDS   N x page_oncall to QUEUE with countdown=SECONDS (ETA)
+  python produce.py ids QUEUE N PREFIX      N x record to QUEUE with task ids PREFIX0..PREFIX{N-1}
   python produce.py count QUEUE...         kombu's message_count per queue, one JSON line each
 """
 import json
@@ -49,6 +50,9 @@ def main(argv):
     elif cmd == "later":
         for i in range(int(argv[3])):
             urgent.page_oncall.apply_async(args=(i,), queue=argv[2], countdown=int(argv[4]))
+    elif cmd == "ids":
+        for i in range(int(argv[3])):
+            demo_tasks.record.apply_async(queue=argv[2], task_id=f"{argv[4]}{i}")
     elif cmd == "count":
         for q in argv[2:]:
             print(json.dumps({"queue": q, "pending": kombu_count(q)}))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# k8s.sh build|up|down|env|status - a real kube-apiserver + kube-controller-manager v1.20.2,
+# k8s.sh build|up|down|env|status|start COMPONENT - a real kube-apiserver + kube-controller-manager v1.20.2,
 # built from Debian bookworm's `kubernetes` source package, on Debian's etcd 3.4, all on 127.0.0.1.
 # No kubelet/scheduler: Deployments get ReplicaSets and Pods, and the Pods stay Pending.
 set -euo pipefail
@@ -106,36 +106,67 @@ cmd_up() {
   if running; then log "already running ($(cat "$STATE/k8s.ports"))"; return; fi
   cmd_down 2>/dev/null   # half-up leftovers from an earlier run
   [ -x "$BIN/kube-apiserver" ] || die "no binaries in $BIN: run '$0 build' first"
-  local t0=$SECONDS etcd api kcm peer
-  read -r etcd peer api kcm <<<"$(free_ports 4)"
-  echo "etcd=$etcd apiserver=$api controller-manager=$kcm" > "$STATE/k8s.ports"
-  gen_pki; write_kubeconfig "$api"
-
+  local t0=$SECONDS
+  echo "etcd peer apiserver controller-manager: $(free_ports 4)" > "$STATE/k8s.ports"
+  gen_pki; write_kubeconfig "$(port apiserver)"
   rm -rf "$STATE/etcd"   # every `up` starts from an empty cluster
+  start_etcd
+  start_apiserver
+  start_kcm
+  # ServiceAccount admission rejects Pods until the tokens controller made default's token secret.
+  wait_for kube-controller-manager 60 "default serviceaccount token" has_sa_token
+  selfcheck
+  log "up in $((SECONDS - t0))s: $(cat "$STATE/k8s.ports"); KUBECONFIG=$KCFG"
+}
+
+# port NAME: the port `up` picked for etcd, peer, apiserver or controller-manager.
+port() {
+  local names ports i
+  read -r -a names <<<"$(cut -d: -f1 "$STATE/k8s.ports")"
+  read -r -a ports <<<"$(cut -d: -f2 "$STATE/k8s.ports")"
+  for i in "${!names[@]}"; do [ "${names[$i]}" = "$1" ] && { echo "${ports[$i]}"; return; }; done
+  die "no port for $1 in $STATE/k8s.ports"
+}
+
+# The three components, each (re)startable on its own with the ports and data of `up` (the
+# fault suite restarts them one at a time).
+start_etcd() {
   start_bg etcd etcd --name tq --data-dir "$STATE/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd" --advertise-client-urls "http://127.0.0.1:$etcd" \
-    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-    --initial-cluster "tq=http://127.0.0.1:$peer"
+    --listen-client-urls "http://127.0.0.1:$(port etcd)" --advertise-client-urls "http://127.0.0.1:$(port etcd)" \
+    --listen-peer-urls "http://127.0.0.1:$(port peer)" --initial-advertise-peer-urls "http://127.0.0.1:$(port peer)" \
+    --initial-cluster "tq=http://127.0.0.1:$(port peer)"
+}
+
+start_apiserver() {
   # --insecure-port 0: 1.20 still opens plain HTTP :8080 by default. --endpoint-reconciler-type none:
   # no reconciler publishes 127.0.0.1 as the `kubernetes` Service's endpoint (no pod could use it).
-  start_bg kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api" --insecure-port 0 \
+  start_bg kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$(port etcd)" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$(port apiserver)" --insecure-port 0 \
     --endpoint-reconciler-type none --authorization-mode RBAC --allow-privileged \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" --client-ca-file "$PKI/ca.crt" \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local --service-cluster-ip-range 10.0.0.0/24
   wait_for kube-apiserver 90 "apiserver /readyz" ready
+}
+
+start_kcm() {
   # --port 0: no plain-HTTP port. Admin credentials + --use-service-account-credentials=false keep it simple.
   start_bg kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig "$KCFG" \
     --authentication-kubeconfig "$KCFG" --authorization-kubeconfig "$KCFG" \
-    --bind-address 127.0.0.1 --secure-port "$kcm" --port 0 --cert-dir "$STATE/kcm-certs" \
+    --bind-address 127.0.0.1 --secure-port "$(port controller-manager)" --port 0 --cert-dir "$STATE/kcm-certs" \
     --leader-elect=false --controllers '*' --use-service-account-credentials=false \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key"
-  # ServiceAccount admission rejects Pods until the tokens controller made default's token secret.
-  wait_for kube-controller-manager 60 "default serviceaccount token" has_sa_token
-  selfcheck
-  log "up in $((SECONDS - t0))s: $(cat "$STATE/k8s.ports"); KUBECONFIG=$KCFG"
+}
+
+cmd_start() {
+  [ -f "$STATE/k8s.ports" ] || die "not up: run '$0 up' first"
+  case "${1:-}" in
+    etcd) start_etcd ;;
+    kube-apiserver) start_apiserver ;;
+    kube-controller-manager) start_kcm ;;
+    *) die "start etcd|kube-apiserver|kube-controller-manager" ;;
+  esac
 }
 
 selfcheck() {  # controller-manager works: Deployment -> ReplicaSet -> (Pending) Pod
@@ -163,8 +194,9 @@ cmd_status() {
 case "${1:-}" in
   build) cmd_build ;;
   up) cmd_up ;;
+  start) cmd_start "${2:-}" ;;
   down) cmd_down ;;
   env) printf "export KUBECONFIG=%q\n" "$KCFG" ;;
   status) cmd_status ;;
-  *) echo "usage: $0 build|up|down|env|status" >&2; exit 2 ;;
+  *) echo "usage: $0 build|up|down|env|status|start COMPONENT" >&2; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::crd::TaskQueue;
@@ -124,7 +125,7 @@ pub async fn run(
         metrics: metrics.clone(),
         routes: verdicts.clone(),
     });
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = JoinSet::new();
     tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone())));
     tasks.spawn(named(
         "routes publisher",
@@ -153,26 +154,35 @@ pub async fn run(
             }
         }
     });
-    let outcome = tokio::select! {
-        _ = reconciling => Ok(()),
-        Some(ended) = tasks.join_next() => {
-            let died = match ended {
-                Ok(name) => TaskDied(name, "returned".into()),
-                Err(e) => TaskDied("background", e.to_string()),
-            };
-            error!("{died}; stopping so the process restarts with fresh state");
-            Err(died)
-        }
-    };
+    let outcome = supervise(reconciling, &mut tasks).await;
     tasks.abort_all();
     info!("controller stopped");
     outcome
 }
 
-/// A background task that reports its name when it ends.
-async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> &'static str {
-    task.await;
-    name
+/// Run `main` to its end; a background task that ends first (returns or panics) is an error.
+async fn supervise(main: impl std::future::Future<Output = ()>, tasks: &mut JoinSet<TaskDied>) -> Result<(), TaskDied> {
+    tokio::select! {
+        _ = main => Ok(()),
+        Some(ended) = tasks.join_next() => {
+            let died = ended.unwrap_or_else(|e| TaskDied("background", e.to_string()));
+            error!("{died}; stopping so the process restarts with fresh state");
+            Err(died)
+        }
+    }
+}
+
+/// A background task that says which one it was, and how it ended, when it ends.
+async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) -> TaskDied {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        Ok(()) => TaskDied(name, "returned".into()),
+        Err(panic) => {
+            let msg =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            TaskDied(name, format!("panicked: {}", msg.unwrap_or_default()))
+        }
+    }
 }
 
 /// Memory, metrics and cached Secrets of objects that are gone (reconcile is not called for
@@ -188,5 +198,29 @@ async fn janitor(ctx: Arc<Context>, store: reflector::Store<TaskQueue>) {
             live
         });
         ctx.secrets.evict_expired();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_background_task_that_ends_or_panics_stops_the_controller_with_an_error() {
+        let forever = futures::future::pending::<()>;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(named("broker poller", forever()));
+        tasks.spawn(named("routes publisher", async { panic!("boom") }));
+        let err = supervise(forever(), &mut tasks).await.unwrap_err();
+        assert_eq!(err.to_string(), "the routes publisher task stopped: panicked: boom");
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(named("janitor", async {}));
+        let err = supervise(forever(), &mut tasks).await.unwrap_err();
+        assert_eq!(err.to_string(), "the janitor task stopped: returned");
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(named("broker poller", forever()));
+        assert!(supervise(async {}, &mut tasks).await.is_ok(), "the controller ending (shutdown) is no error");
     }
 }

@@ -247,6 +247,13 @@ impl BrokerState {
         }
     }
 
+    /// One pass of the supervisor: a reader and a heartbeat subscription for each endpoint in
+    /// use (restarting any that died), none for the others, and their connections closed.
+    pub async fn tidy(self: &Arc<Self>, trigger: &UnboundedSender<Key>) {
+        self.sync_readers(trigger).await;
+        self.sync_heartbeats();
+    }
+
     /// One reader per endpoint in use: start missing ones (and ones that died), stop unused
     /// ones and drop their connections.
     async fn sync_readers(self: &Arc<Self>, trigger: &UnboundedSender<Key>) {
@@ -279,7 +286,7 @@ impl BrokerState {
     }
 
     /// Start subscriptions for new (broker, prefix) pairs and stop unused ones (and restart
-    /// one that died). Called by the supervising loop.
+    /// one that died).
     pub fn sync_heartbeats(&self) {
         let want: HashSet<(BrokerEndpoint, String)> = {
             let targets = self.targets.lock().expect("lock");
@@ -379,8 +386,7 @@ pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: Unbo
             return;
         }
         state.prune(&store);
-        state.sync_readers(&trigger).await;
-        state.sync_heartbeats();
+        state.tidy(&trigger).await;
         state.count_live_workers();
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

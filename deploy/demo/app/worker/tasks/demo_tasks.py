@@ -23,3 +23,14 @@ def send_welcome_email(email):
 def update_user_statistics(user_id):
     time.sleep(1 * SCALE)
     return user_id
+
+
+@app.task(bind=True)
+def record(self):
+    """Works for a second, then appends its task id to $TASK_RECORD_FILE: the fault suite counts
+    which of the tasks it sent a real worker ran."""
+    time.sleep(1 * SCALE)
+    path = os.environ.get("TASK_RECORD_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(self.request.id + "\n")

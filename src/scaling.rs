@@ -30,6 +30,10 @@ pub struct Bounds {
     pub stabilization_window: Duration,
     pub scale_up_max_step: Option<i32>,
     pub scale_down_max_step: Option<i32>,
+    /// With a step limit, the next step comes this long after the last change (the poll
+    /// interval): the Deployment write that a step causes wakes the reconciler at once, and
+    /// without this the steps would follow each other in milliseconds.
+    pub step_interval: Duration,
     /// (`fallbackReplicas`, `fallbackAfter`).
     pub fallback: Option<(i32, Duration)>,
     /// Paused by annotation: hold the current count.
@@ -48,6 +52,7 @@ impl Bounds {
             stabilization_window,
             scale_up_max_step: None,
             scale_down_max_step: None,
+            step_interval: Duration::ZERO,
             fallback: None,
             paused: false,
         }
@@ -61,6 +66,8 @@ impl Bounds {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct History {
     recommendations: VecDeque<(Instant, i32)>,
+    /// When the replica count last changed: with a step limit, one step per `step_interval`.
+    last_change: Option<Instant>,
 }
 
 impl History {
@@ -84,6 +91,11 @@ impl History {
 
     pub fn len(&self) -> usize {
         self.recommendations.len()
+    }
+
+    /// Start the window afresh (after an outage or a pause), remembering the last change.
+    fn restart(&mut self) {
+        self.recommendations.clear();
     }
 }
 
@@ -136,7 +148,7 @@ pub fn decide(
     let current_or_min = current.unwrap_or(bounds.min_replicas);
     if bounds.paused {
         // Scaling resumes with a fresh window, as after an outage.
-        *history = History::default();
+        history.restart();
         let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {current_or_min}");
         return Decision { replicas: current_or_min, recommended: current_or_min, reason, limited: true };
     }
@@ -145,7 +157,7 @@ pub fn decide(
         Observation::Unknown { for_ } => {
             // Forget the window: when data returns it starts afresh from what runs then, rather
             // than acting on recommendations from before the outage.
-            *history = History::default();
+            history.restart();
             let (replicas, why) = match bounds.fallback {
                 // The text names fallbackAfter, not the time so far: it stays the same through
                 // the outage, so the status is not rewritten at every poll.
@@ -216,14 +228,21 @@ pub fn decide(
     // Steps only apply to an existing Deployment; the bounds win over them (a lowered
     // maxReplicas or raised minReplicas applies at once).
     if let Some(c) = current {
-        if let Some(step) = bounds.scale_up_max_step.filter(|s| replicas > c.saturating_add(*s)) {
-            replicas = c.saturating_add(step).clamp(bounds.min_replicas, bounds.max_replicas);
-            why = format!("{why}; up by at most {step} per step (scaleUp.maxStep)");
+        // A step too soon after the last change is no step at all (held until the interval ends).
+        let too_soon = history.last_change.is_some_and(|t| now.saturating_duration_since(t) < bounds.step_interval);
+        let step_size = |step: i32| if too_soon { 0 } else { step };
+        if let Some(step) =
+            bounds.scale_up_max_step.filter(|s| replicas > c.saturating_add(*s) || (too_soon && replicas > c))
+        {
+            replicas = c.saturating_add(step_size(step)).clamp(bounds.min_replicas, bounds.max_replicas);
+            why = format!("{why}; up by at most {step} per step (scaleUp.maxStep), one step per poll");
             limited = true;
         }
-        if let Some(step) = bounds.scale_down_max_step.filter(|s| replicas < c.saturating_sub(*s)) {
-            replicas = c.saturating_sub(step).clamp(bounds.min_replicas, bounds.max_replicas);
-            why = format!("{why}; down by at most {step} per step (scaleDown.maxStep)");
+        if let Some(step) =
+            bounds.scale_down_max_step.filter(|s| replicas < c.saturating_sub(*s) || (too_soon && replicas < c))
+        {
+            replicas = c.saturating_sub(step_size(step)).clamp(bounds.min_replicas, bounds.max_replicas);
+            why = format!("{why}; down by at most {step} per step (scaleDown.maxStep), one step per poll");
             limited = true;
         }
     }
@@ -233,6 +252,9 @@ pub fn decide(
         why = format!("{why}; holding 1 replica: {in_flight} unacked message(s) need a running worker to be restored");
         limited = true;
         replicas = 1;
+    }
+    if current.is_some_and(|c| c != replicas) {
+        history.last_change = Some(now);
     }
     Decision { replicas, recommended, reason: with_change(current, replicas, &why), limited }
 }
@@ -398,13 +420,17 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let d = decide(&b, Some(1), load(10), &mut h, at(1));
         assert_eq!((d.replicas, d.recommended), (3, 10));
-        assert!(d.limited && d.reason.ends_with("up by at most 2 per step (scaleUp.maxStep)"), "{}", d.reason);
+        assert!(
+            d.limited && d.reason.ends_with("up by at most 2 per step (scaleUp.maxStep), one step per poll"),
+            "{}",
+            d.reason
+        );
         assert_eq!(decide(&b, Some(3), load(10), &mut h, at(2)).replicas, 5, "one more step on the next poll");
         assert_eq!(decide(&b, Some(10), load(0), &mut h, at(3)).replicas, 7);
         let d = decide(&b, Some(7), load(0), &mut h, at(4));
         assert_eq!(
             d.reason,
-            "scaled down 7 -> 4: 0 pending / 1 per replica; down by at most 3 per step (scaleDown.maxStep)"
+            "scaled down 7 -> 4: 0 pending / 1 per replica; down by at most 3 per step (scaleDown.maxStep), one step per poll"
         );
         assert_eq!(decide(&b, Some(2), load(0), &mut h, at(5)).replicas, 0, "the last step may be smaller");
         assert_eq!(decide(&b, None, load(10), &mut h, at(6)).replicas, 10, "a new Deployment starts at its size");
@@ -420,6 +446,26 @@ mod tests {
         assert_eq!(decide(&b, Some(9), load(9), &mut h, t0).replicas, 9);
         assert_eq!(decide(&b, Some(9), load(0), &mut h, t0 + Duration::from_secs(30)).replicas, 9);
         assert_eq!(decide(&b, Some(9), load(0), &mut h, t0 + Duration::from_secs(61)).replicas, 6);
+    }
+
+    #[test]
+    fn steps_come_one_poll_apart_however_often_the_decision_runs() {
+        // Each step's Deployment write wakes the reconciler at once: a second decision 5 ms
+        // later must not take the next step.
+        let b = Bounds { scale_up_max_step: Some(2), step_interval: Duration::from_secs(1), ..bounds(0, 10, 1, 1, 0) };
+        let t0 = Instant::now();
+        let mut h = History::default();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(decide(&b, Some(0), load(10), &mut h, at(0)).replicas, 2);
+        let d = decide(&b, Some(2), load(10), &mut h, at(5));
+        assert_eq!((d.replicas, d.recommended), (2, 10), "{}", d.reason);
+        assert!(d.reason.contains("one step per poll"), "{}", d.reason);
+        assert_eq!(decide(&b, Some(2), load(10), &mut h, at(999)).replicas, 2);
+        assert_eq!(decide(&b, Some(2), load(10), &mut h, at(1000)).replicas, 4, "the next step, one poll later");
+        assert_eq!(decide(&b, Some(4), load(5), &mut h, at(1100)).replicas, 4, "even a small one waits");
+        // Without a step limit nothing waits.
+        let free = Bounds { scale_up_max_step: None, ..b };
+        assert_eq!(decide(&free, Some(4), load(10), &mut h, at(1101)).replicas, 10);
     }
 
     #[test]
@@ -483,6 +529,7 @@ mod tests {
                 stabilization_window: Duration::from_secs(rnd(4) as u64),
                 scale_up_max_step: step(rnd(4)),
                 scale_down_max_step: step(rnd(4)),
+                step_interval: Duration::ZERO,
                 fallback: (rnd(2) == 0)
                     .then(|| (min + rnd(u64::try_from(max - min).unwrap() + 1) as i32, Duration::from_secs(3))),
                 paused: false,

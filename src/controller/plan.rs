@@ -18,7 +18,7 @@ use super::conditions::{
     Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
 };
 use super::deployment::{self, owned_by, selector_string};
-use super::memory::Memory;
+use super::memory::{Applied, Memory};
 use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
 use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
 use crate::validate::{InvalidSpec, ValidSpec};
@@ -387,7 +387,7 @@ impl Draft<'_> {
 
     /// Whether `desired` must be written, and what else comes with the write when the
     /// Deployment differs from it without our doing.
-    fn needs_write(&self, observed: Option<&Deployment>, desired: &Deployment) -> Option<Write> {
+    fn needs_write(&mut self, observed: Option<&Deployment>, desired: &Deployment) -> Option<Write> {
         let Some(o) = observed else { return Some(Write::default()) };
         let generation = o.metadata.generation.unwrap_or(0);
         match self.memory.applied {
@@ -399,7 +399,14 @@ impl Draft<'_> {
             }
             // Changed by someone else since our write, or not written by this process yet.
             _ => {
-                let path = deployment::drift(o, desired)?;
+                let Some(path) = deployment::drift(o, desired) else {
+                    // Already as desired: remember it as if we had written it, so the next
+                    // reconciles compare fingerprints instead of whole objects.
+                    let replicas = desired.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+                    let fingerprint = deployment::fingerprint(desired);
+                    self.memory.applied = Some(Applied { generation, fingerprint, replicas });
+                    return None;
+                };
                 let by_others = self.memory.applied.is_some();
                 Some(Write {
                     restores: by_others
@@ -497,6 +504,7 @@ fn bounds(valid: &ValidSpec, paused: bool) -> Bounds {
         stabilization_window: valid.stabilization_window,
         scale_up_max_step: valid.scale_up_max_step,
         scale_down_max_step: valid.scale_down_max_step,
+        step_interval: valid.poll_interval,
         fallback: valid.fallback,
         paused,
     }
@@ -523,7 +531,7 @@ fn event_reason(reason: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::memory::{Applied, Rejected};
+    use crate::controller::memory::Rejected;
     use crate::validate::validate;
     use serde_json::json;
 

@@ -79,8 +79,13 @@ impl Drop for Cluster {
     }
 }
 
+/// `kill -SIGNAL pid` with bash's builtin (no procps needed).
+fn signal(pid: u32, signal: &str) {
+    let _ = Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status();
+}
+
 fn sigkill(pid: u32) {
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    signal(pid, "KILL");
 }
 
 /// redis-server with an append-only file fsynced on every write: SIGKILL loses nothing.
@@ -256,7 +261,7 @@ impl CeleryWorker {
 
     /// SIGTERM (warm shutdown: running tasks finish, prefetched ones go back to the queue).
     fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        signal(self.child.id(), "TERM");
         for _ in 0..300 {
             if self.child.try_wait().unwrap().is_some() {
                 return;

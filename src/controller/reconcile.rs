@@ -29,7 +29,7 @@ use super::plan::{self, Announcement, BrokerView, Plan, RoutesView, Seen};
 use super::poller::{BrokerState, Key, Target};
 use super::routes::{RouteInput, SharedVerdicts};
 use super::secrets::SecretCache;
-use crate::broker::{BrokerEndpoint, DepthQuery};
+use crate::broker::{BrokerEndpoint, DepthQuery, ReadError};
 use crate::crd::{TaskQueue, TaskQueueStatus};
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
 use crate::scaling::Load;
@@ -152,7 +152,8 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
             },
             Err(e) => e,
         };
-        if fresh_after.is_some() {
+        // A key of the wrong type is the app's layout, not the Secret: nothing to re-read.
+        if fresh_after.is_some() || matches!(failure, ReadError::WrongType { .. }) {
             return BrokerView::Failed(failure.reason(), failure.to_string());
         }
         fresh_after = Some(reading.at);

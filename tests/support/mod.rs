@@ -163,12 +163,20 @@ impl Drop for ChildGuard {
 
 /// A fresh namespace per test, so tests never see each other's objects.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
-    let name = format!("{prefix}-{}", std::process::id() as u64 * 1000 + u64::from(free_port() % 1000));
+    // Unique per process (pid) and per call (counter); a name taken by a namespace still
+    // terminating (an earlier test, an earlier process with the same pid) is skipped.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let api: Api<Namespace> = Api::all(client.clone());
-    api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap())
-        .await
-        .expect("create namespace");
-    name
+    loop {
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        let ns = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => return name,
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => panic!("create namespace {name}: {e}"),
+        }
+    }
 }
 
 pub async fn delete_namespace(client: &Client, ns: &str) {

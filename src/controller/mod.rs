@@ -177,12 +177,14 @@ async fn named(name: &'static str, task: impl std::future::Future<Output = ()>) 
     use futures::FutureExt;
     match std::panic::AssertUnwindSafe(task).catch_unwind().await {
         Ok(()) => TaskDied(name, "returned".into()),
-        Err(panic) => {
-            let msg =
-                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-            TaskDied(name, format!("panicked: {}", msg.unwrap_or_default()))
-        }
+        Err(panic) => TaskDied(name, format!("panicked: {}", panic_message(&*panic))),
     }
+}
+
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic.downcast_ref::<&str>().map(|s| s.to_string());
+    text.or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default()
 }
 
 /// Memory, metrics and cached Secrets of objects that are gone (reconcile is not called for

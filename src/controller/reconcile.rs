@@ -69,14 +69,10 @@ pub enum Error {
 pub async fn reconcile_guarded(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
     use futures::FutureExt;
     let key = ObjectRef::from_obj(&*tq).to_string();
-    std::panic::AssertUnwindSafe(reconcile(tq, ctx)).catch_unwind().await.unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Err(Error::Panicked(key, msg))
-    })
+    std::panic::AssertUnwindSafe(reconcile(tq, ctx))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(Error::Panicked(key, super::panic_message(&*panic))))
 }
 
 pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, Error> {

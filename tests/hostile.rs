@@ -299,11 +299,11 @@ async fn create(client: &Client, ns: &str, obj: &Value) -> Result<(), String> {
     }
 }
 
-async fn secret(client: &Client, ns: &str, name: &str, data: &[u8]) {
+async fn secret(client: &Client, ns: &str, name: &str, key: &str, data: &[u8]) {
     use base64::Engine;
     let s: Secret = serde_json::from_value(json!({
         "metadata": {"name": name},
-        "data": {"url": base64::engine::general_purpose::STANDARD.encode(data)}
+        "data": {key: base64::engine::general_purpose::STANDARD.encode(data)}
     }))
     .unwrap();
     Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &s).await.unwrap();
@@ -337,11 +337,11 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
     let ns = namespace(&client, "hostile").await;
     let redis = Redis::start().await;
     broker_secret(&client, &ns, &redis.url()).await;
-    secret(&client, &ns, "not-a-url", b"not a url").await;
-    secret(&client, &ns, "amqp", b"amqp://guest@rabbit//").await;
-    secret(&client, &ns, "binary", &[0xff, 0xfe, 0x00, 0x80]).await;
-    secret(&client, &ns, "sentinel", b"sentinel://127.0.0.1:26379").await;
-    secret(&client, &ns, "ca", b"-----BEGIN CERTIFICATE-----\n").await;
+    secret(&client, &ns, "not-a-url", "url", b"not a url").await;
+    secret(&client, &ns, "amqp", "url", b"amqp://guest@rabbit//").await;
+    secret(&client, &ns, "binary", "url", &[0xff, 0xfe, 0x00, 0x80]).await;
+    secret(&client, &ns, "sentinel", "url", b"sentinel://127.0.0.1:26379").await;
+    secret(&client, &ns, "ca", "ca.crt", b"-----BEGIN CERTIFICATE-----\n").await;
     let mut neighbour = pool("neighbour", "neighbour", json!({"pollInterval": "500ms"}));
     neighbour["spec"]["routes"] = json!([{"pattern": "app.neighbour.*"}]);
     create_taskqueue(&client, &ns, neighbour).await;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::controller::deployment::CONTAINER;
+use crate::controller::deployment::{CONTAINER, MANAGED_LABELS};
 use crate::crd::TaskQueueSpec;
 use crate::quantity::Quantity;
 
@@ -65,13 +65,6 @@ const MIN_POLL: Duration = Duration::from_millis(100);
 const MAX_POLL: Duration = Duration::from_secs(3600);
 /// Label values (the worker pods carry the TaskQueue's name in `app.kubernetes.io/instance`).
 pub const MAX_LABEL_VALUE: usize = 63;
-/// Labels the operator sets on worker pods; the Deployment selector is made of the first two.
-const MANAGED_LABELS: [&str; 4] = [
-    "app.kubernetes.io/name",
-    "app.kubernetes.io/instance",
-    "app.kubernetes.io/managed-by",
-    "app.kubernetes.io/component",
-];
 
 /// Collects the problems of one spec, each naming its field.
 #[derive(Default)]

@@ -441,8 +441,7 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Outcome {
     }
 
     // Converged: a probe on another TaskQueue is acted on (the operator reads, decides, writes).
-    let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("LPUSH").arg("probe").arg("probe-message").query_async(&mut c).await.unwrap();
+    lpush(&redis.url(), "probe", 1).await;
     let probe = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns);
     while probe.get_opt("probe").await.ok().flatten().is_none_or(|d| replicas(&d) != 1) {
         assert!(fault_end.elapsed() < Duration::from_secs(120), "{fault:?}: the operator did not recover");

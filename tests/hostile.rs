@@ -423,13 +423,7 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
         .await;
 
     // The neighbour scaled meanwhile, and the operator never restarted.
-    let mut conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("LPUSH")
-        .arg("neighbour")
-        .arg(&["a", "b", "c", "d", "e", "f"][..])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    lpush(&redis.url(), "neighbour", 6).await;
     wait_replicas(&client, &ns, "neighbour", 2).await;
     assert!(operator.0.try_wait().unwrap().is_none(), "the operator process is still the one started (pid {pid})");
     let logs = std::fs::read_to_string(&log).unwrap();

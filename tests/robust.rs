@@ -15,12 +15,6 @@ use kube::Api;
 use serde_json::json;
 use support::*;
 
-async fn lpush(url: &str, key: &str, n: usize) {
-    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
-    let items: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
-    let _: () = redis::cmd("LPUSH").arg(key).arg(items).query_async(&mut c).await.unwrap();
-}
-
 async fn del(url: &str, key: &str) {
     let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("DEL").arg(key).query_async(&mut c).await.unwrap();

@@ -22,18 +22,26 @@ pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=taskqueue-op
 pub const CONTAINER: &str = "worker";
 pub const DEFAULT_GRACE_SECONDS: i64 = 300;
 
-/// Labels on the Deployment and its pods; the first two form the (immutable) selector.
+/// The labels the operator sets on the Deployment and its pods (name, instance, managed-by,
+/// component); the first two form the (immutable) selector.
+pub const MANAGED_LABELS: [&str; 4] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+];
+
 pub fn selector_labels(tq: &TaskQueue) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "celery-worker".to_string()),
-        ("app.kubernetes.io/instance".to_string(), tq.name_any()),
+        (MANAGED_LABELS[0].to_string(), "celery-worker".to_string()),
+        (MANAGED_LABELS[1].to_string(), tq.name_any()),
     ])
 }
 
 pub fn labels(tq: &TaskQueue) -> BTreeMap<String, String> {
     let mut l = selector_labels(tq);
-    l.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
-    l.insert("app.kubernetes.io/component".into(), "worker".into());
+    l.insert(MANAGED_LABELS[2].into(), MANAGER.into());
+    l.insert(MANAGED_LABELS[3].into(), "worker".into());
     l
 }
 

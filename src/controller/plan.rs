@@ -15,7 +15,7 @@ use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
 use super::conditions::{
-    Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
+    find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
 };
 use super::deployment::{self, owned_by, selector_string};
 use super::memory::{Applied, Memory};
@@ -180,7 +180,7 @@ impl Draft<'_> {
     /// is news whenever its message changes; other failures only when their reason does (the
     /// cause text of one outage varies from read to read).
     fn transition(&mut self, type_: &'static str) -> Transition {
-        let Some(c) = self.conds.list.iter().find(|c| c.type_ == type_) else { return Transition::Same };
+        let Some(c) = find(&self.conds.list, type_) else { return Transition::Same };
         if c.status != "False" {
             let was_failing = self.memory.warned.remove(type_).is_some();
             return if was_failing && c.status == "True" { Transition::Recovered } else { Transition::Same };
@@ -206,7 +206,7 @@ impl Draft<'_> {
 
     /// A Warning event with condition `type_`'s reason and message.
     fn warn(&mut self, type_: &str) {
-        if let Some(c) = self.conds.list.iter().find(|c| c.type_ == type_) {
+        if let Some(c) = find(&self.conds.list, type_) {
             let (reason, note) = (event_reason(&c.reason), c.message.clone());
             self.announce(EventType::Warning, reason, note);
         }

@@ -150,13 +150,13 @@ impl BrokerState {
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
     pub fn workers(&self, key: &Key) -> Option<SharedWorkers> {
-        let prefix = {
+        let subscription = {
             let targets = self.targets.lock().expect("lock");
             let endpoint = targets.endpoint_of.get(key)?;
             let target = targets.by_endpoint.get(endpoint)?.get(key)?;
             (endpoint.clone(), target.queries.first()?.prefix.clone())
         };
-        self.heartbeats.lock().expect("lock").get(&prefix).map(|(w, _)| w.clone())
+        self.heartbeats.lock().expect("lock").get(&subscription).map(|(w, _)| w.clone())
     }
 
     /// Endpoints in use.

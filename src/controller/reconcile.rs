@@ -202,19 +202,18 @@ fn cached_deployment(ctx: &Context, tq: &TaskQueue) -> Option<Deployment> {
 /// publisher's next pass (within a second) reconciles it again.
 fn observe_routes(ctx: &Context, tq: &TaskQueue) -> RoutesView {
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
-    let shared = ctx.routes.read().expect("lock");
-    let Some(verdicts) = shared.get(&ns) else {
-        return RoutesView::Pending(format!(
+    let pending = || {
+        RoutesView::Pending(format!(
             "waiting for the routing table of namespace {ns} to include this TaskQueue's routes"
-        ));
+        ))
     };
+    let shared = ctx.routes.read().expect("lock");
+    let Some(verdicts) = shared.get(&ns) else { return pending() };
     if let Some((reason, msg)) = &verdicts.refused {
         return RoutesView::Refused(reason, msg.clone());
     }
     match verdicts.by_name.get(&name).filter(|(input, _)| *input == RouteInput::of(tq)) {
-        None => RoutesView::Pending(format!(
-            "waiting for the routing table of namespace {ns} to include this TaskQueue's routes"
-        )),
+        None => pending(),
         Some((_, lost)) if lost.is_empty() => {
             RoutesView::Published(format!("{} route(s) in ConfigMap {}", tq.spec.routes.len(), ctx.routes_configmap))
         }

@@ -412,6 +412,13 @@ impl Drop for TempDir {
     }
 }
 
+/// `n` raw entries pushed on list `key` (what the operator counts as pending; no Celery needed).
+pub async fn lpush(url: &str, key: &str, n: usize) {
+    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let items: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let _: () = redis::cmd("LPUSH").arg(key).arg(items).query_async(&mut c).await.unwrap();
+}
+
 /// How long the end-to-end waits give the operator.
 pub const T: Duration = Duration::from_secs(60);
 

@@ -264,10 +264,16 @@ pub struct ScalingSpec {
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub poll_interval: String,
     /// Count in-flight messages (fetched by workers, not yet acknowledged: prefetched,
-    /// `acks_late` running, ETA/countdown) as demand next to pending ones. Either way the pool
-    /// never goes to zero while such messages exist.
+    /// `acks_late` running, ETA/countdown due within `etaHorizon`) as demand next to pending
+    /// ones. Either way the pool never goes to zero while such messages exist.
     #[serde(default = "default_true")]
     pub count_in_flight: bool,
+    /// A task a worker holds for its ETA/countdown is demand only once it is due within this
+    /// (`30s`: about the time a new worker pod needs to start); until then it is `scheduled` and
+    /// adds no replicas (it still keeps one worker). At most 24h.
+    #[serde(default = "default_eta_horizon")]
+    #[schemars(length(max = 32), regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub eta_horizon: String,
     /// Replicas to run once the broker has been unreadable for `fallbackAfter`. Unset: replicas
     /// stay frozen for the whole outage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +294,10 @@ pub struct ScalingSpec {
 
 fn default_fallback_after() -> String {
     "5m".into()
+}
+
+fn default_eta_horizon() -> String {
+    "30s".into()
 }
 
 /// Scale-up behaviour.
@@ -313,6 +323,7 @@ impl Default for ScalingSpec {
             activation_threshold: default_activation_threshold(),
             poll_interval: default_poll_interval(),
             count_in_flight: true,
+            eta_horizon: default_eta_horizon(),
             fallback_replicas: None,
             fallback_after: default_fallback_after(),
             scale_up: ScaleUpSpec::default(),
@@ -363,14 +374,20 @@ pub struct TaskQueueStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Messages waiting in Redis for this pool's queues, summed over all priority lists.
+    /// Messages waiting in Redis that this pool counts, summed over its queues and their
+    /// priority lists (of a queue shared with other TaskQueues, this pool's part).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<i64>,
-    /// Messages fetched by workers but not acknowledged (kombu's `unacked` hash): prefetched,
-    /// `acks_late` running and ETA/countdown tasks.
+    /// Messages fetched by workers but not acknowledged (kombu's `unacked` hash) that this
+    /// pool counts: prefetched, `acks_late` running, and ETA/countdown tasks due within
+    /// `etaHorizon`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,
-    /// Pending messages per queue.
+    /// Unacknowledged ETA/countdown tasks due later than `etaHorizon`: held by a worker, not
+    /// demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<i64>,
+    /// Pending messages per queue (whole queues, shared or not).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending_by_queue: BTreeMap<String, i64>,
     /// Replicas the operator last asked for.
@@ -417,6 +434,11 @@ const CEL_RULES: &[(&str, &str, &str)] = &[
         "/properties/spec/properties/scaling/properties/pollInterval",
         "duration(self) >= duration('100ms') && duration(self) <= duration('1h')",
         "spec.scaling.pollInterval must lie within [100ms, 1h]",
+    ),
+    (
+        "/properties/spec/properties/scaling/properties/etaHorizon",
+        "duration(self) <= duration('24h')",
+        "spec.scaling.etaHorizon must be at most 24h",
     ),
     (
         "/properties/spec/properties/scaling/properties/fallbackAfter",

@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod controller;
 pub mod crd;
+pub mod demand;
 pub mod http;
 pub mod manifests;
 pub mod metrics;

@@ -8,6 +8,7 @@ use taskqueue_operator::broker::reader::read_depths;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
 use taskqueue_operator::controller::{self, Settings};
 use taskqueue_operator::crd::{self, TransportOptions};
+use taskqueue_operator::demand::classify;
 use taskqueue_operator::routing;
 
 #[derive(Parser)]
@@ -59,8 +60,9 @@ enum Command {
         #[arg(required = true)]
         tasks: Vec<String>,
     },
-    /// Read the broker once and print one JSON line per queue: pending messages by priority, and
-    /// in-flight (unacked) messages.
+    /// Read the broker once and print one JSON line per queue: pending messages by priority,
+    /// in-flight (unacked) messages, and unacked ETA/countdown tasks due beyond the horizon
+    /// (`scheduled`, not demand).
     Depth {
         /// Celery broker URL (redis://, rediss:// or sentinel://).
         #[arg(long, env = "CELERY_BROKER_URL", hide_env_values = true)]
@@ -83,7 +85,15 @@ enum Command {
         /// kombu `sep` (default: the two bytes 0x06 0x16).
         #[arg(long, default_value = crd::DEFAULT_SEP, hide_default_value = true)]
         sep: String,
+        /// Unacked tasks with an ETA further away than this are `scheduled` (as
+        /// `spec.scaling.etaHorizon`).
+        #[arg(long, default_value = "30s", value_parser = parse_horizon)]
+        eta_horizon: Duration,
     },
+}
+
+fn parse_horizon(s: &str) -> Result<Duration, String> {
+    taskqueue_operator::validate::parse_duration_str(s).map_err(|e| format!("{e}; e.g. 30s, 2m"))
 }
 
 /// Where TaskQueues come from: manifest files/directories, or the cluster.
@@ -159,9 +169,9 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Depth { broker_url, master_name, ca_file, queues, key_prefix, priority_steps, sep } => {
+        Command::Depth { broker_url, master_name, ca_file, queues, key_prefix, priority_steps, sep, eta_horizon } => {
             let opts = TransportOptions { global_keyprefix: key_prefix, priority_steps, sep, master_name };
-            match depth(&broker_url, ca_file.as_deref(), &queues, &opts).await {
+            match depth(&broker_url, ca_file.as_deref(), &queues, &opts, eta_horizon).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -210,6 +220,7 @@ async fn depth(
     ca_file: Option<&std::path::Path>,
     queues: &[String],
     opts: &TransportOptions,
+    horizon: Duration,
 ) -> Result<(), String> {
     let ca = match ca_file {
         Some(p) => Some(std::fs::read(p).map_err(|e| format!("--ca-file {}: {e}", p.display()))?),
@@ -220,15 +231,18 @@ async fn depth(
     let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
     let depths = read_depths(&mut conn, &endpoint.to_string(), &queries).await.map_err(|e| e.to_string())?;
+    let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut failed = None;
     for (q, d) in queues.iter().zip(depths) {
         match d {
             Ok(d) => {
+                let unacked = classify(&d, now_ms, horizon);
                 let line = DepthLine {
                     queue: q,
                     pending: d.pending,
                     by_priority: d.by_priority.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
-                    in_flight: d.in_flight,
+                    in_flight: unacked.due,
+                    scheduled: unacked.scheduled,
                 };
                 println!("{}", serde_json::to_string(&line).expect("serializes"));
             }
@@ -247,6 +261,7 @@ struct DepthLine<'a> {
     by_priority: std::collections::BTreeMap<String, i64>,
     #[serde(rename = "inFlight")]
     in_flight: i64,
+    scheduled: i64,
 }
 
 fn fail(e: String) -> ExitCode {

@@ -44,6 +44,7 @@ pub struct Metrics {
     registry: Registry,
     pub pending: Family<TaskQueueLabels, Gauge>,
     pub in_flight: Family<TaskQueueLabels, Gauge>,
+    pub scheduled: Family<TaskQueueLabels, Gauge>,
     pub desired_replicas: Family<TaskQueueLabels, Gauge>,
     pub broker_up: Family<TaskQueueLabels, Gauge>,
     pub paused: Family<TaskQueueLabels, Gauge>,
@@ -75,6 +76,7 @@ impl Metrics {
         let m = Self {
             pending: Family::default(),
             in_flight: Family::default(),
+            scheduled: Family::default(),
             desired_replicas: Family::default(),
             broker_up: Family::default(),
             paused: Family::default(),
@@ -89,8 +91,17 @@ impl Metrics {
             ready_gauge: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("pending", "Messages waiting in Redis for the pool's queues", m.pending.clone());
-        registry.register("in_flight", "Unacked messages of the pool's queues", m.in_flight.clone());
+        registry.register("pending", "Messages waiting in Redis that the pool counts", m.pending.clone());
+        registry.register(
+            "in_flight",
+            "Unacked messages the pool counts (ETA tasks only within etaHorizon)",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "scheduled",
+            "Unacked ETA/countdown messages due beyond etaHorizon (not demand)",
+            m.scheduled.clone(),
+        );
         registry.register("desired_replicas", "Replicas the operator decided", m.desired_replicas.clone());
         registry.register("broker_up", "1 when the pool's broker was read at the last poll", m.broker_up.clone());
         registry.register("paused", "1 while the pool is paused by annotation", m.paused.clone());
@@ -131,7 +142,9 @@ impl Metrics {
     /// Drop the series of a TaskQueue that no longer exists.
     pub fn forget(&self, namespace: &str, name: &str) {
         let l = TaskQueueLabels { namespace: namespace.into(), name: name.into() };
-        for family in [&self.pending, &self.in_flight, &self.desired_replicas, &self.broker_up, &self.paused] {
+        for family in
+            [&self.pending, &self.in_flight, &self.scheduled, &self.desired_replicas, &self.broker_up, &self.paused]
+        {
             family.remove(&l);
         }
         for direction in ["up", "down"] {

@@ -4,12 +4,14 @@
 //! 1. No broker data -> keep the current replica count (never decide on missing data), unless
 //!    `fallbackReplicas` is set and the broker has been unreadable for `fallbackAfter`.
 //! 2. demand = pending (+ in flight with `countInFlight`); raw = ceil(demand / tasksPerReplica);
-//!    at zero replicas, only leave zero once pending >= activationThreshold.
+//!    at zero replicas, only leave zero once pending >= activationThreshold. Tasks scheduled
+//!    beyond `etaHorizon` are not demand (see `demand`).
 //! 3. Clamp to [minReplicas, maxReplicas].
 //! 4. Scale-up is immediate; scale-down goes only to the highest recommendation seen within the
 //!    stabilization window, so a short lull does not stop workers needed a moment later.
 //! 5. `scaleUp.maxStep` / `scaleDown.maxStep` bound the change per decision.
-//! 6. Never zero replicas while messages are unacked: only a running worker restores them.
+//! 6. Never zero replicas while messages are unacked (scheduled ones included): a worker must
+//!    hold them until due, and only a running worker restores them.
 //!
 //! A paused pool (annotation) keeps its count whatever the broker says.
 
@@ -100,11 +102,13 @@ impl History {
 }
 
 /// What the broker holds for one pool: messages waiting, and messages fetched by workers but
-/// not acknowledged (kombu's `unacked`: prefetched, `acks_late` running, ETA/countdown).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// not acknowledged (kombu's `unacked`), split into in flight (prefetched, `acks_late` running,
+/// ETA due within `etaHorizon`) and scheduled (ETA beyond it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Load {
     pub pending: i64,
     pub in_flight: i64,
+    pub scheduled: i64,
 }
 
 /// This tick's view of the broker.
@@ -119,7 +123,7 @@ pub enum Observation {
 
 impl Observation {
     pub fn pending(pending: i64) -> Self {
-        Self::Known(Load { pending, in_flight: 0 })
+        Self::Known(Load { pending, ..Load::default() })
     }
 }
 
@@ -152,7 +156,7 @@ pub fn decide(
         let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {current_or_min}");
         return Decision { replicas: current_or_min, recommended: current_or_min, reason, limited: true };
     }
-    let Load { pending, in_flight } = match observation {
+    let Load { pending, in_flight, scheduled } = match observation {
         Observation::Known(load) => load,
         Observation::Unknown { for_ } => {
             // Forget the window: when data returns it starts afresh from what runs then, rather
@@ -204,6 +208,9 @@ pub fn decide(
     } else {
         i32::try_from(demand.saturating_add(tpr - 1) / tpr).unwrap_or(i32::MAX)
     };
+    if scheduled > 0 {
+        why = format!("{why} ({scheduled} scheduled beyond etaHorizon, not counted)");
+    }
     let recommended = raw.clamp(bounds.min_replicas, bounds.max_replicas);
     let mut limited = recommended != raw;
     if recommended != raw {
@@ -247,9 +254,13 @@ pub fn decide(
         }
     }
     // Nothing but a running worker restores unacked messages (kombu's visibility-timeout sweep
-    // runs inside workers), so never leave zero workers while any exist.
-    if replicas == 0 && in_flight > 0 && bounds.max_replicas > 0 {
-        why = format!("{why}; holding 1 replica: {in_flight} unacked message(s) need a running worker to be restored");
+    // runs inside workers) or runs a scheduled one when due, so never leave zero workers while
+    // any exist.
+    let unacked = in_flight.saturating_add(scheduled);
+    if replicas == 0 && unacked > 0 && bounds.max_replicas > 0 {
+        why = format!(
+            "{why}; holding 1 replica: {unacked} unacked message(s) need a running worker to hold or restore them"
+        );
         limited = true;
         replicas = 1;
     }
@@ -367,13 +378,13 @@ mod tests {
     #[test]
     fn in_flight_counts_as_demand_and_blocks_scale_to_zero() {
         let b = bounds(0, 10, 4, 1, 0);
-        let busy = Observation::Known(Load { pending: 2, in_flight: 10 });
+        let busy = Observation::Known(Load { pending: 2, in_flight: 10, scheduled: 0 });
         let d = decide(&b, Some(2), busy, &mut History::default(), Instant::now());
         assert_eq!(d.replicas, 3, "ceil((2 + 10) / 4)");
         assert!(d.reason.contains("2 pending + 10 in flight / 4 per replica"), "{}", d.reason);
         let ignore = Bounds { count_in_flight: false, ..b };
         let (mut h, t0) = (History::default(), Instant::now());
-        let drained = Observation::Known(Load { pending: 0, in_flight: 2 });
+        let drained = Observation::Known(Load { pending: 0, in_flight: 2, scheduled: 0 });
         decide(&ignore, Some(3), drained, &mut h, t0);
         let d = decide(&ignore, Some(3), drained, &mut h, t0 + Duration::from_secs(1));
         assert_eq!(d.replicas, 1, "queue drained but unacked entries remain: {}", d.reason);
@@ -381,11 +392,30 @@ mod tests {
         let d = decide(
             &ignore,
             Some(0),
-            Observation::Known(Load { pending: 0, in_flight: 1 }),
+            Observation::Known(Load { pending: 0, in_flight: 1, scheduled: 0 }),
             &mut History::default(),
             Instant::now(),
         );
         assert_eq!(d.replicas, 1, "stranded unacked work brings a worker back");
+    }
+
+    #[test]
+    fn scheduled_tasks_hold_one_worker_but_add_none() {
+        let b = bounds(0, 10, 2, 1, 0);
+        // 20 countdown tasks held by one worker, nothing else: one replica, not ceil(20 / 2).
+        let held = Observation::Known(Load { pending: 0, in_flight: 0, scheduled: 20 });
+        let (t0, mut h) = (Instant::now(), History::default());
+        let d = decide(&b, Some(0), held, &mut h, t0);
+        assert_eq!(
+            d.reason,
+            "scaled up 0 -> 1: 0 pending, below activationThreshold 1 (20 scheduled beyond etaHorizon, not \
+             counted); holding 1 replica: 20 unacked message(s) need a running worker to hold or restore them"
+        );
+        let d = decide(&b, Some(1), held, &mut h, t0 + Duration::from_secs(60));
+        assert_eq!(d.replicas, 1, "{}", d.reason);
+        // With real demand next to them, only the demand counts.
+        let busy = Observation::Known(Load { pending: 6, in_flight: 2, scheduled: 20 });
+        assert_eq!(decide(&b, Some(1), busy, &mut History::default(), Instant::now()).replicas, 4);
     }
 
     #[test]
@@ -539,7 +569,11 @@ mod tests {
             let mut current = if rnd(4) == 0 { None } else { Some(rnd(15) as i32) };
             for step in 0..6 {
                 let obs = if rnd(5) != 0 {
-                    Observation::Known(Load { pending: rnd(100), in_flight: rnd(3) * rnd(10) })
+                    Observation::Known(Load {
+                        pending: rnd(100),
+                        in_flight: rnd(3) * rnd(10),
+                        scheduled: rnd(2) * rnd(30),
+                    })
                 } else {
                     unknown(rnd(6) as u64)
                 };
@@ -551,9 +585,16 @@ mod tests {
                     },
                     Observation::Known(l) => {
                         assert!(d.replicas <= b.max_replicas && d.replicas >= b.min_replicas, "{b:?} {l:?} -> {d:?}");
-                        if l.in_flight > 0 && b.max_replicas > 0 {
-                            assert!(d.replicas >= 1, "never zero with in-flight work: {d:?}");
+                        if l.in_flight + l.scheduled > 0 && b.max_replicas > 0 {
+                            assert!(d.replicas >= 1, "never zero with unacked work: {d:?}");
                         }
+                        // Scheduled tasks never add replicas: the same load without them
+                        // recommends the same count.
+                        let without = Observation::Known(Load { scheduled: 0, ..l });
+                        let mut h2 = History::default();
+                        let base = decide(&b, current, without, &mut h2, t0).recommended;
+                        let mut h3 = History::default();
+                        assert_eq!(decide(&b, current, obs, &mut h3, t0).recommended, base, "scheduled is not demand");
                         if let (Some(c), Some(up)) = (current, b.scale_up_max_step) {
                             if c >= b.min_replicas {
                                 assert!(d.replicas <= c + up, "scaleUp.maxStep: {c} -> {d:?}");

@@ -21,6 +21,8 @@ use crate::quantity::Quantity;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
     pub count_in_flight: bool,
+    /// ETA/countdown tasks due later than this are scheduled, not demand.
+    pub eta_horizon: Duration,
     /// `spec.queue` followed by `spec.extraQueues`, in order.
     pub queues: Vec<String>,
     pub node_name: String,
@@ -104,6 +106,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
     );
     let fallback_after =
         duration(&s.fallback_after, "spec.scaling.fallbackAfter", Duration::ZERO, MAX_DURATION, &mut p);
+    let eta_horizon = duration(&s.eta_horizon, "spec.scaling.etaHorizon", Duration::ZERO, MAX_DURATION, &mut p);
     check_scaling(spec, &mut p);
 
     if !p.0.is_empty() {
@@ -111,6 +114,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
     }
     Ok(ValidSpec {
         count_in_flight: s.count_in_flight,
+        eta_horizon: eta_horizon.unwrap_or_default(),
         queues,
         node_name,
         poll_interval: poll_interval.unwrap_or(MIN_POLL),
@@ -539,6 +543,7 @@ mod tests {
         assert_eq!(v.node_name, "general");
         assert_eq!(v.tasks_per_replica, 3, "defaults to concurrency");
         assert_eq!(v.poll_interval, Duration::from_secs(2));
+        assert_eq!(v.eta_horizon, Duration::from_secs(30), "etaHorizon defaults to 30s");
         assert_eq!(v.stabilization_window, Duration::from_secs(300));
     }
 
@@ -676,12 +681,13 @@ mod tests {
     #[test]
     fn duration_bounds_name_the_limit() {
         let e = errors(
-            json!({"scaling": {"pollInterval": "2h", "fallbackAfter": "25h", "scaleDown": {"stabilizationWindow": "99999999999999999999999h"}}}),
+            json!({"scaling": {"pollInterval": "2h", "fallbackAfter": "25h", "etaHorizon": "1d", "scaleDown": {"stabilizationWindow": "99999999999999999999999h"}}}),
         );
-        assert_eq!(e.len(), 3, "{e:?}");
+        assert_eq!(e.len(), 4, "{e:?}");
         assert!(e[0].starts_with("spec.scaling.pollInterval: \"2h\" is above the maximum 1h"), "{e:?}");
         assert!(e[1].contains("is longer than the maximum 24h"), "{e:?}");
         assert!(e[2].starts_with("spec.scaling.fallbackAfter: \"25h\" is longer than the maximum 24h"), "{e:?}");
+        assert!(e[3].starts_with("spec.scaling.etaHorizon: \"1d\""), "{e:?}");
     }
 
     #[test]

@@ -105,6 +105,7 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         endpoint: endpoint(url),
         queries: queues.iter().map(|q| DepthQuery::new(q, &opts)).collect(),
         interval: Duration::from_millis(100),
+        weight: 10,
     };
     // Three TaskQueues on broker a (two share a queue), one on broker b.
     state.register(key("ai"), target(&a.url(), &["ai_processing"]));
@@ -121,6 +122,12 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
     assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 2, "one per broker");
     let both = state.reading(&key("both")).unwrap().depths.unwrap();
     assert_eq!(both.iter().map(|d| d.as_ref().unwrap().pending).collect::<Vec<_>>(), [3, 7]);
+    // Who shares what, per namespace and broker: ai_processing is the spec.queue of ai and of
+    // both; demo_tasks is demo's, and both only lists it in extraQueues.
+    let shares = state.reading(&key("both")).unwrap().shares;
+    assert_eq!(shares[0].others(), "ai (spec.queue)");
+    assert_eq!((shares[0].part(3), shares[1].part(7)), (1, 0), "ai (first by name) takes the odd one of 3");
+    assert!(!state.reading(&key("other")).unwrap().shares[0].is_shared(), "another broker is another queue");
 
     // Read again: one more round trip per broker each time, nothing changed, nobody woken.
     for _ in 1..=5 {
@@ -146,6 +153,11 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
     let (mut changed, _) = state.read_endpoint(&ea).await;
     changed.sort_by_key(|k| k.name.clone());
     assert_eq!(changed, [key("ai"), key("both")], "only the TaskQueues whose depth moved are woken");
+    // A new consumer of a queue changes the others' shares: they are woken though no depth moved.
+    state.register(key("late"), target(&a.url(), &["demo_tasks"]));
+    let (mut changed, _) = state.read_endpoint(&ea).await;
+    changed.sort_by_key(|k| k.name.clone());
+    assert_eq!(changed, [key("both"), key("demo"), key("late")]);
 }
 
 async fn total_connections(c: &mut redis::aio::MultiplexedConnection) -> i64 {
@@ -297,14 +309,22 @@ async fn eta_tasks_held_by_a_real_worker_are_in_flight_not_pending() {
         DepthQuery::new("beta", &TransportOptions::default()),
     ];
     let pool = BrokerPool::default();
+    let sent = jiff::Timestamp::now().as_millisecond();
     let got = support::wait_for("the worker to hold the 5 ETA tasks", Duration::from_secs(60), || async {
         let mut conn = pool.connection(&endpoint(&redis.url())).await.ok()?;
         let d = read_depths(&mut conn, "test", &queries).await.ok()?;
-        let got: Vec<(i64, i64)> = d.into_iter().map(|d| d.map(|d| (d.pending, d.in_flight)).unwrap()).collect();
-        (got[0] == (0, 5)).then_some(got)
+        let got: Vec<(i64, i64, Vec<i64>)> =
+            d.into_iter().map(|d| d.map(|d| (d.pending, d.in_flight, d.etas)).unwrap()).collect();
+        (got[0].0 == 0 && got[0].1 == 5).then_some(got)
     })
     .await;
-    assert_eq!(got[1], (3, 0), "beta's messages are pending, not in flight (no worker consumes beta)");
+    assert_eq!(got[1], (3, 0, vec![]), "beta's messages are pending, not in flight (no worker consumes beta)");
+    // Each held task's ETA is read from its message: about 300 s after it was sent.
+    assert_eq!(got[0].2.len(), 5);
+    for eta in &got[0].2 {
+        let ahead = eta - sent;
+        assert!((290_000..=310_000).contains(&ahead), "ETA {ahead} ms after sending, countdown was 300 s");
+    }
     let mut c = raw(&redis.url()).await;
     let hlen: i64 = redis::cmd("HLEN").arg("unacked").query_async(&mut c).await.unwrap();
     assert_eq!(hlen, 5, "what Redis holds, counted by hand");
@@ -507,6 +527,7 @@ async fn a_broker_no_taskqueue_uses_any_more_loses_its_connections() {
         endpoint: endpoint(url),
         queries: vec![DepthQuery::new("q", &opts)],
         interval: Duration::from_secs(3600),
+        weight: 10,
     };
     let (trigger, _rx) = futures::channel::mpsc::unbounded();
     state.register(key("a"), target(&a.url()));

@@ -111,6 +111,11 @@ const INVALID: &[Case] = &[
         "spec.scaling.fallbackAfter must be at most 24h",
     ),
     (
+        "eta-horizon-above-24h",
+        |s| s["scaling"]["etaHorizon"] = json!("25h"),
+        "spec.scaling.etaHorizon must be at most 24h",
+    ),
+    (
         "window-above-24h",
         |s| s["scaling"]["scaleDown"] = json!({"stabilizationWindow": "24h1s"}),
         "spec.scaling.scaleDown.stabilizationWindow must be at most 24h",

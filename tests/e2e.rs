@@ -137,7 +137,7 @@ async fn priorities_are_counted_like_kombu_and_a_drained_queue_returns_to_min_af
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         line,
-        json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}, "inFlight": 0})
+        json!({"queue": "demo_tasks", "pending": 20, "byPriority": {"0": 9, "3": 6, "6": 0, "9": 5}, "inFlight": 0, "scheduled": 0})
     );
 
     wait_for("status.pending = kombu's count", T, || async {
@@ -383,9 +383,10 @@ async fn unacked_work_keeps_one_worker_even_when_the_queue_is_empty() {
     wait_replicas(&client, &ns, "eta", 1).await;
     let d = deployment(&client, &ns, "eta").await.unwrap();
     let worker = Worker::start(&redis.url(), &command(&d));
-    let held = wait_for("3 in flight, 0 pending", T, || async {
-        Some(taskqueue(&client, &ns, "eta").await)
-            .filter(|t| t.status.as_ref().is_some_and(|s| s.pending == Some(0) && s.in_flight == Some(3)))
+    let held = wait_for("3 scheduled, 0 in flight or pending", T, || async {
+        Some(taskqueue(&client, &ns, "eta").await).filter(|t| {
+            t.status.as_ref().is_some_and(|s| s.pending == Some(0) && s.in_flight == Some(0) && s.scheduled == Some(3))
+        })
     })
     .await;
     // The worker dies without restoring them (SIGKILL): still one replica, and the reason says why.
@@ -396,6 +397,7 @@ async fn unacked_work_keeps_one_worker_even_when_the_queue_is_empty() {
     let (status, _, why) = condition(&taskqueue(&client, &ns, "eta").await, "ScalingLimited").unwrap();
     assert_eq!(status, "True");
     assert!(why.contains("holding 1 replica: 3 unacked message(s) need a running worker"), "{why}");
+    assert!(why.contains("3 scheduled beyond etaHorizon, not counted"), "{why}");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -8,23 +8,24 @@
 //!
 //!   PROPTEST_CASES=100000 cargo test --release --test never_panics
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use taskqueue_operator::broker::heartbeat::{parse_event, Workers};
-use taskqueue_operator::broker::reader::routing_key;
+use taskqueue_operator::broker::reader::{eta_millis, routing_key};
 use taskqueue_operator::broker::BrokerEndpoint;
+use taskqueue_operator::broker::QueueDepth;
 use taskqueue_operator::controller::deployment;
 use taskqueue_operator::controller::memory::Memory;
 use taskqueue_operator::controller::plan::{plan, BrokerView, RoutesView, Seen};
 use taskqueue_operator::crd::TaskQueue;
+use taskqueue_operator::demand::{Consumer, QueueReading, Share};
 use taskqueue_operator::quantity::Quantity;
 use taskqueue_operator::routing::{build_table, Glob};
-use taskqueue_operator::scaling::Load;
 use taskqueue_operator::validate::{parse_duration_str, validate};
 
 /// Strings a hostile or careless user writes.
@@ -107,6 +108,7 @@ const PATHS: &[(&str, Kind)] = &[
     ("/scaling/countInFlight", Kind::Bool),
     ("/scaling/fallbackReplicas", Kind::Int),
     ("/scaling/fallbackAfter", Kind::Str),
+    ("/scaling/etaHorizon", Kind::Str),
     ("/scaling/scaleUp/maxStep", Kind::Int),
     ("/scaling/scaleDown/stabilizationWindow", Kind::Str),
     ("/scaling/scaleDown/maxStep", Kind::Int),
@@ -188,11 +190,18 @@ fn broker_view() -> impl Strategy<Value = BrokerView> {
         Just(BrokerView::NotRead),
         Just(BrokerView::Waiting("w".into())),
         text().prop_map(|m| BrokerView::Failed("BrokerUnreachable", m)),
-        (any::<i64>(), any::<i64>()).prop_map(|(pending, in_flight)| BrokerView::Read {
-            load: Load { pending, in_flight },
-            by_queue: BTreeMap::new(),
-            message: "read".into()
-        }),
+        (any::<i64>(), any::<i64>(), prop::collection::vec(any::<i64>(), 0..4), any::<bool>(), any::<i64>()).prop_map(
+            |(pending, in_flight, mut etas, primary, weight)| {
+                etas.sort_unstable();
+                let depth = QueueDepth { pending, in_flight, etas, ..QueueDepth::default() };
+                let others = Consumer { name: "other".into(), primary: !primary, weight: weight / 3 };
+                let share = Share::among(vec![Consumer { name: "me".into(), primary, weight }, others], "me");
+                BrokerView::Read {
+                    queues: vec![QueueReading { queue: "q".into(), depth, share }],
+                    message: "read".into(),
+                }
+            }
+        ),
     ]
 }
 
@@ -275,6 +284,8 @@ proptest! {
         }
         let _ = routing_key(&bytes);
         let _ = routing_key(s.as_bytes());
+        let _ = eta_millis(&bytes);
+        let _ = eta_millis(s.as_bytes());
         let mut w = Workers::default();
         for payload in [bytes.as_slice(), s.as_bytes()] {
             if let Some(e) = parse_event(payload) {
@@ -297,5 +308,13 @@ proptest! {
             }
         }
         let _ = routing_key(json!([v.clone(), "", v]).to_string().as_bytes());
+        let body = base64::engine::general_purpose::STANDARD.encode(json!({"task": "t", "eta": v}).to_string());
+        for message in [
+            json!({"headers": {"task": "t", "eta": v}}),
+            json!({"headers": {}, "body": body, "content-type": "application/json", "properties": {"body_encoding": "base64"}}),
+            json!({"headers": v, "body": v, "content-type": v, "properties": v}),
+        ] {
+            let _ = eta_millis(json!([message, "", "q"]).to_string().as_bytes());
+        }
     }
 }

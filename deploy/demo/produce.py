@@ -5,6 +5,9 @@
   python produce.py sendq QUEUE N           N x page_oncall sent explicitly to QUEUE
   python produce.py later QUEUE N SECONDS   N x page_oncall to QUEUE with countdown=SECONDS (ETA)
   python produce.py ids QUEUE N PREFIX      N x record to QUEUE with task ids PREFIX0..PREFIX{N-1}
+  python produce.py slow QUEUE N            N x run_ai_text_generation (10.6 s x TASK_SCALE) to QUEUE
+  python produce.py inspect                 Celery's own view of its workers: tasks active,
+                                            reserved (prefetched) and scheduled (ETA), one JSON line
   python produce.py count QUEUE...         kombu's message_count per queue, one JSON line each
 """
 import json
@@ -53,6 +56,17 @@ def main(argv):
     elif cmd == "ids":
         for i in range(int(argv[3])):
             demo_tasks.record.apply_async(queue=argv[2], task_id=f"{argv[4]}{i}")
+    elif cmd == "slow":
+        for i in range(int(argv[3])):
+            ai_tasks.run_ai_text_generation.apply_async(args=(f"prompt {i}",), queue=argv[2])
+    elif cmd == "inspect":
+        inspect = app.control.inspect(timeout=3)
+        counts = {}
+        for what in ("active", "reserved", "scheduled"):
+            replies = getattr(inspect, what)() or {}
+            counts[what] = sum(len(tasks) for tasks in replies.values())
+        counts["workers"] = len(inspect.ping() or {})
+        print(json.dumps(counts))
     elif cmd == "count":
         for q in argv[2:]:
             print(json.dumps({"queue": q, "pending": kombu_count(q)}))

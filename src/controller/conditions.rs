@@ -9,6 +9,7 @@ pub const DEPLOYMENT_OWNED: &str = "DeploymentOwned";
 pub const ROUTES_ACCEPTED: &str = "RoutesAccepted";
 pub const SCALING_LIMITED: &str = "ScalingLimited";
 pub const PAUSED: &str = "Paused";
+pub const QUEUE_SHARED: &str = "QueueShared";
 
 /// Condition messages are cut to this many bytes: a spec with hundreds of conflicting routes
 /// would otherwise make a status too large to read (or to store).
@@ -43,6 +44,18 @@ impl<'a> Conditions<'a> {
             if self.list.iter().all(|n| n.type_ != c.type_) {
                 self.list.push(c.clone());
             }
+        }
+    }
+
+    /// The condition `type_` as it was before this reconcile.
+    pub fn previous(&self, type_: &str) -> Option<&Condition> {
+        find(self.previous, type_)
+    }
+
+    /// Keep the previous value of condition `type_` (nothing new was learnt about it).
+    pub fn keep(&mut self, type_: &str) {
+        if let Some(c) = find(self.previous, type_).filter(|_| find(&self.list, type_).is_none()) {
+            self.list.push(c.clone());
         }
     }
 

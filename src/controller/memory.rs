@@ -22,6 +22,8 @@ pub struct Memory {
     pub warned: BTreeMap<&'static str, String>,
     /// Since when the broker could not be read (for `fallbackAfter`).
     pub unknown_since: Option<Instant>,
+    /// The queue sharing last announced by an Event (the `QueueShared` message).
+    pub shared: Option<String>,
     /// Whether the pause was last announced as on (None: nothing announced by this process).
     pub paused: Option<bool>,
     /// The API server refused this Deployment template; held until it changes or is retried.

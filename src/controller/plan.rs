@@ -6,7 +6,6 @@
 //! every outcome (invalid spec, foreign Deployment, refused write, broker outage, pause, a
 //! scale-down waiting out its window) is a path through it, table-tested below without a cluster.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -15,11 +14,13 @@ use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
 use super::conditions::{
-    find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID,
+    find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, QUEUE_SHARED, READY, ROUTES_ACCEPTED,
+    SCALING_LIMITED, SPEC_VALID,
 };
 use super::deployment::{self, owned_by, selector_string};
 use super::memory::{Applied, Memory};
 use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
+use crate::demand::{self, Demand, QueueReading};
 use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
 use crate::validate::{InvalidSpec, ValidSpec};
 
@@ -52,8 +53,8 @@ pub enum BrokerView {
     Waiting(String),
     /// The Secret, URL or CA cannot be used, or the read failed: (reason, message).
     Failed(&'static str, String),
-    /// Read: the pool's load, pending per queue, and a message naming what was read.
-    Read { load: Load, by_queue: BTreeMap<String, i64>, message: String },
+    /// Read: each queue's depth and who else consumes it, and a message naming what was read.
+    Read { queues: Vec<QueueReading>, message: String },
 }
 
 /// This TaskQueue's routes in its namespace's routing table.
@@ -234,10 +235,10 @@ impl Draft<'_> {
         self.conds.set(SPEC_VALID, true, "Valid", "spec is valid");
         self.transition(SPEC_VALID); // valid again: forget the announced problem
         self.routes();
-        let load = self.broker();
+        let demand = self.broker(valid);
         match &self.seen.deployment {
             Some(d) if !owned_by(d, self.tq) => self.foreign(d),
-            observed => self.scale(valid, observed.as_ref(), load),
+            observed => self.scale(valid, observed.as_ref(), demand),
         }
     }
 
@@ -256,9 +257,10 @@ impl Draft<'_> {
         }
     }
 
-    /// `BrokerReachable` and the depth fields of the status; the load when the broker was read.
-    fn broker(&mut self) -> Option<Load> {
-        let load = match &self.seen.broker {
+    /// `BrokerReachable`, `QueueShared` and the depth fields of the status; this pool's demand
+    /// when the broker was read.
+    fn broker(&mut self, valid: &ValidSpec) -> Option<Demand> {
+        let demand = match &self.seen.broker {
             BrokerView::NotRead => None,
             BrokerView::Waiting(msg) => {
                 self.conds.unknown(BROKER_REACHABLE, "Reading", msg.clone());
@@ -268,14 +270,21 @@ impl Draft<'_> {
                 self.conds.set(BROKER_REACHABLE, false, reason, msg.clone());
                 None
             }
-            BrokerView::Read { load, by_queue, message } => {
+            BrokerView::Read { queues, message } => {
                 self.conds.set(BROKER_REACHABLE, true, "Read", message.clone());
-                self.status.pending = Some(load.pending);
-                self.status.in_flight = Some(load.in_flight);
-                self.status.pending_by_queue = by_queue.clone();
-                Some(*load)
+                let now_ms = self.seen.now.0.as_millisecond();
+                let demand = demand::demand(queues, now_ms, valid.eta_horizon);
+                self.status.pending = Some(demand.load.pending);
+                self.status.in_flight = Some(demand.load.in_flight);
+                self.status.scheduled = Some(demand.load.scheduled);
+                self.status.pending_by_queue = demand.pending_by_queue.clone();
+                self.sharing(queues);
+                Some(demand)
             }
         };
+        if demand.is_none() {
+            self.conds.keep(QUEUE_SHARED);
+        }
         match self.transition(BROKER_REACHABLE) {
             Transition::Failed => self.warn(BROKER_REACHABLE),
             Transition::Recovered => {
@@ -283,7 +292,31 @@ impl Draft<'_> {
             }
             Transition::Same => {}
         }
-        load
+        demand
+    }
+
+    /// `QueueShared`: whether another TaskQueue here consumes one of this pool's queues, whom,
+    /// and what part this pool counts; one Event each time that changes.
+    fn sharing(&mut self, queues: &[QueueReading]) {
+        let shared: Vec<String> = queues
+            .iter()
+            .filter(|q| q.share.is_shared())
+            .map(|q| format!("queue {} is also consumed by {}: {}", q.queue, q.share.others(), q.share.policy()))
+            .collect();
+        if shared.is_empty() {
+            self.conds.set(QUEUE_SHARED, false, "NotShared", "no other TaskQueue here consumes this pool's queues");
+            self.memory.shared = None;
+            return;
+        }
+        let msg = shared.join("; ");
+        self.conds.set(QUEUE_SHARED, true, "DemandSplit", msg.clone());
+        // After a restart the stored condition tells what was announced already.
+        let stored = self.conds.previous(QUEUE_SHARED).is_some_and(|c| c.status == "True" && c.message == msg);
+        let announced = self.memory.shared.as_ref().map_or(stored, |m| *m == msg);
+        if !announced {
+            self.announce(EventType::Normal, "QueueShared", msg.clone());
+        }
+        self.memory.shared = Some(msg);
     }
 
     /// Never take over a Deployment we do not own.
@@ -302,15 +335,18 @@ impl Draft<'_> {
     }
 
     /// The main path: decide the replicas, build the Deployment, say why.
-    fn scale(&mut self, valid: &ValidSpec, observed: Option<&Deployment>, load: Option<Load>) {
+    fn scale(&mut self, valid: &ValidSpec, observed: Option<&Deployment>, demand: Option<Demand>) {
         let name = self.tq.name_any();
         self.conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
         self.transition(DEPLOYMENT_OWNED);
         let current = self.current_replicas(observed);
         let paused = self.out.paused;
-        let observation = self.observation(load);
+        let observation = self.observation(demand.as_ref().map(|d| d.load));
         let bounds = bounds(valid, paused);
-        let decision = decide(&bounds, current, observation, &mut self.memory.history, self.seen.instant);
+        let mut decision = decide(&bounds, current, observation, &mut self.memory.history, self.seen.instant);
+        if let Some(note) = demand.as_ref().and_then(|d| d.shared_note.as_ref()) {
+            decision.reason = format!("{}; {note}", decision.reason);
+        }
         self.pause_condition(paused);
 
         let desired = deployment::build(self.tq, valid, decision.replicas);
@@ -353,7 +389,13 @@ impl Draft<'_> {
         // The poller wakes us when the depth changes; a pending scale-down or step needs a look
         // once per poll so it happens when due.
         let busy = decision.replicas != decision.recommended || !reachable;
-        self.out.requeue = Some(if busy { valid.poll_interval } else { RESYNC });
+        let mut requeue = if busy { valid.poll_interval } else { RESYNC };
+        // A scheduled task becomes demand when it comes within the horizon: decide again then
+        // (a second late rather than early: the wall clock here has whole seconds).
+        if let Some(due) = demand.and_then(|d| d.next_due) {
+            requeue = requeue.min(due + Duration::from_secs(1));
+        }
+        self.out.requeue = Some(requeue);
     }
 
     /// The API server refused this Deployment: it stays as it was, and the status says why.
@@ -532,6 +574,7 @@ fn event_reason(reason: &str) -> &'static str {
 mod tests {
     use super::*;
     use crate::controller::memory::Rejected;
+    use crate::demand::{Consumer, Share};
     use crate::validate::validate;
     use serde_json::json;
 
@@ -554,8 +597,12 @@ mod tests {
     }
 
     fn read(pending: i64) -> BrokerView {
-        let load = Load { pending, in_flight: 0 };
-        BrokerView::Read { load, by_queue: BTreeMap::from([("ai_processing".into(), pending)]), message: "read".into() }
+        let depth = crate::broker::QueueDepth { pending, ..Default::default() };
+        let share = Share::alone(Consumer { name: "ai".into(), primary: true, weight: 40 });
+        BrokerView::Read {
+            queues: vec![QueueReading { queue: "ai_processing".into(), depth, share }],
+            message: "read".into(),
+        }
     }
 
     fn t0() -> Instant {
@@ -678,6 +725,81 @@ mod tests {
                 "{name}: the worker container is put back whole"
             );
         }
+    }
+
+    /// `plain()` reading `queue` shared with `other`, both on it as spec.queue with equal capacity.
+    fn shared_read(pending: i64) -> BrokerView {
+        let depth = crate::broker::QueueDepth { pending, ..Default::default() };
+        let both = vec![
+            Consumer { name: "ai".into(), primary: true, weight: 40 },
+            Consumer { name: "ai-big".into(), primary: true, weight: 40 },
+        ];
+        let share = Share::among(both, "ai");
+        BrokerView::Read {
+            queues: vec![QueueReading { queue: "ai_processing".into(), depth, share }],
+            message: "read".into(),
+        }
+    }
+
+    #[test]
+    fn a_shared_queue_is_counted_once_said_once_and_explained() {
+        let tq = plain();
+        let at_1 = ours(&tq, 1, 2);
+        let first = plan(&tq, &seen(&tq, shared_read(16), Some(at_1.clone()), wrote(&at_1, 2)));
+        // 16 pending, half of it ours: ceil(8 / 4) = 2, not ceil(16 / 4) = 4.
+        assert_eq!(first.status.desired_replicas, Some(2));
+        assert_eq!((first.status.pending, first.status.pending_by_queue["ai_processing"]), (Some(8), 16));
+        let shared = find(&first.status.conditions, QUEUE_SHARED).unwrap();
+        assert_eq!((shared.status.as_str(), shared.reason.as_str()), ("True", "DemandSplit"));
+        assert_eq!(
+            shared.message,
+            "queue ai_processing is also consumed by ai-big (spec.queue): this pool counts 40/80 of its demand (split \
+             by maxReplicas × tasksPerReplica)"
+        );
+        assert_eq!(first.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["QueueShared", "ScaledUp"]);
+        let reason = first.status.last_scale_reason.as_deref().unwrap();
+        assert!(
+            reason.ends_with(
+                "queue ai_processing shared with ai-big (spec.queue): counts 8 of 16 pending and 0 of 0 in \
+                 flight (share 40/80)"
+            ),
+            "{reason}"
+        );
+        // Said once: not again from memory, nor after a restart (from the stored condition).
+        let mut stored = tq.clone();
+        stored.status = Some(first.status.clone());
+        let again = plan(&stored, &seen(&stored, shared_read(16), Some(ours(&tq, 2, 3)), first.memory.clone()));
+        assert!(again.events.is_empty(), "{:?}", again.events);
+        let restarted = plan(&stored, &seen(&stored, shared_read(16), Some(ours(&tq, 2, 3)), Memory::default()));
+        assert!(restarted.events.iter().all(|e| e.reason != "QueueShared"), "{:?}", restarted.events);
+        // Alone again: the condition says so; an outage keeps what was known.
+        let alone = plan(&stored, &seen(&stored, read(16), Some(ours(&tq, 2, 3)), first.memory.clone()));
+        assert_eq!(find(&alone.status.conditions, QUEUE_SHARED).unwrap().reason, "NotShared");
+        let down = BrokerView::Failed("BrokerUnreachable", "refused".into());
+        let outage = plan(&stored, &seen(&stored, down, Some(ours(&tq, 2, 3)), first.memory));
+        assert_eq!(find(&outage.status.conditions, QUEUE_SHARED).unwrap().reason, "DemandSplit");
+    }
+
+    #[test]
+    fn scheduled_tasks_are_reported_and_decided_again_when_they_come_due() {
+        let tq = plain(); // etaHorizon 30s by default
+        let now_ms = 1_000_000_000;
+        // 20 tasks held for an hour, 2 due in 40 s, 1 prefetched without an ETA.
+        let mut etas = vec![now_ms + 3_600_000; 20];
+        etas.extend([now_ms + 40_000; 2]);
+        etas.sort_unstable();
+        let depth = crate::broker::QueueDepth { pending: 0, in_flight: 23, etas, ..Default::default() };
+        let share = Share::alone(Consumer { name: "ai".into(), primary: true, weight: 40 });
+        let view = BrokerView::Read {
+            queues: vec![QueueReading { queue: "ai_processing".into(), depth, share }],
+            message: "read".into(),
+        };
+        let at_1 = ours(&tq, 1, 2);
+        let p = plan(&tq, &seen(&tq, view, Some(at_1.clone()), wrote(&at_1, 2)));
+        assert_eq!((p.status.in_flight, p.status.scheduled), (Some(1), Some(22)));
+        assert_eq!(p.status.desired_replicas, Some(1), "ceil(1 / 4), not ceil(23 / 4)");
+        // The two due in 40 s come within the 30 s horizon in 10 s: look again then.
+        assert_eq!(p.requeue, Some(Duration::from_secs(11)));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::broker::heartbeat::{self, SharedWorkers};
 use crate::broker::reader::read_depths;
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
+use crate::demand::{Consumer, Share};
 use crate::metrics::{Metrics, ResultLabels};
 
 pub type Key = ObjectRef<TaskQueue>;
@@ -33,8 +34,11 @@ pub type Depths = Result<Vec<Result<QueueDepth, ReadError>>, ReadError>;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
     pub endpoint: BrokerEndpoint,
+    /// `spec.queue` first, then `spec.extraQueues`.
     pub queries: Vec<DepthQuery>,
     pub interval: Duration,
+    /// Capacity (`maxReplicas × tasksPerReplica`): how a shared queue's demand is split.
+    pub weight: i64,
 }
 
 /// The latest read for one TaskQueue: one entry per query of its target, in order.
@@ -43,6 +47,8 @@ pub struct Reading {
     pub endpoint: BrokerEndpoint,
     pub queries: Vec<DepthQuery>,
     pub depths: Depths,
+    /// Who else in the namespace consumes each queue on this broker, one per query.
+    pub shares: Vec<Share>,
     /// When the read started.
     pub at: Instant,
 }
@@ -185,9 +191,11 @@ impl BrokerState {
         let at = Instant::now();
         let result = self.read_one(endpoint, &queries).await;
         let ok = result.is_ok();
+        let mut shares = shares(&members);
         let mut changed = Vec::new();
         let mut readings = self.readings.lock().expect("lock");
-        for (key, target) in members {
+        for (i, (key, target)) in members.into_iter().enumerate() {
+            let shares = std::mem::take(&mut shares[i]);
             let depths = match &result {
                 Err(e) => Err(e.clone()),
                 Ok(all) => Ok(target
@@ -198,8 +206,10 @@ impl BrokerState {
                     })
                     .collect()),
             };
-            let same = readings.get(&key).is_some_and(|old| old.matches(&target) && old.depths == depths);
-            let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), depths, at };
+            let same = readings
+                .get(&key)
+                .is_some_and(|old| old.matches(&target) && old.depths == depths && old.shares == shares);
+            let reading = Reading { endpoint: endpoint.clone(), queries: target.queries.clone(), depths, shares, at };
             readings.insert(key.clone(), reading);
             if !same {
                 changed.push(key);
@@ -334,6 +344,32 @@ impl Drop for BrokerState {
     }
 }
 
+/// For each member and each of its queries, who consumes that queue: the members of one
+/// namespace reading the same queue under the same key prefix (a shared queue's demand is split
+/// between them, see `demand`).
+fn shares(members: &[(Key, Target)]) -> Vec<Vec<Share>> {
+    let mut by_queue: HashMap<(Option<&str>, &str, &str), Vec<Consumer>> = HashMap::new();
+    for (key, target) in members {
+        for (i, q) in target.queries.iter().enumerate() {
+            let consumer = Consumer { name: key.name.clone(), primary: i == 0, weight: target.weight };
+            by_queue.entry((key.namespace.as_deref(), &q.prefix, &q.queue)).or_default().push(consumer);
+        }
+    }
+    members
+        .iter()
+        .map(|(key, target)| {
+            target
+                .queries
+                .iter()
+                .map(|q| {
+                    let consumers = by_queue.get(&(key.namespace.as_deref(), &q.prefix, &q.queue)).cloned();
+                    Share::among(consumers.unwrap_or_default(), &key.name)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// How long a wake-up for new targets waits for more of them (they come in bursts: startup, a
 /// big apply).
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -411,7 +447,7 @@ mod tests {
     #[test]
     fn targets_move_between_endpoints() {
         let e = |port| BrokerEndpoint::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap();
-        let t = |port| Target { endpoint: e(port), queries: Vec::new(), interval: Duration::from_secs(1) };
+        let t = |port| Target { endpoint: e(port), queries: Vec::new(), interval: Duration::from_secs(1), weight: 1 };
         let key = ObjectRef::<TaskQueue>::new("a").within("ns");
         let mut targets = Targets::default();
         assert!(targets.insert(key.clone(), t(1)));

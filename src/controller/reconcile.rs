@@ -6,7 +6,7 @@
 //! a write the API server refuses goes back through `plan` as one more thing seen; `publish`
 //! stores the memory and writes the events, metrics and status. Every outcome takes this path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,8 @@ use super::routes::{RouteInput, SharedVerdicts};
 use super::secrets::SecretCache;
 use crate::broker::{BrokerEndpoint, DepthQuery, ReadError};
 use crate::crd::{TaskQueue, TaskQueueStatus};
+use crate::demand::QueueReading;
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
-use crate::scaling::Load;
 use crate::validate::{validate, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -134,15 +134,15 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
         let failure = match reading.depths {
             Ok(per_queue) => match per_queue.into_iter().collect::<Result<Vec<_>, _>>() {
                 Ok(depths) => {
-                    let mut load = Load { pending: 0, in_flight: 0 };
-                    let mut by_queue = BTreeMap::new();
-                    for (q, d) in valid.queues.iter().zip(depths) {
-                        load.pending = load.pending.saturating_add(d.pending);
-                        load.in_flight = load.in_flight.saturating_add(d.in_flight);
-                        by_queue.insert(q.clone(), d.pending);
-                    }
+                    let queues = valid
+                        .queues
+                        .iter()
+                        .zip(depths)
+                        .zip(reading.shares)
+                        .map(|((queue, depth), share)| QueueReading { queue: queue.clone(), depth, share })
+                        .collect();
                     let message = format!("read {} queue(s) from {}", valid.queues.len(), target.endpoint);
-                    return BrokerView::Read { load, by_queue, message };
+                    return BrokerView::Read { queues, message };
                 }
                 Err(e) => e,
             },
@@ -179,6 +179,7 @@ async fn resolve_target(
         endpoint,
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),
         interval: valid.poll_interval,
+        weight: i64::from(valid.max_replicas).saturating_mul(valid.tasks_per_replica),
     })
 }
 
@@ -312,6 +313,7 @@ fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused
     if let (Some(p), Some(f)) = (status.pending, status.in_flight) {
         m.pending.get_or_create(&labels).set(p);
         m.in_flight.get_or_create(&labels).set(f);
+        m.scheduled.get_or_create(&labels).set(status.scheduled.unwrap_or(0));
     }
     if let Some(d) = status.desired_replicas {
         m.desired_replicas.get_or_create(&labels).set(i64::from(d));

@@ -257,6 +257,42 @@ mod tests {
         );
     }
 
+    /// Random ETAs and clocks: every entry is either due or scheduled, time only moves entries
+    /// from scheduled to due, and at `next_due` one of them does.
+    #[test]
+    fn time_only_turns_scheduled_into_due() {
+        let mut x: u64 = 0x853C_49E6_748F_EA9B;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n) as i64
+        };
+        for _ in 0..5_000 {
+            let mut etas: Vec<i64> = (0..rnd(20)).map(|_| rnd(100_000)).collect();
+            etas.sort_unstable();
+            let in_flight = etas.len() as i64 + rnd(5);
+            let d = depth(0, in_flight, etas);
+            let h = Duration::from_millis(rnd(20_000) as u64);
+            let mut now = rnd(50_000);
+            let mut last = classify(&d, now, h);
+            for _ in 0..10 {
+                assert_eq!(last.due + last.scheduled, in_flight);
+                let Some(wait) = last.next_due_ms else {
+                    assert_eq!(last.scheduled, 0, "nothing scheduled, nothing to wait for");
+                    break;
+                };
+                assert!(wait > 0);
+                let before = classify(&d, now + wait - 1, h);
+                assert_eq!(before.scheduled, last.scheduled, "nothing comes due early");
+                now += wait;
+                let next = classify(&d, now, h);
+                assert!(next.scheduled < last.scheduled, "at next_due at least one comes within the horizon");
+                last = next;
+            }
+        }
+    }
+
     #[test]
     fn a_queue_alone_is_counted_whole() {
         let q = QueueReading {

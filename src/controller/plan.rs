@@ -416,13 +416,17 @@ impl Draft<'_> {
         self.out.requeue = Some(REJECT_RETRY);
     }
 
-    /// The Deployment's current replicas. A cached copy older than our last write is stale: our
-    /// write is the truth then (otherwise every reconcile right after a scale would scale again).
+    /// The Deployment's current replicas, as far as the decision goes. A cached copy older than
+    /// our last write is stale: our write is the truth then (otherwise every reconcile right
+    /// after a scale would scale again). A count someone else set since our write (`kubectl
+    /// scale`) is not ours to build on: it is restored like any other managed field, also while
+    /// the broker cannot be read. Unless paused: then whoever scales the pool decides.
     fn current_replicas(&self, observed: Option<&Deployment>) -> Option<i32> {
         let o = observed?;
         let generation = o.metadata.generation.unwrap_or(0);
         match self.memory.applied {
             Some(a) if generation < a.generation => Some(a.replicas),
+            Some(a) if !self.out.paused => Some(a.replicas),
             _ => Some(o.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)),
         }
     }
@@ -678,6 +682,9 @@ mod tests {
         window.history = first.memory.history;
         let paused = taskqueue(json!({"taskqueue.dev/paused": "true"}), json!({"maxReplicas": 10}));
         let unknown = Memory { unknown_since: Some(t0()), ..wrote(&at_3, 4) };
+        let mut scaled_by_hand = at_3.clone();
+        scaled_by_hand.metadata.generation = Some(5);
+        scaled_by_hand.spec.as_mut().unwrap().replicas = Some(7);
 
         #[rustfmt::skip]
         let rows: Vec<(&str, TaskQueue, Seen, Want)> = vec![
@@ -693,7 +700,7 @@ mod tests {
                 Want { written: None, desired: None, ready: "DeploymentConflict", events: &["DeploymentConflict"], requeue: Some(60) }),
             ("refused apply is held until the retry", plain(), seen(&plain(), read(12), Some(at_3.clone()), refused),
                 Want { written: None, desired: Some(3), ready: "DeploymentRejected", events: &["DeploymentRejected"], requeue: Some(60) }),
-            ("broker outage holds the replicas", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(at_3.clone()), unknown),
+            ("broker outage holds the replicas", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(at_3.clone()), unknown.clone()),
                 Want { written: None, desired: Some(3), ready: "BrokerNotRead", events: &["BrokerUnreachable"], requeue: Some(2) }),
             ("pause holds at 0 with 12 pending", paused.clone(), seen(&paused, read(12), Some(ours(&paused, 0, 1)), wrote(&ours(&paused, 0, 1), 1)),
                 Want { written: None, desired: Some(0), ready: "WorkersReady", events: &["Paused"], requeue: Some(60) }),
@@ -701,6 +708,8 @@ mod tests {
                 Want { written: None, desired: Some(6), ready: "WorkersNotReady", events: &[], requeue: Some(2) }),
             ("hand edit of the image is restored", plain(), seen(&plain(), read(12), Some(edited), wrote(&at_3, 4)),
                 Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Restored"], requeue: Some(60) }),
+            ("kubectl scale during an outage is restored", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(scaled_by_hand), unknown.clone()),
+                Want { written: Some(3), desired: Some(3), ready: "BrokerNotRead", events: &["BrokerUnreachable", "Restored"], requeue: Some(2) }),
         ];
         for (name, tq, seen, want) in rows {
             let p = plan(&tq, &seen);
@@ -768,15 +777,17 @@ mod tests {
         // Said once: not again from memory, nor after a restart (from the stored condition).
         let mut stored = tq.clone();
         stored.status = Some(first.status.clone());
-        let again = plan(&stored, &seen(&stored, shared_read(16), Some(ours(&tq, 2, 3)), first.memory.clone()));
+        let at_2 = ours(&tq, 2, 3);
+        let after_write = Memory { applied: wrote(&at_2, 3).applied, ..first.memory.clone() };
+        let again = plan(&stored, &seen(&stored, shared_read(16), Some(at_2.clone()), after_write.clone()));
         assert!(again.events.is_empty(), "{:?}", again.events);
-        let restarted = plan(&stored, &seen(&stored, shared_read(16), Some(ours(&tq, 2, 3)), Memory::default()));
+        let restarted = plan(&stored, &seen(&stored, shared_read(16), Some(at_2.clone()), Memory::default()));
         assert!(restarted.events.iter().all(|e| e.reason != "QueueShared"), "{:?}", restarted.events);
         // Alone again: the condition says so; an outage keeps what was known.
-        let alone = plan(&stored, &seen(&stored, read(16), Some(ours(&tq, 2, 3)), first.memory.clone()));
+        let alone = plan(&stored, &seen(&stored, read(16), Some(at_2.clone()), after_write.clone()));
         assert_eq!(find(&alone.status.conditions, QUEUE_SHARED).unwrap().reason, "NotShared");
         let down = BrokerView::Failed("BrokerUnreachable", "refused".into());
-        let outage = plan(&stored, &seen(&stored, down, Some(ours(&tq, 2, 3)), first.memory));
+        let outage = plan(&stored, &seen(&stored, down, Some(at_2), after_write));
         assert_eq!(find(&outage.status.conditions, QUEUE_SHARED).unwrap().reason, "DemandSplit");
     }
 

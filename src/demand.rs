@@ -261,13 +261,7 @@ mod tests {
     /// from scheduled to due, and at `next_due` one of them does.
     #[test]
     fn time_only_turns_scheduled_into_due() {
-        let mut x: u64 = 0x853C_49E6_748F_EA9B;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n) as i64
-        };
+        let mut rnd = crate::xorshift(0x853C_49E6_748F_EA9B);
         for _ in 0..5_000 {
             let mut etas: Vec<i64> = (0..rnd(20)).map(|_| rnd(100_000)).collect();
             etas.sort_unstable();
@@ -364,19 +358,13 @@ mod tests {
     /// asked for across the pools cover the queue once (not once per pool).
     #[test]
     fn shares_count_every_message_once() {
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rnd = crate::xorshift(0x2545_F491_4F6C_DD1D);
         for _ in 0..20_000 {
             let k = 1 + rnd(5) as usize;
             let consumers: Vec<Consumer> =
-                (0..k).map(|i| consumer(&format!("p{i}"), rnd(3) != 0, rnd(4) as i64 * rnd(50) as i64)).collect();
-            let tprs: Vec<i64> = (0..k).map(|_| 1 + rnd(8) as i64).collect();
-            let n = rnd(1000) as i64;
+                (0..k).map(|i| consumer(&format!("p{i}"), rnd(3) != 0, rnd(4) * rnd(50))).collect();
+            let tprs: Vec<i64> = (0..k).map(|_| 1 + rnd(8)).collect();
+            let n = rnd(1000);
             let shares: Vec<Share> = consumers.iter().map(|c| Share::among(consumers.clone(), &c.name)).collect();
             let parts: Vec<i64> = shares.iter().map(|s| s.part(n)).collect();
             assert_eq!(parts.iter().sum::<i64>(), n, "{consumers:?} {n} -> {parts:?}");

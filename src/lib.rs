@@ -11,3 +11,15 @@ pub mod quantity;
 pub mod routing;
 pub mod scaling;
 pub mod validate;
+
+/// A deterministic xorshift generator for the property tests: the same cases every run.
+#[cfg(test)]
+pub(crate) fn xorshift(seed: u64) -> impl FnMut(u64) -> i64 {
+    let mut x = seed;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n) as i64
+    }
+}

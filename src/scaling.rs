@@ -539,13 +539,7 @@ mod tests {
 
     #[test]
     fn properties_hold_for_random_inputs() {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n) as i64
-        };
+        let mut rnd = crate::xorshift(0x9E37_79B9_7F4A_7C15);
         for _ in 0..20_000 {
             let min = rnd(4) as i32;
             let max = min + rnd(10) as i32;

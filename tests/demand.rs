@@ -49,13 +49,15 @@ async fn worker_of(client: &kube::Client, ns: &str, name: &str, url: &str) -> Wo
     worker
 }
 
-fn depth(url: &str, queue: &str) -> serde_json::Value {
+/// `taskqueue-operator depth` for one queue: the line it printed, parsed and as printed.
+fn depth(url: &str, queue: &str) -> (serde_json::Value, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
         .args(["depth", "--broker-url", url, "--queue", queue])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    let line = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    (serde_json::from_str(&line).unwrap(), line)
 }
 
 #[tokio::test]
@@ -79,7 +81,7 @@ async fn depth_matches_a_count_by_hand_of_pending_prefetched_running_and_schedul
         (i["active"] == 2 && i["reserved"] == 2 && i["scheduled"] == 20).then_some(i)
     })
     .await;
-    let d = depth(&url, "mixed");
+    let (d, printed) = depth(&url, "mixed");
     let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let llen: i64 = redis::cmd("LLEN").arg("mixed").query_async(&mut conn).await.unwrap();
     let hlen: i64 = redis::cmd("HLEN").arg("unacked").query_async(&mut conn).await.unwrap();
@@ -95,7 +97,7 @@ async fn depth_matches_a_count_by_hand_of_pending_prefetched_running_and_schedul
          | running (acked when started: not in Redis) | `inspect active` = {} | not counted |\n\
          | held for an ETA one hour away | `inspect scheduled` = {} | `scheduled` {} |\n\
          | all unacked | `HLEN unacked` = {hlen} | `inFlight + scheduled` = {} |\n\n\
-         `depth` printed: `{d}`\n",
+         `depth` printed: `{printed}`\n",
         d["pending"],
         hand["reserved"],
         d["inFlight"],

@@ -5,6 +5,7 @@ pub mod controller;
 pub mod crd;
 pub mod demand;
 pub mod http;
+pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod quantity;

@@ -9,6 +9,7 @@ use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
 use taskqueue_operator::controller::{self, Settings};
 use taskqueue_operator::crd::{self, TransportOptions};
 use taskqueue_operator::demand::classify;
+use taskqueue_operator::leader::LeaseConfig;
 use taskqueue_operator::routing;
 
 #[derive(Parser)]
@@ -41,6 +42,13 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz (in a pod: `0.0.0.0:8080`).
         #[arg(long, default_value = "127.0.0.1:8080")]
         metrics_addr: std::net::SocketAddr,
+        /// Leader election on the Lease `taskqueue-operator`: only the leader reads brokers and
+        /// writes. `--leader-election=false` for a single process run by hand.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Namespace of the Lease (the chart sets POD_NAMESPACE to the release namespace).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
     },
     /// Print the TaskQueue CustomResourceDefinition as YAML.
     Crd,
@@ -179,7 +187,15 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { namespace, broker_timeout, routes_configmap, log_json, metrics_addr } => {
+        Command::Run {
+            namespace,
+            broker_timeout,
+            routes_configmap,
+            log_json,
+            metrics_addr,
+            leader_election,
+            lease_namespace,
+        } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
@@ -195,7 +211,8 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let settings = Settings { namespace, broker_timeout, routes_configmap, ..Settings::default() };
+            let leader = leader_election.then(|| LeaseConfig::new(&lease_namespace, &identity()));
+            let settings = Settings { namespace, broker_timeout, routes_configmap, leader, ..Settings::default() };
             let mut server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
             // A dead background task (or metrics server) ends the process with an error, so the
             // pod restarts instead of running on with stale readings.
@@ -262,6 +279,14 @@ struct DepthLine<'a> {
     #[serde(rename = "inFlight")]
     in_flight: i64,
     scheduled: i64,
+}
+
+/// Who holds the Lease: the pod's name in a cluster (unique per replica), else host and pid.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
 }
 
 fn fail(e: String) -> ExitCode {

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub broker_read_seconds: Histogram,
     pub api_writes: Family<WriteLabels, Counter>,
     pub live_workers: Gauge,
+    /// 1 on the replica holding the leader Lease, 0 on a standby.
+    pub leader: Gauge,
     ready: AtomicBool,
     ready_gauge: Gauge,
 }
@@ -87,6 +89,7 @@ impl Metrics {
             broker_read_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             api_writes: Family::default(),
             live_workers: Gauge::default(),
+            leader: Gauge::default(),
             ready: AtomicBool::new(false),
             ready_gauge: Gauge::default(),
             registry: Registry::default(),
@@ -115,6 +118,7 @@ impl Metrics {
             "Celery workers alive by heartbeat, over all brokers",
             m.live_workers.clone(),
         );
+        registry.register("leader", "1 on the replica holding the leader Lease, 0 on a standby", m.leader.clone());
         registry.register("operator_ready", "1 once the operator's caches are filled", m.ready_gauge.clone());
         Self { registry, ..m }
     }

@@ -550,7 +550,7 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     let metrics_port = free_port();
     let _operator = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-            .args(["run", "--namespace", &ns, "--broker-timeout", "1s"])
+            .args(["run", "--namespace", &ns, "--broker-timeout", "1s", "--leader-election=false"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .env("RUST_LOG", "debug,kube=info,hyper=info,tower=info")
             .stdout(std::fs::File::create(&log).unwrap())

@@ -216,7 +216,7 @@ impl OperatorProcess {
     fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-            .args(["run", "--namespace", &self.ns, "--broker-timeout", "1s"])
+            .args(["run", "--namespace", &self.ns, "--broker-timeout", "1s", "--leader-election=false"])
             .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
             .env("KUBECONFIG", &self.kubeconfig)
             .stdout(log)

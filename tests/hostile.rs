@@ -350,7 +350,7 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
     let log = std::env::temp_dir().join(format!("tq-hostile-{metrics_port}.log"));
     let mut operator = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-            .args(["run", "--namespace", &ns, "--broker-timeout", "1s"])
+            .args(["run", "--namespace", &ns, "--broker-timeout", "1s", "--leader-election=false"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())

@@ -39,6 +39,7 @@ fn harness() -> Harness {
         secrets: SecretCache::new(client, Duration::from_secs(3600)),
         metrics: Default::default(),
         routes: Default::default(),
+        leading: tokio::sync::watch::channel(true).1,
     });
     Harness { ctx, handle, deployments: writer }
 }

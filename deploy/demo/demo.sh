@@ -35,7 +35,7 @@ echo "   (demo: pollInterval 1s, stabilizationWindow 15s; broker URL -> $TQ_REDI
 
 echo "== starting the operator (log: $TQ_STATE/logs/demo-operator.log)"
 MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$BIN" run --namespace "$NS" --metrics-addr "127.0.0.1:$MPORT" >"$TQ_STATE/logs/demo-operator.log" 2>&1 &
+"$BIN" run --leader-election=false --namespace "$NS" --metrics-addr "127.0.0.1:$MPORT" >"$TQ_STATE/logs/demo-operator.log" 2>&1 &
 OP=$!
 trap 'kill $OP 2>/dev/null; wait $OP 2>/dev/null || true' EXIT
 

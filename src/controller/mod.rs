@@ -18,10 +18,12 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::crd::TaskQueue;
+use crate::leader;
 use crate::metrics::{Metrics, ResultLabels};
 pub use reconcile::{error_policy, reconcile, reconcile_guarded, Context, Error};
 pub use secrets::SecretCache;
@@ -39,6 +41,8 @@ pub struct Settings {
     pub routes_configmap: String,
     /// Where the controller reports (served by `http.rs`).
     pub metrics: Arc<Metrics>,
+    /// Leader election on a Lease; None: this process always leads (one replica, tests).
+    pub leader: Option<crate::leader::LeaseConfig>,
 }
 
 impl Default for Settings {
@@ -49,6 +53,7 @@ impl Default for Settings {
             secret_ttl: Duration::from_secs(30),
             routes_configmap: "celery-task-routes".into(),
             metrics: Arc::default(),
+            leader: None,
         }
     }
 }
@@ -106,9 +111,12 @@ pub async fn run(
         .modify(|t| t.managed_fields_mut().clear())
         .reflect(tq_writer)
         .applied_objects();
+    // Without leader election this process leads from the start.
+    let (leading_tx, leading) = watch::channel(settings.leader.is_none());
     let controller = Controller::for_stream(tq_stream, tq_store)
         .owns_stream(dep_stream)
         .reconcile_on(trigger_rx)
+        .reconcile_all_on(took_over(leading.clone()))
         .graceful_shutdown_on(shutdown);
 
     let metrics = settings.metrics.clone();
@@ -124,8 +132,15 @@ pub async fn run(
         secrets: SecretCache::new(client.clone(), settings.secret_ttl),
         metrics: metrics.clone(),
         routes: verdicts.clone(),
+        leading: leading.clone(),
     });
     let mut tasks = JoinSet::new();
+    let elector = settings.leader.clone().map(|cfg| {
+        let elector = leader::Elector::new(client.clone(), cfg.clone());
+        tasks.spawn(named("leader election", leader::run(leader::Elector::new(client.clone(), cfg), leading_tx)));
+        elector
+    });
+    tasks.spawn(named("standby", stand_by_when_not_leading(ctx.clone())));
     tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone())));
     tasks.spawn(named(
         "routes publisher",
@@ -136,6 +151,7 @@ pub async fn run(
             trigger: trigger_tx,
             metrics: metrics.clone(),
             shared: verdicts,
+            leading,
         }),
     ));
     tasks.spawn(named("janitor", janitor(ctx.clone(), controller.store())));
@@ -156,8 +172,41 @@ pub async fn run(
     });
     let outcome = supervise(reconciling, &mut tasks).await;
     tasks.abort_all();
+    if let Some(elector) = elector {
+        elector.release().await;
+    }
     info!("controller stopped");
     outcome
+}
+
+/// Fires each time this replica becomes the leader: every TaskQueue is reconciled then.
+fn took_over(leading: watch::Receiver<bool>) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(leading, |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            if *rx.borrow_and_update() {
+                return Some(((), rx));
+            }
+        }
+    })
+}
+
+/// On losing the lease (or never having it): read no broker, keep no memory, say so in the
+/// `taskqueue_leader` gauge. The watch caches stay warm for a takeover.
+async fn stand_by_when_not_leading(ctx: Arc<Context>) {
+    let mut leading = ctx.leading.clone();
+    loop {
+        let now = *leading.borrow_and_update();
+        ctx.metrics.leader.set(i64::from(now));
+        if !now {
+            ctx.broker.unregister_all();
+            ctx.memory.lock().expect("lock").clear();
+        }
+        if leading.changed().await.is_err() {
+            // The election ended: its own supervision reports that.
+            futures::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Run `main` to its end; a background task that ends first (returns or panics) is an error.

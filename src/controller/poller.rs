@@ -150,6 +150,13 @@ impl BrokerState {
         self.readings.lock().expect("lock").remove(key);
     }
 
+    /// Forget every target (a standby reads no broker): readers and subscriptions stop at the
+    /// supervisor's next pass.
+    pub fn unregister_all(&self) {
+        *self.targets.lock().expect("lock") = Targets::default();
+        self.readings.lock().expect("lock").clear();
+    }
+
     pub fn reading(&self, key: &Key) -> Option<Reading> {
         self.readings.lock().expect("lock").get(key).cloned()
     }

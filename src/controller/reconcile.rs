@@ -50,6 +50,15 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Each namespace's routing verdicts, kept by the routes publisher.
     pub routes: SharedVerdicts,
+    /// Whether this replica holds the leader Lease (always true without leader election).
+    pub leading: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Context {
+    /// Only the leader reads brokers and writes anything.
+    pub fn is_leader(&self) -> bool {
+        *self.leading.borrow()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +90,22 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         forget(&ctx, &key);
         return Ok(Action::await_change());
     }
+    // A standby does nothing: it is told to reconcile everything when it takes over. Leadership
+    // is looked at again before each write, so a lost Lease stops writes within one reconcile.
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
     let mut seen = observe(&ctx, &tq, &key).await?;
     let mut plan = plan::plan(&tq, &seen);
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
+    }
     if let Some(refused) = apply(&ctx, &tq, &seen, &mut plan).await? {
         seen.memory.rejected = Some(refused);
         plan = plan::plan(&tq, &seen);
+    }
+    if !ctx.is_leader() {
+        return Ok(Action::await_change());
     }
     publish(&ctx, &tq, key, plan).await
 }

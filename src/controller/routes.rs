@@ -128,12 +128,20 @@ pub struct Publisher {
     pub trigger: UnboundedSender<ObjectRef<TaskQueue>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub shared: SharedVerdicts,
+    /// Only the leader writes.
+    pub leading: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Run until the controller stops.
 pub async fn run(p: Publisher) {
     let mut states: HashMap<String, NamespaceState> = HashMap::new();
     while !p.trigger.is_closed() {
+        if !*p.leading.borrow() {
+            // Standing by: on taking over, every table is looked at afresh.
+            states.clear();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let mut by_ns: BTreeMap<String, Vec<Arc<TaskQueue>>> = BTreeMap::new();
         for tq in p.store.state() {
             by_ns.entry(tq.namespace().unwrap_or_default()).or_default().push(tq);

@@ -317,21 +317,19 @@ pub fn condition(tq: &TaskQueue, type_: &str) -> Option<(String, String, String)
 /// Events the operator published about `name` with `reason`. Each call of the operator is its
 /// own Event (never folded into a series), so counting them counts what was published.
 pub async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
-    let found: Vec<_> = api
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason)
-        })
-        .collect();
+    let found: Vec<_> =
+        events_of(client, ns, name).await.into_iter().filter(|e| e.reason.as_deref() == Some(reason)).collect();
     for e in &found {
         assert!(e.series.is_none(), "event folded into a series, so the count would hide repeats: {e:?}");
     }
     found
+}
+
+/// Every Event the operator published about `name`, whatever its reason.
+pub async fn events_of(client: &Client, ns: &str, name: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let all = api.list(&Default::default()).await.unwrap().items;
+    all.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
 }
 
 /// Create a TaskQueue from JSON in `ns`.

@@ -37,10 +37,13 @@ pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
     status = "TaskQueueStatus",
     doc = "A Celery queue, the task routes sent to it and the worker pool that consumes it, scaled from the Redis broker.",
     printcolumn = r#"{"name":"Queue","type":"string","jsonPath":".spec.queue","description":"Celery queue consumed by the workers"}"#,
-    printcolumn = r#"{"name":"Pending","type":"integer","jsonPath":".status.pending","description":"Messages waiting in Redis (all priorities, all queues of this pool)"}"#,
+    printcolumn = r#"{"name":"Pending","type":"integer","jsonPath":".status.pending","description":"Messages waiting in Redis that this pool counts (all priorities, all its queues)"}"#,
+    printcolumn = r#"{"name":"In-Flight","type":"integer","priority":1,"jsonPath":".status.inFlight","description":"Unacked messages this pool counts (prefetched, acks_late running, ETA within etaHorizon)"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredReplicas","description":"Replicas the operator asks for"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas","description":"Ready worker pods"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Max","type":"integer","priority":1,"jsonPath":".spec.scaling.maxReplicas","description":"spec.scaling.maxReplicas"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Last-Scale","type":"string","priority":1,"jsonPath":".status.lastScaleReason","description":"Why the operator last changed the replica count"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TaskQueueSpec {

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod quantity;
+pub mod report;
 pub mod routing;
 pub mod scaling;
 pub mod validate;

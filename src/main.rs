@@ -52,6 +52,16 @@ enum Command {
     },
     /// Print the TaskQueue CustomResourceDefinition as YAML.
     Crd,
+    /// One line per TaskQueue from its status: queue, pending, in-flight, scheduled,
+    /// desired/ready, the last scale reason, and the conditions that are not OK.
+    Status {
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(long, short = 'n', conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Every namespace.
+        #[arg(long, short = 'A')]
+        all_namespaces: bool,
+    },
     /// Print the Celery routing table (`task_routes.json`) the TaskQueues declare.
     Routes {
         #[command(flatten)]
@@ -147,6 +157,19 @@ async fn table(source: &Source) -> Result<routing::Table, String> {
     Ok(table)
 }
 
+async fn status(namespace: Option<String>, all_namespaces: bool) -> Result<String, String> {
+    let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let api: kube::Api<crd::TaskQueue> = if all_namespaces {
+        kube::Api::all(client)
+    } else {
+        let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+        kube::Api::namespaced(client, &ns)
+    };
+    let mut tqs = api.list(&Default::default()).await.map_err(|e| format!("listing TaskQueues: {e}"))?.items;
+    tqs.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
+    Ok(taskqueue_operator::report::status_table(&tqs, all_namespaces))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     taskqueue_operator::validate::parse_duration_str(s)
 }
@@ -159,6 +182,13 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::Status { namespace, all_namespaces } => match status(namespace, all_namespaces).await {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Command::Routes { source } => match table(&source).await {
             Ok(t) => {
                 println!("{}", t.to_json());

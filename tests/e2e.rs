@@ -6,8 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::DeleteParams;
 use kube::Api;
 use serde_json::json;
 use support::*;
@@ -22,24 +21,7 @@ async fn seed_manifests_become_four_worker_pools_that_follow_the_queues() {
     let ns = namespace(&client, "seed").await;
     let redis = Redis::start().await;
 
-    // Apply deploy/examples/seed.yaml as a user would, pointing the Secret at the test Redis.
-    let manifests = std::fs::read_to_string(repo().join("deploy/examples/seed.yaml")).unwrap();
-    for doc in serde_yaml::Deserializer::from_str(&manifests) {
-        let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-        match v["kind"].as_str() {
-            Some("Secret") => {
-                let mut s: Secret = serde_json::from_value(v).unwrap();
-                s.string_data = Some([("url".to_string(), redis.url())].into());
-                Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &s).await.unwrap();
-            }
-            Some("TaskQueue") => {
-                let mut v = v;
-                v["spec"]["scaling"]["pollInterval"] = json!("500ms");
-                create_taskqueue(&client, &ns, v).await;
-            }
-            other => panic!("unexpected kind {other:?} in seed.yaml"),
-        }
-    }
+    apply_seed(&client, &ns, &redis.url()).await;
     let operator = Operator::start(&client, &ns);
 
     let want = [

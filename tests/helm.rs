@@ -1,16 +1,23 @@
-//! The Helm chart with a real Helm binary: lint, render, install into the real API server.
+//! The Helm chart with the real Helm binary: lint, the strict values schema, secure defaults and
+//! least-privilege RBAC in the rendered chart; then an install into the real API server, with the
+//! operator run out of cluster on the chart's ServiceAccount token through the seed scenario.
 
 mod support;
 
 use std::process::Command;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::Api;
+use serde_json::{json, Value};
 use support::*;
 
+fn helm_out(args: &[&str]) -> std::process::Output {
+    Command::new("helm").args(args).output().expect("helm on PATH (deploy/local/helm.sh fetches it)")
+}
+
 fn helm(args: &[&str]) -> String {
-    let out = Command::new("helm").args(args).output().expect("helm on PATH (deploy/local/helm.sh fetches it)");
+    let out = helm_out(args);
     assert!(
         out.status.success(),
         "helm {args:?}: {}{}",
@@ -20,47 +27,246 @@ fn helm(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+fn chart() -> String {
+    repo().join("charts/taskqueue-operator").to_str().unwrap().to_string()
+}
+
+/// `helm template` with `--set` values, as JSON documents.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec!["template", "tq", chart.as_str(), "--namespace", "ops"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    serde_yaml::Deserializer::from_str(&helm(&args))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["namespace"].as_str().unwrap_or("-")))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in {:?}", kinds(docs)))
+}
+
+/// Every RBAC rule of the rendered chart, with where it applies.
+fn rules(docs: &[Value]) -> Vec<(String, Value)> {
+    docs.iter()
+        .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
+        .flat_map(|d| {
+            let at = format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["namespace"].as_str().unwrap_or("*"));
+            d["rules"].as_array().unwrap().iter().map(move |r| (at.clone(), r.clone()))
+        })
+        .collect()
+}
+
+fn verbs(rules: &[(String, Value)], resource: &str) -> Vec<String> {
+    rules
+        .iter()
+        .filter(|(_, r)| r["resources"].as_array().unwrap().iter().any(|x| x == resource))
+        .flat_map(|(_, r)| r["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()))
+        .collect()
+}
+
 #[test]
 #[ignore = "needs helm: make test"]
-fn chart_lints_and_renders_the_operator_with_least_privilege_rbac() {
-    let chart = repo().join("charts/taskqueue-operator");
-    let chart = chart.to_str().unwrap();
-    helm(&["lint", "--strict", chart]);
-    let rendered = helm(&["template", "tq", chart, "--namespace", "ops", "--set", "watchNamespace=prod"]);
-    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &serde_json::Value| !v.is_null())
-        .collect();
-    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]);
-    let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
+    let lint = helm(&["lint", "--strict", &chart()]);
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+
+    // Defaults: two replicas, leader election, rolling updates, a PDB, the metrics Service.
+    let docs = render(&[]);
     assert_eq!(
-        dep["spec"]["template"]["spec"]["containers"][0]["args"],
-        serde_json::json!(["run", "--metrics-addr", "0.0.0.0:8080", "--namespace", "prod"])
+        kinds(&docs),
+        [
+            "PodDisruptionBudget/ops",
+            "ServiceAccount/ops",
+            "ClusterRole/-",
+            "ClusterRoleBinding/-",
+            "Role/ops",
+            "RoleBinding/ops",
+            "Service/ops",
+            "Deployment/ops"
+        ]
     );
-    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
-    let secrets =
-        role["rules"].as_array().unwrap().iter().find(|r| r["resources"] == serde_json::json!(["secrets"])).unwrap();
-    assert_eq!(secrets["verbs"], serde_json::json!(["get"]), "Secrets are read one by one, never listed");
-    // The chart ships the same CRD as crds/ (crd.rs also checks this against the Rust types).
+    let dep = find(&docs, "Deployment");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    assert_eq!(dep["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(find(&docs, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["args"], json!(["run", "--metrics-addr", "0.0.0.0:8080", "--leader-election=true"]));
+    let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert!(env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"), "{env:?}");
+    // Secure by default.
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert!(c["resources"]["requests"]["cpu"].is_string() && c["resources"]["requests"]["memory"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string(), "a memory limit");
+    assert_eq!(find(&docs, "Service")["spec"]["ports"][0]["targetPort"], "metrics");
+
+    // Least privilege: no wildcard, Secrets get only, no Deployment delete, no Pod create,
+    // Leases only in the release namespace.
+    let all = rules(&docs);
+    for (at, r) in &all {
+        for field in ["apiGroups", "resources", "verbs"] {
+            assert!(r[field].as_array().unwrap().iter().all(|x| x != "*"), "wildcard in {at}: {r}");
+        }
+    }
+    assert_eq!(verbs(&all, "secrets"), ["get"]);
+    assert!(!verbs(&all, "deployments").contains(&"delete".to_string()));
+    assert_eq!(verbs(&all, "pods"), ["list", "patch"]);
+    let leases: Vec<&(String, Value)> = all.iter().filter(|(_, r)| r["resources"] == json!(["leases"])).collect();
+    assert!(!leases.is_empty() && leases.iter().all(|(at, _)| at == "Role/ops"), "{leases:?}");
+
+    // Every toggle on.
+    let docs = render(&["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"]);
+    assert_eq!(find(&docs, "ServiceMonitor")["metadata"]["labels"]["release"], "prom");
+    // One namespace watched: Roles only, no ClusterRole at all.
+    let docs = render(&["watchNamespace=prod"]);
+    let k = kinds(&docs);
+    assert!(!k.iter().any(|k| k.starts_with("Cluster")), "{k:?}");
+    assert!(k.contains(&"Role/prod".to_string()) && k.contains(&"RoleBinding/prod".to_string()), "{k:?}");
+    let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args.as_array().unwrap()[4..], [json!("--namespace"), json!("prod")]);
+    // Without leader election: one writer at a time, so no overlap on updates.
+    let docs = render(&["leaderElection=false", "replicaCount=1"]);
+    assert_eq!(find(&docs, "Deployment")["spec"]["strategy"]["type"], "Recreate");
+    assert!(!kinds(&docs).contains(&"Role/ops".to_string()), "no Lease rules without election");
+
+    // The schema: a misspelled or mistyped value fails at install, naming it.
+    for (set, says) in [
+        ("replicaCont=3", "replicaCont"),
+        ("metricsPort=http", "metricsPort"),
+        ("serviceMonitor.enable=true", "enable"),
+        ("resources.limits.memroy=1Gi", "memroy"),
+        ("logFormat=xml", "logFormat"),
+    ] {
+        let out = helm_out(&["template", "tq", &chart(), "--set", set]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "--set {set}: {err}");
+    }
+
+    // The chart's appVersion is the crate's version; it ships the same CRD as crds/.
+    let chart_yaml: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("charts/taskqueue-operator/Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(chart_yaml["appVersion"], env!("CARGO_PKG_VERSION"));
     let chart_crd = std::fs::read_to_string(repo().join("charts/taskqueue-operator/crds/taskqueue.yaml")).unwrap();
     assert_eq!(chart_crd, std::fs::read_to_string(repo().join("crds/taskqueue.yaml")).unwrap());
 }
 
+/// A kubeconfig for the test API server that authenticates with `token` (a ServiceAccount's).
+fn token_kubeconfig(token: &str, path: &std::path::Path) {
+    let admin: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(std::env::var("KUBECONFIG").unwrap()).unwrap()).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+        "current-context": "c"
+    });
+    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+/// `kubectl auth can-i` as the ServiceAccount (asked with the admin's credentials).
+fn can_i(sa: &str, verb: &str, resource: &str, ns: &str) -> bool {
+    let out = Command::new("kubectl").args(["auth", "can-i", verb, resource, "-n", ns, "--as", sa]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
+}
+
 #[tokio::test]
 #[ignore = "needs the local stack and helm: make test"]
-async fn chart_installs_into_a_real_api_server() {
+async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     let client = client().await;
-    let ns = namespace(&client, "helm").await;
-    let release = format!("tqo-{}", &ns[5..]);
-    let chart = repo().join("charts/taskqueue-operator");
-    // --skip-crds: the CRD is installed by the other tests (and the 1.20 test server would
-    // need --validate=false for its CEL rules); this checks the chart's own objects.
-    helm(&["install", &release, chart.to_str().unwrap(), "--namespace", &ns, "--skip-crds", "--wait=false"]);
-    let d =
-        Api::<Deployment>::namespaced(client.clone(), &ns).get(&release).await.expect("operator Deployment installed");
-    assert_eq!(d.spec.unwrap().template.spec.unwrap().service_account_name.as_deref(), Some(release.as_str()));
-    Api::<ClusterRole>::all(client.clone()).get(&release).await.expect("ClusterRole installed");
-    helm(&["uninstall", &release, "--namespace", &ns]);
-    delete_namespace(&client, &ns).await;
+    ensure_crd(&client).await;
+    let release_ns = namespace(&client, "helm").await;
+    let work = namespace(&client, "helm-seed").await;
+    let release = format!("tqo-{}", release_ns.trim_start_matches("helm-"));
+    // --skip-crds: the CRD is installed by the other tests (and the 1.20 test server would need
+    // --validate=false for its CEL rules); one namespace watched, so no test sees another's.
+    helm(&[
+        "install",
+        &release,
+        &chart(),
+        "--namespace",
+        &release_ns,
+        "--skip-crds",
+        "--wait=false",
+        "--set",
+        &format!("watchNamespace={work}"),
+    ]);
+    // The token of the chart's ServiceAccount (the 1.20 tokens controller writes it).
+    let token = wait_for("the ServiceAccount token", T, || async {
+        let sa = Api::<ServiceAccount>::namespaced(client.clone(), &release_ns).get(&release).await.ok()?;
+        let name = sa.secrets?.first()?.name.clone()?;
+        let secret = Api::<Secret>::namespaced(client.clone(), &release_ns).get(&name).await.ok()?;
+        Some(String::from_utf8(secret.data?.get("token")?.0.clone()).unwrap())
+    })
+    .await;
+    let dir = TempDir::new("helm-sa");
+    let kubeconfig = dir.0.join("kubeconfig");
+    token_kubeconfig(&token, &kubeconfig);
+    let log = dir.0.join("operator.log");
+    let redis = Redis::start().await;
+    apply_seed(&client, &work, &redis.url()).await;
+    let _operator = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
+            .args(["run", "--namespace", &work, "--broker-timeout", "1s", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", &release_ns)
+            .env("POD_NAME", format!("{release}-0"))
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    // The seed scenario on that token alone: Deployments, routes, scaling, status, events, Lease.
+    for name in ["urgent", "ai-processing", "demo-tasks", "general"] {
+        wait_for(&format!("Deployment {name}"), T, || deployment(&client, &work, name)).await;
+    }
+    let cm = wait_for("the routes ConfigMap", T, || routes_configmap(&client, &work)).await;
+    let routes_file = dir.0.join("task_routes.json");
+    std::fs::write(&routes_file, &cm).unwrap();
+    celery_routed(&redis.url(), Some(&routes_file), &["register", "6"]);
+    wait_replicas(&client, &work, "ai-processing", 3).await; // ceil(6 / 2)
+    let (tq, _) = wait_condition(&client, &work, "ai-processing", "BrokerReachable", "True").await;
+    assert_eq!(tq.status.as_ref().unwrap().pending, Some(6));
+    assert!(!events(&client, &work, "ai-processing", "ScaledUp").await.is_empty(), "events written");
+    let lease = Api::<Lease>::namespaced(client.clone(), &release_ns).get("taskqueue-operator").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity, Some(format!("{release}-0")));
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
+
+    // And no more than that.
+    let sa = format!("system:serviceaccount:{release_ns}:{release}");
+    assert!(can_i(&sa, "get", "secrets", &work), "Secrets by name");
+    for (verb, resource, ns) in [
+        ("list", "secrets", work.as_str()),
+        ("watch", "secrets", work.as_str()),
+        ("delete", "deployments", work.as_str()),
+        ("create", "pods", work.as_str()),
+        ("get", "secrets", "kube-system"),
+        ("list", "deployments", "default"),
+        ("create", "leases", work.as_str()),
+    ] {
+        assert!(!can_i(&sa, verb, resource, ns), "{sa} may {verb} {resource} in {ns}");
+    }
+
+    helm(&["uninstall", &release, "--namespace", &release_ns]);
+    delete_namespace(&client, &work).await;
+    delete_namespace(&client, &release_ns).await;
 }

@@ -332,6 +332,28 @@ pub async fn events_of(client: &Client, ns: &str, name: &str) -> Vec<k8s_openapi
     all.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
 }
 
+/// Apply deploy/examples/seed.yaml into `ns` as a user would, the Secret pointing at
+/// `broker_url` and every pool polling every 500 ms.
+pub async fn apply_seed(client: &Client, ns: &str, broker_url: &str) {
+    let manifests = std::fs::read_to_string(repo().join("deploy/examples/seed.yaml")).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&manifests) {
+        let mut v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+        match v["kind"].as_str() {
+            Some("Secret") => {
+                let mut s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(v).unwrap();
+                s.string_data = Some([("url".to_string(), broker_url.to_string())].into());
+                let api = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns);
+                api.create(&PostParams::default(), &s).await.unwrap();
+            }
+            Some("TaskQueue") => {
+                v["spec"]["scaling"]["pollInterval"] = json!("500ms");
+                create_taskqueue(client, ns, v).await;
+            }
+            other => panic!("unexpected kind {other:?} in seed.yaml"),
+        }
+    }
+}
+
 /// Create a TaskQueue from JSON in `ns`.
 pub async fn create_taskqueue(client: &Client, ns: &str, tq: serde_json::Value) -> TaskQueue {
     let tq: TaskQueue = serde_json::from_value(tq).unwrap();

@@ -78,6 +78,11 @@ fn verbs(rules: &[(String, Value)], resource: &str) -> Vec<String> {
 fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     let lint = helm(&["lint", "--strict", &chart()]);
     assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    write_doc_in(
+        "docs/install.md",
+        "lint",
+        &format!("```\n{}\n```\n", lint.trim().replace(&chart(), "charts/taskqueue-operator")),
+    );
 
     // Defaults: two replicas, leader election, rolling updates, a PDB, the metrics Service.
     let docs = render(&[]);
@@ -126,6 +131,26 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert_eq!(verbs(&all, "pods"), ["list", "patch"]);
     let leases: Vec<&(String, Value)> = all.iter().filter(|(_, r)| r["resources"] == json!(["leases"])).collect();
     assert!(!leases.is_empty() && leases.iter().all(|(at, _)| at == "Role/ops"), "{leases:?}");
+    let mut table = String::from("| where | apiGroups | resources | resourceNames | verbs |\n|---|---|---|---|---|\n");
+    for (at, r) in &all {
+        let list = |v: &Value| {
+            v.as_array().map_or("-".into(), |a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap_or(""))
+                    .map(|x| if x.is_empty() { "\"\"" } else { x })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+        };
+        table.push_str(&format!(
+            "| {at} | {} | {} | {} | {} |\n",
+            list(&r["apiGroups"]),
+            list(&r["resources"]),
+            list(&r["resourceNames"]),
+            list(&r["verbs"])
+        ));
+    }
+    write_doc_in("docs/install.md", "rbac", &table);
 
     // Every toggle on.
     let docs = render(&["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prom"]);
@@ -177,6 +202,12 @@ fn token_kubeconfig(token: &str, path: &std::path::Path) {
         "current-context": "c"
     });
     std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+/// `kubectl ARGS` with the admin's credentials: (success, stdout).
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("kubectl").args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `kubectl auth can-i` as the ServiceAccount (asked with the admin's credentials).
@@ -238,6 +269,10 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     for name in ["urgent", "ai-processing", "demo-tasks", "general"] {
         wait_for(&format!("Deployment {name}"), T, || deployment(&client, &work, name)).await;
     }
+    // `kubectl wait` on the Ready condition: demo-tasks (min 0, nothing pending) is ready with
+    // 0/0 workers; urgent (min 1) is not, as no kubelet runs its pod here.
+    assert!(kubectl(&["wait", "--for=condition=Ready", "tq/demo-tasks", "-n", &work, "--timeout=60s"]).0);
+    assert!(!kubectl(&["wait", "--for=condition=Ready", "tq/urgent", "-n", &work, "--timeout=3s"]).0);
     let cm = wait_for("the routes ConfigMap", T, || routes_configmap(&client, &work)).await;
     let routes_file = dir.0.join("task_routes.json");
     std::fs::write(&routes_file, &cm).unwrap();
@@ -250,6 +285,25 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     assert_eq!(lease.spec.unwrap().holder_identity, Some(format!("{release}-0")));
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
+    // What a person sees: `kubectl get tq -o wide` and `taskqueue-operator status`.
+    let (ok, wide) = kubectl(&["get", "tq", "-n", &work, "-o", "wide"]);
+    assert!(ok && wide.contains("IN-FLIGHT") && wide.contains("LAST-SCALE"), "{wide}");
+    let ai = wide.lines().find(|l| l.starts_with("ai-processing")).unwrap();
+    assert!(ai.contains("scaled up"), "{ai}");
+    let status = Command::new(env!("CARGO_BIN_EXE_taskqueue-operator")).args(["status", "-n", &work]).output().unwrap();
+    let status = String::from_utf8(status.stdout).unwrap();
+    let line = status.lines().find(|l| l.starts_with("ai-processing")).unwrap();
+    assert!(line.contains("3/0") && line.contains("Ready=False(WorkersNotReady)"), "{status}");
+    let ns_free = |t: &str| t.replace(&work, "NS");
+    write_doc_in(
+        "docs/install.md",
+        "seed",
+        &format!(
+            "```\n$ kubectl get tq -o wide\n{}\n$ taskqueue-operator status\n{}```\n",
+            ns_free(wide.trim_end()),
+            ns_free(&status)
+        ),
+    );
 
     // And no more than that.
     let sa = format!("system:serviceaccount:{release_ns}:{release}");

@@ -174,6 +174,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         ("serviceMonitor.enable=true", "enable"),
         ("resources.limits.memroy=1Gi", "memroy"),
         ("logFormat=xml", "logFormat"),
+        ("leaderElection=false", "replicaCount > 1 needs leaderElection"),
     ] {
         let out = helm_out(&["template", "tq", &chart(), "--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);

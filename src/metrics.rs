@@ -40,6 +40,12 @@ pub struct WriteLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    /// The broker endpoint as shown in conditions (never with a password).
+    pub broker: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub pending: Family<TaskQueueLabels, Gauge>,
@@ -47,6 +53,8 @@ pub struct Metrics {
     pub scheduled: Family<TaskQueueLabels, Gauge>,
     pub desired_replicas: Family<TaskQueueLabels, Gauge>,
     pub broker_up: Family<TaskQueueLabels, Gauge>,
+    /// Per broker: 1 when it reacts by push (list-push notifications), 0 when it is polled.
+    pub broker_push: Family<BrokerLabels, Gauge>,
     pub paused: Family<TaskQueueLabels, Gauge>,
     pub scale_events: Family<ScaleLabels, Counter>,
     pub reconciles: Family<ResultLabels, Counter>,
@@ -81,6 +89,7 @@ impl Metrics {
             scheduled: Family::default(),
             desired_replicas: Family::default(),
             broker_up: Family::default(),
+            broker_push: Family::default(),
             paused: Family::default(),
             scale_events: Family::default(),
             reconciles: Family::default(),
@@ -107,6 +116,11 @@ impl Metrics {
         );
         registry.register("desired_replicas", "Replicas the operator decided", m.desired_replicas.clone());
         registry.register("broker_up", "1 when the pool's broker was read at the last poll", m.broker_up.clone());
+        registry.register(
+            "broker_push",
+            "1 when the broker sends list-push notifications (push reaction), 0 when it is only polled",
+            m.broker_push.clone(),
+        );
         registry.register("paused", "1 while the pool is paused by annotation", m.paused.clone());
         registry.register("scale_events", "Replica changes made by the operator", m.scale_events.clone());
         registry.register("reconciles", "Reconciles by result", m.reconciles.clone());

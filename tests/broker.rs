@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::reflector::ObjectRef;
@@ -98,7 +99,7 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
     let mut ca = raw(&a.url()).await;
     lpush(&mut ca, b"ai_processing", 3).await;
     lpush(&mut ca, b"demo_tasks\x06\x166", 7).await;
-    let state = BrokerState::new(Duration::from_secs(1));
+    let state = Arc::new(BrokerState::new(Duration::from_secs(1)));
     let opts = TransportOptions::default();
     let key = |n: &str| ObjectRef::<TaskQueue>::new(n).within("ns");
     let target = |url: &str, queues: &[&str]| Target {
@@ -142,7 +143,7 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         let mut ca = ca.clone();
         async move {
             let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut ca).await.unwrap();
-            list.lines().any(|l| l.contains(" sub=3 ")).then_some(())
+            list.lines().any(|l| l.contains(" sub=5 ")).then_some(())
         }
     })
     .await;
@@ -361,12 +362,22 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
     let alpha = got[0].as_ref().unwrap();
     assert_eq!((alpha.pending, alpha.in_flight), (4, 1));
 
-    // The operator's own heartbeat subscription, as that user.
+    // The operator's own heartbeat subscription, as that user; it also carries list-push
+    // notifications (turned on by the admin: the operator never changes the configuration).
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("El").query_async(&mut admin).await.unwrap();
     let workers = taskqueue_operator::broker::heartbeat::SharedWorkers::default();
+    let push = taskqueue_operator::broker::heartbeat::SharedPush::default();
+    let pushed_keys: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let hook: taskqueue_operator::broker::heartbeat::PushHook = {
+        let keys = pushed_keys.clone();
+        Arc::new(move |key: &[u8]| keys.lock().unwrap().push(key.to_vec()))
+    };
     let sub = tokio::spawn(taskqueue_operator::broker::heartbeat::subscribe(
         ep.clone(),
         vec![String::new()],
         workers.clone(),
+        (push.clone(), hook),
         Duration::from_secs(2),
     ));
     let event = serde_json::json!({"hostname": "w@pod-1", "active": 2, "freq": 2.0, "type": "worker-heartbeat"});
@@ -386,6 +397,17 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
         }
     })
     .await;
+    // A push to db 1 reaches the hook with its key.
+    let _: () = redis::cmd("LPUSH").arg("alpha").arg("m").query_async(&mut admin).await.unwrap();
+    support::wait_for("the push notification", Duration::from_secs(10), || {
+        let keys = pushed_keys.clone();
+        async move { keys.lock().unwrap().contains(&b"alpha".to_vec()).then_some(()) }
+    })
+    .await;
+    assert!(push.lock().unwrap().last_seen.is_some());
+    let mut user_conn = BrokerPool::new(Duration::from_secs(2)).connection(&ep).await.unwrap();
+    let asked = taskqueue_operator::broker::heartbeat::notifications_configured(&mut user_conn).await;
+    assert_eq!(asked, None, "CONFIG is not this user's: the notification itself tells");
     sub.abort();
 
     // Proof that it is read-only: writing is refused.

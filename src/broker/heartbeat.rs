@@ -6,7 +6,12 @@
 //! `hostname` (`<nodeName>@<pod name>` for our Deployments) and `active`, its running tasks.
 //! Like Celery's own `events.State`, a worker is gone once two heartbeats are missed.
 //!
-//! Subscribing is a read: nothing is published and no key is written.
+//! The same subscription carries the broker's keyevent notifications for list pushes
+//! (`__keyevent@<db>__:lpush` / `rpush`, sent when `notify-keyspace-events` contains `E` and
+//! `l`): each names the key pushed to, so a burst is seen at once instead of at the next poll.
+//!
+//! Subscribing is a read: nothing is published and no key is written, and the broker's
+//! configuration is never changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -117,16 +122,46 @@ fn alive(b: &Beat, now: Instant) -> bool {
 
 pub type SharedWorkers = Arc<Mutex<Workers>>;
 
+/// The keyevent channels of list pushes in database `db` (kombu publishes with LPUSH; restores
+/// of unacked messages use RPUSH/LPUSH too).
+pub fn push_channels(db: i64) -> [String; 2] {
+    [format!("__keyevent@{db}__:lpush"), format!("__keyevent@{db}__:rpush")]
+}
+
+/// Whether a `notify-keyspace-events` value sends keyevent notifications for list commands:
+/// `E` and `l` (or `A`, which includes `l`).
+pub fn keyevents_on(flags: &str) -> bool {
+    flags.contains('E') && (flags.contains('l') || flags.contains('A'))
+}
+
+/// What one subscription knows of the broker's push notifications.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PushState {
+    /// When the last list-push notification arrived.
+    pub last_seen: Option<Instant>,
+}
+
+pub type SharedPush = Arc<Mutex<PushState>>;
+
+/// Called with the key of each list push the broker notifies.
+pub type PushHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Resubscribe after this long without any message.
 const SILENCE: Duration = Duration::from_secs(60);
 
 /// Subscribe to the worker channels of `prefixes` on one broker and keep `workers` current,
 /// reconnecting (with backoff) until the task is aborted.
-pub async fn subscribe(endpoint: BrokerEndpoint, prefixes: Vec<String>, workers: SharedWorkers, timeout: Duration) {
+pub async fn subscribe(
+    endpoint: BrokerEndpoint,
+    prefixes: Vec<String>,
+    workers: SharedWorkers,
+    push: (SharedPush, PushHook),
+    timeout: Duration,
+) {
     const FIRST: Duration = Duration::from_secs(1);
     let mut backoff = FIRST;
     loop {
-        match listen(&endpoint, &prefixes, &workers, timeout).await {
+        match listen(&endpoint, &prefixes, &workers, &push, timeout).await {
             Ok(()) => {
                 debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing");
                 backoff = FIRST;
@@ -142,6 +177,7 @@ async fn listen(
     endpoint: &BrokerEndpoint,
     prefixes: &[String],
     workers: &SharedWorkers,
+    (state, on_push): &(SharedPush, PushHook),
     timeout: Duration,
 ) -> Result<(), String> {
     let client = open_client(endpoint, timeout).await.map_err(|e| e.to_string())?;
@@ -154,15 +190,30 @@ async fn listen(
             pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
         }
     }
+    let pushes = push_channels(endpoint.db);
+    for channel in &pushes {
+        pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;
+    }
     let mut messages = pubsub.on_message();
     // A silent minute: no worker is publishing, or the connection died without a reset (a
     // blackholed broker). Either way a fresh subscription is cheap and rules out the latter.
     while let Ok(Some(msg)) = tokio::time::timeout(SILENCE, messages.next()).await {
-        if let Some(event) = parse_event(msg.get_payload_bytes()) {
+        if pushes.iter().any(|c| c.as_bytes() == msg.get_channel_name().as_bytes()) {
+            state.lock().expect("lock").last_seen = Some(Instant::now());
+            on_push(msg.get_payload_bytes());
+        } else if let Some(event) = parse_event(msg.get_payload_bytes()) {
             workers.lock().expect("lock").apply(event, Instant::now());
         }
     }
     Ok(())
+}
+
+/// `CONFIG GET notify-keyspace-events` on `conn`: whether list pushes are notified; None when
+/// the broker user may not ask (a read-only ACL user need not: a notification seen says it too).
+pub async fn notifications_configured<C: redis::aio::ConnectionLike>(conn: &mut C) -> Option<bool> {
+    let reply: Vec<String> =
+        redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").query_async(conn).await.ok()?;
+    Some(keyevents_on(reply.get(1).map_or("", String::as_str)))
 }
 
 #[cfg(test)]
@@ -180,6 +231,16 @@ mod tests {
         })
         .to_string()
         .into_bytes()
+    }
+
+    #[test]
+    fn list_pushes_are_notified_with_e_and_l() {
+        for (flags, on) in
+            [("", false), ("El", true), ("AE", true), ("KEA", true), ("Kl", false), ("Ex", false), ("lE$", true)]
+        {
+            assert_eq!(keyevents_on(flags), on, "{flags:?}");
+        }
+        assert_eq!(push_channels(3), ["__keyevent@3__:lpush", "__keyevent@3__:rpush"]);
     }
 
     #[test]

@@ -20,12 +20,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::error;
 
-use crate::broker::heartbeat::{self, SharedWorkers};
+use crate::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
 use crate::broker::reader::read_depths;
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
 use crate::demand::{Consumer, Share};
-use crate::metrics::{Metrics, ResultLabels};
+use crate::metrics::{BrokerLabels, Metrics, ResultLabels};
 
 pub type Key = ObjectRef<TaskQueue>;
 pub type Depths = Result<Vec<Result<QueueDepth, ReadError>>, ReadError>;
@@ -60,13 +60,16 @@ impl Reading {
     }
 }
 
-/// The live workers of one (broker, prefix), and the task keeping them current.
-type Subscription = (SharedWorkers, JoinHandle<()>);
+/// The live workers of one (broker, prefix), what it knows of push notifications, and the task
+/// keeping them current.
+type Subscription = (SharedWorkers, SharedPush, JoinHandle<()>);
 
-/// The reader task of one endpoint, and how to make it read early (a new target).
+/// The reader task of one endpoint, and how to make it read early: a new target (`wake`), or
+/// a push to one of its queues (`push`).
 struct Reader {
     task: JoinHandle<()>,
     wake: Arc<Notify>,
+    push: Arc<Notify>,
 }
 
 /// Targets grouped by endpoint (each reader walks only its own).
@@ -74,6 +77,8 @@ struct Reader {
 struct Targets {
     by_endpoint: HashMap<BrokerEndpoint, HashMap<Key, Target>>,
     endpoint_of: HashMap<Key, BrokerEndpoint>,
+    /// The list keys of each endpoint's queues: a push to one of them wakes its reader.
+    watched: HashMap<BrokerEndpoint, HashSet<Vec<u8>>>,
 }
 
 impl Targets {
@@ -84,7 +89,11 @@ impl Targets {
         }
         self.endpoint_of.insert(key.clone(), target.endpoint.clone());
         let group = self.by_endpoint.entry(target.endpoint.clone()).or_default();
-        group.insert(key, target.clone()).as_ref() != Some(&target)
+        let changed = group.insert(key, target.clone()).as_ref() != Some(&target);
+        if changed {
+            self.rewatch(&target.endpoint);
+        }
+        changed
     }
 
     fn remove(&mut self, key: &Key) {
@@ -94,6 +103,22 @@ impl Targets {
             if group.is_empty() {
                 self.by_endpoint.remove(&endpoint);
             }
+        }
+        self.rewatch(&endpoint);
+    }
+
+    fn rewatch(&mut self, endpoint: &BrokerEndpoint) {
+        let keys: HashSet<Vec<u8>> = self
+            .by_endpoint
+            .get(endpoint)
+            .into_iter()
+            .flat_map(|g| g.values())
+            .flat_map(|t| t.queries.iter().flat_map(|q| q.keys().into_iter().map(|(_, k)| k)))
+            .collect();
+        if keys.is_empty() {
+            self.watched.remove(endpoint);
+        } else {
+            self.watched.insert(endpoint.clone(), keys);
         }
     }
 }
@@ -109,6 +134,9 @@ pub struct BrokerState {
     heartbeats: Mutex<HashMap<(BrokerEndpoint, String), Subscription>>,
     /// A new endpoint appeared: the supervisor starts its reader.
     wake: Notify,
+    /// Per endpoint: when `notify-keyspace-events` was last asked, and what it said (None: the
+    /// user may not ask).
+    push_config: Mutex<HashMap<BrokerEndpoint, (Instant, Option<bool>)>>,
     /// Round trips done so far (for tests and benchmarks).
     pub round_trips: AtomicU64,
     metrics: Arc<Metrics>,
@@ -128,6 +156,7 @@ impl BrokerState {
             deadline: timeout,
             readers: Mutex::default(),
             heartbeats: Mutex::default(),
+            push_config: Mutex::default(),
             wake: Notify::new(),
             round_trips: AtomicU64::default(),
         }
@@ -169,7 +198,30 @@ impl BrokerState {
             let target = targets.by_endpoint.get(endpoint)?.get(key)?;
             (endpoint.clone(), target.queries.first()?.prefix.clone())
         };
-        self.heartbeats.lock().expect("lock").get(&subscription).map(|(w, _)| w.clone())
+        self.heartbeats.lock().expect("lock").get(&subscription).map(|(w, _, _)| w.clone())
+    }
+
+    /// The broker notified a push to `key`: when it is one of our queues, read that broker now.
+    pub fn pushed(&self, endpoint: &BrokerEndpoint, key: &[u8]) {
+        let ours = self.targets.lock().expect("lock").watched.get(endpoint).is_some_and(|keys| keys.contains(key));
+        if ours {
+            if let Some(r) = self.readers.lock().expect("lock").get(endpoint) {
+                r.push.notify_one();
+            }
+        }
+    }
+
+    /// Whether `endpoint` reacts by push: its broker sends list-push notifications (configured,
+    /// or one arrived within the last 10 minutes). Otherwise its TaskQueues wait for the poll.
+    pub fn push_mode(&self, endpoint: &BrokerEndpoint) -> bool {
+        let now = Instant::now();
+        let configured = self.push_config.lock().expect("lock").get(endpoint).and_then(|(_, c)| *c);
+        let subs = self.heartbeats.lock().expect("lock");
+        let seen = subs.iter().filter(|((e, _), _)| e == endpoint).any(|(_, (_, push, _))| {
+            let last = push.lock().expect("lock").last_seen;
+            last.is_some_and(|t| now.saturating_duration_since(t) < PUSH_SEEN)
+        });
+        configured == Some(true) || seen
     }
 
     /// Endpoints in use.
@@ -250,7 +302,15 @@ impl BrokerState {
     async fn connect_and_read(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
         let mut conn = self.pool.connection(endpoint).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        read_depths(&mut conn, &endpoint.to_string(), queries).await
+        let depths = read_depths(&mut conn, &endpoint.to_string(), queries).await;
+        // Whether the broker notifies pushes: asked on the same connection, once a minute.
+        let due =
+            self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);
+        if depths.is_ok() && due {
+            let configured = heartbeat::notifications_configured(&mut conn).await;
+            self.push_config.lock().expect("lock").insert(endpoint.clone(), (Instant::now(), configured));
+        }
+        depths
     }
 
     /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
@@ -290,21 +350,23 @@ impl BrokerState {
                     readers.remove(endpoint);
                 }
                 readers.entry(endpoint.clone()).or_insert_with(|| {
-                    let wake = Arc::new(Notify::new());
-                    let task = tokio::spawn(read_loop(self.clone(), endpoint.clone(), wake.clone(), trigger.clone()));
-                    Reader { task, wake }
+                    let (wake, push) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+                    let wakes = Wakes { new_target: wake.clone(), push: push.clone() };
+                    let task = tokio::spawn(read_loop(self.clone(), endpoint.clone(), wakes, trigger.clone()));
+                    Reader { task, wake, push }
                 });
             }
             unused
         };
+        self.push_config.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
             self.pool.forget(&e).await;
         }
     }
 
     /// Start subscriptions for new (broker, prefix) pairs and stop unused ones (and restart
-    /// one that died).
-    pub fn sync_heartbeats(&self) {
+    /// one that died). Each also carries the broker's list-push notifications.
+    pub fn sync_heartbeats(self: &Arc<Self>) {
         let want: HashSet<(BrokerEndpoint, String)> = {
             let targets = self.targets.lock().expect("lock");
             targets
@@ -316,7 +378,7 @@ impl BrokerState {
                 .collect()
         };
         let mut subs = self.heartbeats.lock().expect("lock");
-        subs.retain(|k, (_, task)| {
+        subs.retain(|k, (_, _, task)| {
             let keep = want.contains(k) && !task.is_finished();
             if !keep {
                 task.abort();
@@ -325,24 +387,43 @@ impl BrokerState {
         });
         for (endpoint, prefix) in want {
             subs.entry((endpoint.clone(), prefix.clone())).or_insert_with(|| {
-                let workers = SharedWorkers::default();
-                let task = tokio::spawn(heartbeat::subscribe(endpoint, vec![prefix], workers.clone(), self.deadline));
-                (workers, task)
+                let (workers, push) = (SharedWorkers::default(), SharedPush::default());
+                let state = Arc::downgrade(self);
+                let at = endpoint.clone();
+                let hook: PushHook = Arc::new(move |key: &[u8]| {
+                    if let Some(state) = state.upgrade() {
+                        state.pushed(&at, key);
+                    }
+                });
+                let task = tokio::spawn(heartbeat::subscribe(
+                    endpoint,
+                    vec![prefix],
+                    workers.clone(),
+                    (push.clone(), hook),
+                    self.deadline,
+                ));
+                (workers, push, task)
             });
         }
     }
 
-    fn count_live_workers(&self) {
+    /// Live workers and each broker's reaction mode, for /metrics.
+    fn report(&self) {
         let now = Instant::now();
         let live: usize =
-            self.heartbeats.lock().expect("lock").values().map(|(w, _)| w.lock().expect("lock").live(now)).sum();
+            self.heartbeats.lock().expect("lock").values().map(|(w, _, _)| w.lock().expect("lock").live(now)).sum();
         self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
+        self.metrics.broker_push.clear();
+        for endpoint in self.endpoints() {
+            let labels = BrokerLabels { broker: endpoint.to_string() };
+            self.metrics.broker_push.get_or_create(&labels).set(i64::from(self.push_mode(&endpoint)));
+        }
     }
 }
 
 impl Drop for BrokerState {
     fn drop(&mut self) {
-        for (_, task) in self.heartbeats.get_mut().map(|h| h.values()).into_iter().flatten() {
+        for (_, _, task) in self.heartbeats.get_mut().map(|h| h.values()).into_iter().flatten() {
             task.abort();
         }
         for r in self.readers.get_mut().map(|r| r.values()).into_iter().flatten() {
@@ -381,6 +462,28 @@ fn shares(members: &[(Key, Target)]) -> Vec<Vec<Share>> {
 /// big apply).
 const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// A push notification is read after this long, so a burst of pushes is one read; and pushed
+/// reads of one broker are at least `PUSH_GAP` apart (a busy broker notifies constantly).
+const PUSH_DEBOUNCE: Duration = Duration::from_millis(5);
+const PUSH_GAP: Duration = Duration::from_millis(100);
+
+/// A broker counts as notifying for this long after its last notification.
+const PUSH_SEEN: Duration = Duration::from_secs(600);
+
+/// How often a broker's `notify-keyspace-events` is asked (one more command, once a minute).
+const CONFIG_EVERY: Duration = Duration::from_secs(60);
+
+/// What makes a reader read before its poll interval is up.
+struct Wakes {
+    new_target: Arc<Notify>,
+    push: Arc<Notify>,
+}
+
+/// How long a pushed read waits: the debounce, or what is left of the gap since the last read.
+fn push_delay(since_last_read: Duration) -> Duration {
+    PUSH_DEBOUNCE.max(PUSH_GAP.saturating_sub(since_last_read))
+}
+
 /// The longest wait between reads of a failing broker: recovery is noticed within this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -394,12 +497,7 @@ pub fn read_interval(poll: Duration, failures: u32) -> Duration {
 }
 
 /// One endpoint's reader: read, wake the changed TaskQueues, wait; until aborted or unused.
-async fn read_loop(
-    state: Arc<BrokerState>,
-    endpoint: BrokerEndpoint,
-    wake: Arc<Notify>,
-    trigger: UnboundedSender<Key>,
-) {
+async fn read_loop(state: Arc<BrokerState>, endpoint: BrokerEndpoint, wakes: Wakes, trigger: UnboundedSender<Key>) {
     let mut failures = 0u32;
     loop {
         let poll = {
@@ -408,6 +506,7 @@ async fn read_loop(
             group.and_then(|g| g.values().map(|t| t.interval).min())
         };
         let Some(poll) = poll else { return };
+        let read_at = Instant::now();
         let (changed, ok) = state.read_endpoint(&endpoint).await;
         failures = if ok { 0 } else { failures.saturating_add(1) };
         for key in changed {
@@ -417,7 +516,8 @@ async fn read_loop(
         }
         tokio::select! {
             _ = tokio::time::sleep(read_interval(poll, failures)) => {}
-            _ = wake.notified() => tokio::time::sleep(WAKE_DEBOUNCE).await,
+            _ = wakes.new_target.notified() => tokio::time::sleep(WAKE_DEBOUNCE).await,
+            _ = wakes.push.notified() => tokio::time::sleep(push_delay(read_at.elapsed())).await,
         }
     }
 }
@@ -430,7 +530,7 @@ pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: Unbo
         }
         state.prune(&store);
         state.tidy(&trigger).await;
-        state.count_live_workers();
+        state.report();
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = state.wake.notified() => tokio::time::sleep(WAKE_DEBOUNCE).await,
@@ -449,6 +549,36 @@ mod tests {
         assert_eq!(got, [ms(500), ms(1000), ms(2000), ms(4000), ms(5000), ms(5000)]);
         assert_eq!(read_interval(Duration::from_secs(30), 3), Duration::from_secs(30), "never below pollInterval");
         assert_eq!(read_interval(ms(100), 40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn pushed_reads_are_debounced_and_spaced() {
+        let ms = Duration::from_millis;
+        assert_eq!(push_delay(ms(0)), PUSH_GAP, "right after a read: wait out the gap");
+        assert_eq!(push_delay(ms(40)), ms(60));
+        assert_eq!(push_delay(ms(5_000)), PUSH_DEBOUNCE, "after a quiet spell: at once, bar the debounce");
+    }
+
+    #[test]
+    fn a_push_to_a_queue_key_is_ours_and_others_are_not() {
+        let e = BrokerEndpoint::parse("redis://127.0.0.1:1/0").unwrap();
+        let opts = crate::crd::TransportOptions::default();
+        let t = Target {
+            endpoint: e.clone(),
+            queries: vec![DepthQuery::new("ai", &opts)],
+            interval: Duration::from_secs(1),
+            weight: 1,
+        };
+        let mut targets = Targets::default();
+        targets.insert(ObjectRef::<TaskQueue>::new("a").within("ns"), t);
+        let watched = &targets.watched[&e];
+        assert!(
+            watched.contains(b"ai".as_slice()) && watched.contains(b"ai\x06\x169".as_slice()),
+            "every priority list"
+        );
+        assert!(!watched.contains(b"celery".as_slice()) && !watched.contains(b"unacked".as_slice()));
+        targets.remove(&ObjectRef::<TaskQueue>::new("a").within("ns"));
+        assert!(targets.watched.is_empty());
     }
 
     #[test]

@@ -161,7 +161,16 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
                         .zip(reading.shares)
                         .map(|((queue, depth), share)| QueueReading { queue: queue.clone(), depth, share })
                         .collect();
-                    let message = format!("read {} queue(s) from {}", valid.queues.len(), target.endpoint);
+                    let mode = if ctx.broker.push_mode(&target.endpoint) {
+                        "reacting by push (list-push notifications)".to_string()
+                    } else {
+                        format!(
+                            "polling every {}: the broker sends no list-push notifications \
+                             (notify-keyspace-events with E and l, e.g. El, makes it react at once)",
+                            humantime::format_duration(valid.poll_interval)
+                        )
+                    };
+                    let message = format!("read {} queue(s) from {}; {mode}", valid.queues.len(), target.endpoint);
                     return BrokerView::Read { queues, message };
                 }
                 Err(e) => e,

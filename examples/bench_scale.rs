@@ -93,7 +93,7 @@ async fn main() {
         me.parent().unwrap().parent().unwrap().join("taskqueue-operator").display().to_string()
     });
     let mut operator = std::process::Command::new(&bin)
-        .args(["run", "--namespace", &ns, "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["run", "--leader-election=false", "--namespace", &ns, "--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -465,7 +465,7 @@ const WAKE_DEBOUNCE: Duration = Duration::from_millis(100);
 /// A push notification is read after this long, so a burst of pushes is one read; and pushed
 /// reads of one broker are at least `PUSH_GAP` apart (a busy broker notifies constantly).
 const PUSH_DEBOUNCE: Duration = Duration::from_millis(5);
-const PUSH_GAP: Duration = Duration::from_millis(100);
+const PUSH_GAP: Duration = Duration::from_millis(25);
 
 /// A broker counts as notifying for this long after its last notification.
 const PUSH_SEEN: Duration = Duration::from_secs(600);
@@ -555,7 +555,7 @@ mod tests {
     fn pushed_reads_are_debounced_and_spaced() {
         let ms = Duration::from_millis;
         assert_eq!(push_delay(ms(0)), PUSH_GAP, "right after a read: wait out the gap");
-        assert_eq!(push_delay(ms(40)), ms(60));
+        assert_eq!(push_delay(ms(10)), ms(15));
         assert_eq!(push_delay(ms(5_000)), PUSH_DEBOUNCE, "after a quiet spell: at once, bar the debounce");
     }
 

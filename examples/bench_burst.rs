@@ -2,7 +2,7 @@
 //! push vs poll side by side in one run, next to the physical limit measured in the same run
 //! (a keyspace notification plus a bare `/scale` PATCH). Prints figures, asserts nothing.
 //!
-//!   cargo run --release --example bench_burst -- [BURSTS]
+//!   cargo run --release --example bench_burst -- [BURSTS] [SVG_PATH]
 //!
 //! Needs the local stack (`source` the env file `deploy/local/up.sh` prints) and redis-server
 //! (`TQ_REDIS_SERVER` or on PATH): it starts two private brokers (one with
@@ -57,6 +57,62 @@ fn summary(mut v: Vec<Duration>) -> (f64, f64, f64) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let at = |q: f64| ms(v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]);
     (at(0.5), at(0.95), ms(*v.last().unwrap()))
+}
+
+/// The distributions as an SVG strip plot on a log scale (0.05 ms .. 5 s): one row per path,
+/// a dot per sample, ticks at p50 and p95. Hand-drawn: no plotting dependency.
+fn svg(rows: &[(String, Vec<Duration>)]) -> String {
+    let (left, width, row_h, top) = (230.0, 620.0, 34.0, 40.0);
+    let (lo, hi) = (0.05f64.log10(), 5000f64.log10());
+    let x = |ms: f64| left + (ms.max(0.05).log10() - lo) / (hi - lo) * width;
+    let height = top + row_h * rows.len() as f64 + 40.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">Burst (LPUSH) to spec.replicas written, ms (log scale); dots: samples, bars: p50 and p95</text>\n",
+        w = left + width + 30.0
+    );
+    for ms in [0.1, 1.0, 10.0, 100.0, 1000.0] {
+        let gx = x(ms);
+        out.push_str(&format!(
+            "<line x1=\"{gx:.1}\" y1=\"{top}\" x2=\"{gx:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>\n\
+             <text x=\"{gx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{ms}</text>\n",
+            height - 35.0,
+            height - 20.0
+        ));
+    }
+    for (i, (label, samples)) in rows.iter().enumerate() {
+        let y = top + row_h * (i as f64 + 0.5);
+        let colour = if label.starts_with("push") {
+            "#1a7f37"
+        } else if label.starts_with("poll") {
+            "#cf222e"
+        } else {
+            "#57606a"
+        };
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
+            left - 8.0,
+            y + 4.0
+        ));
+        for d in samples {
+            out.push_str(&format!(
+                "<circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{colour}\" fill-opacity=\"0.5\"/>\n",
+                x(d.as_secs_f64() * 1000.0)
+            ));
+        }
+        let (p50, p95, _) = summary(samples.clone());
+        for (q, h) in [(p50, 12.0), (p95, 8.0)] {
+            out.push_str(&format!(
+                "<line x1=\"{q:.1}\" y1=\"{:.1}\" x2=\"{q:.1}\" y2=\"{:.1}\" stroke=\"black\" stroke-width=\"2\"/>\n",
+                y - h,
+                y + h,
+                q = x(q)
+            ));
+        }
+    }
+    out.push_str("</svg>\n");
+    out
 }
 
 fn taskqueue(name: &str, queue: &str, secret: &str, poll: &str) -> TaskQueue {
@@ -203,9 +259,11 @@ async fn main() {
 
     println!("{bursts} bursts of 8 messages (0 -> 2 replicas), LPUSH to spec.replicas seen on a watch:\n");
     println!("| path | p50 ms | p95 ms | max ms |\n|---|---|---|---|");
+    let mut rows: Vec<(String, Vec<Duration>)> = Vec::new();
     for (name, .., label) in &pools {
         let (p50, p95, max) = summary(latencies[name].clone());
         println!("| {label} | {p50:.1} | {p95:.1} | {max:.1} |");
+        rows.push((label.to_string(), latencies[name].clone()));
     }
     let limit: Vec<Duration> = notify.iter().zip(&patch).map(|(a, b)| *a + *b).collect();
     for (label, v) in [
@@ -213,8 +271,13 @@ async fn main() {
         ("limit: bare /scale PATCH", patch),
         ("limit: notification + PATCH", limit),
     ] {
-        let (p50, p95, max) = summary(v);
+        let (p50, p95, max) = summary(v.clone());
         println!("| {label} | {p50:.2} | {p95:.2} | {max:.2} |");
+        rows.push((label.to_string(), v));
+    }
+    if let Some(path) = std::env::args().nth(2) {
+        std::fs::write(&path, svg(&rows)).unwrap();
+        println!("\nwrote {path}");
     }
 
     let _ = stop_tx.send(());

@@ -61,9 +61,15 @@ impl Share {
         !any_primary || self.consumers[i].primary
     }
 
-    /// The owners' weights, 0 for the others.
+    /// What each consumer's part is proportional to: an owner's capacity (or 1 each when no
+    /// owner has any, so owners split evenly), 0 for the others.
     fn weights(&self) -> Vec<i64> {
-        (0..self.consumers.len()).map(|i| if self.owns(i) { self.consumers[i].weight.max(0) } else { 0 }).collect()
+        let capacity = |i: usize| if self.owns(i) { self.consumers[i].weight.max(0) } else { 0 };
+        let mut w: Vec<i64> = (0..self.consumers.len()).map(capacity).collect();
+        if w.iter().all(|x| *x == 0) {
+            w = (0..self.consumers.len()).map(|i| i64::from(self.owns(i))).collect();
+        }
+        w
     }
 
     /// This TaskQueue's part of `n` messages of the queue.
@@ -71,23 +77,13 @@ impl Share {
         if !self.is_shared() {
             return n.max(0);
         }
-        apportion(n, &self.weights(), self.owners())[self.me]
-    }
-
-    fn owners(&self) -> Vec<bool> {
-        (0..self.consumers.len()).map(|i| self.owns(i)).collect()
+        apportion(n, &self.weights())[self.me]
     }
 
     /// The weight of `me` and the owners' total: the fraction of the demand this pool counts.
     pub fn fraction(&self) -> (i64, i64) {
-        let owners = self.owners();
-        let weights = self.weights();
-        if weights.iter().all(|w| *w == 0) {
-            // No capacity anywhere: owners split evenly.
-            let n = owners.iter().filter(|o| **o).count() as i64;
-            return (i64::from(owners[self.me]), n);
-        }
-        (weights[self.me], weights.iter().fold(0i64, |a, w| a.saturating_add(*w)))
+        let w = self.weights();
+        (w[self.me], w.iter().fold(0i64, |a, x| a.saturating_add(*x)))
     }
 
     /// The other consumers, for the condition: `b (spec.queue), c (extraQueues)`.
@@ -122,16 +118,11 @@ impl Share {
     }
 }
 
-/// Split `n` (≥ 0) into whole parts proportional to `weights` among the `owners`: largest
-/// remainder, ties to the lower index. Parts add up to `n` exactly; non-owners get 0. With no
-/// weight anywhere, owners split evenly.
-pub fn apportion(n: i64, weights: &[i64], owners: Vec<bool>) -> Vec<i64> {
+/// Split `n` (≥ 0) into whole parts proportional to `weights` (≥ 0): largest remainder, ties
+/// to the lower index. Parts add up to `n` exactly whenever some weight is positive.
+pub fn apportion(n: i64, weights: &[i64]) -> Vec<i64> {
     let n = i128::from(n.max(0));
-    let mut w: Vec<i128> =
-        weights.iter().zip(&owners).map(|(w, o)| if *o { i128::from((*w).max(0)) } else { 0 }).collect();
-    if w.iter().all(|x| *x == 0) {
-        w = owners.iter().map(|o| i128::from(*o)).collect();
-    }
+    let w: Vec<i128> = weights.iter().map(|x| i128::from((*x).max(0))).collect();
     let total: i128 = w.iter().sum();
     if total == 0 {
         return vec![0; weights.len()];

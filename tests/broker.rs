@@ -404,7 +404,7 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
         async move { keys.lock().unwrap().contains(&b"alpha".to_vec()).then_some(()) }
     })
     .await;
-    assert!(push.lock().unwrap().last_seen.is_some());
+    assert!(push.lock().unwrap().is_some(), "the notification is noted");
     let mut user_conn = BrokerPool::new(Duration::from_secs(2)).connection(&ep).await.unwrap();
     let asked = taskqueue_operator::broker::heartbeat::notifications_configured(&mut user_conn).await;
     assert_eq!(asked, None, "CONFIG is not this user's: the notification itself tells");

@@ -134,14 +134,8 @@ pub fn keyevents_on(flags: &str) -> bool {
     flags.contains('E') && (flags.contains('l') || flags.contains('A'))
 }
 
-/// What one subscription knows of the broker's push notifications.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PushState {
-    /// When the last list-push notification arrived.
-    pub last_seen: Option<Instant>,
-}
-
-pub type SharedPush = Arc<Mutex<PushState>>;
+/// When the last list-push notification of one subscription arrived.
+pub type SharedPush = Arc<Mutex<Option<Instant>>>;
 
 /// Called with the key of each list push the broker notifies.
 pub type PushHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
@@ -199,7 +193,7 @@ async fn listen(
     // blackholed broker). Either way a fresh subscription is cheap and rules out the latter.
     while let Ok(Some(msg)) = tokio::time::timeout(SILENCE, messages.next()).await {
         if pushes.iter().any(|c| c.as_bytes() == msg.get_channel_name().as_bytes()) {
-            state.lock().expect("lock").last_seen = Some(Instant::now());
+            *state.lock().expect("lock") = Some(Instant::now());
             on_push(msg.get_payload_bytes());
         } else if let Some(event) = parse_event(msg.get_payload_bytes()) {
             workers.lock().expect("lock").apply(event, Instant::now());

@@ -64,12 +64,10 @@ impl Reading {
 /// keeping them current.
 type Subscription = (SharedWorkers, SharedPush, JoinHandle<()>);
 
-/// The reader task of one endpoint, and how to make it read early: a new target (`wake`), or
-/// a push to one of its queues (`push`).
+/// The reader task of one endpoint, and how to make it read early.
 struct Reader {
     task: JoinHandle<()>,
-    wake: Arc<Notify>,
-    push: Arc<Notify>,
+    wakes: Arc<Wakes>,
 }
 
 /// Targets grouped by endpoint (each reader walks only its own).
@@ -169,7 +167,7 @@ impl BrokerState {
             return;
         }
         match self.readers.lock().expect("lock").get(&endpoint) {
-            Some(r) => r.wake.notify_one(),
+            Some(r) => r.wakes.new_target.notify_one(),
             None => self.wake.notify_one(),
         }
     }
@@ -206,7 +204,7 @@ impl BrokerState {
         let ours = self.targets.lock().expect("lock").watched.get(endpoint).is_some_and(|keys| keys.contains(key));
         if ours {
             if let Some(r) = self.readers.lock().expect("lock").get(endpoint) {
-                r.push.notify_one();
+                r.wakes.push.notify_one();
             }
         }
     }
@@ -218,7 +216,7 @@ impl BrokerState {
         let configured = self.push_config.lock().expect("lock").get(endpoint).and_then(|(_, c)| *c);
         let subs = self.heartbeats.lock().expect("lock");
         let seen = subs.iter().filter(|((e, _), _)| e == endpoint).any(|(_, (_, push, _))| {
-            let last = push.lock().expect("lock").last_seen;
+            let last = *push.lock().expect("lock");
             last.is_some_and(|t| now.saturating_duration_since(t) < PUSH_SEEN)
         });
         configured == Some(true) || seen
@@ -250,11 +248,10 @@ impl BrokerState {
         let at = Instant::now();
         let result = self.read_one(endpoint, &queries).await;
         let ok = result.is_ok();
-        let mut shares = shares(&members);
+        let shares = shares(&members);
         let mut changed = Vec::new();
         let mut readings = self.readings.lock().expect("lock");
-        for (i, (key, target)) in members.into_iter().enumerate() {
-            let shares = std::mem::take(&mut shares[i]);
+        for ((key, target), shares) in members.into_iter().zip(shares) {
             let depths = match &result {
                 Err(e) => Err(e.clone()),
                 Ok(all) => Ok(target
@@ -350,16 +347,16 @@ impl BrokerState {
                     readers.remove(endpoint);
                 }
                 readers.entry(endpoint.clone()).or_insert_with(|| {
-                    let (wake, push) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-                    let wakes = Wakes { new_target: wake.clone(), push: push.clone() };
-                    let task = tokio::spawn(read_loop(self.clone(), endpoint.clone(), wakes, trigger.clone()));
-                    Reader { task, wake, push }
+                    let wakes = Arc::new(Wakes::default());
+                    let task = tokio::spawn(read_loop(self.clone(), endpoint.clone(), wakes.clone(), trigger.clone()));
+                    Reader { task, wakes }
                 });
             }
             unused
         };
         self.push_config.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
+            self.metrics.broker_push.remove(&BrokerLabels { broker: e.to_string() });
             self.pool.forget(&e).await;
         }
     }
@@ -413,7 +410,6 @@ impl BrokerState {
         let live: usize =
             self.heartbeats.lock().expect("lock").values().map(|(w, _, _)| w.lock().expect("lock").live(now)).sum();
         self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
-        self.metrics.broker_push.clear();
         for endpoint in self.endpoints() {
             let labels = BrokerLabels { broker: endpoint.to_string() };
             self.metrics.broker_push.get_or_create(&labels).set(i64::from(self.push_mode(&endpoint)));
@@ -473,10 +469,12 @@ const PUSH_SEEN: Duration = Duration::from_secs(600);
 /// How often a broker's `notify-keyspace-events` is asked (one more command, once a minute).
 const CONFIG_EVERY: Duration = Duration::from_secs(60);
 
-/// What makes a reader read before its poll interval is up.
+/// What makes a reader read before its poll interval is up: a new target, or a push to one of
+/// its queues.
+#[derive(Default)]
 struct Wakes {
-    new_target: Arc<Notify>,
-    push: Arc<Notify>,
+    new_target: Notify,
+    push: Notify,
 }
 
 /// How long a pushed read waits: the debounce, or what is left of the gap since the last read.
@@ -497,7 +495,12 @@ pub fn read_interval(poll: Duration, failures: u32) -> Duration {
 }
 
 /// One endpoint's reader: read, wake the changed TaskQueues, wait; until aborted or unused.
-async fn read_loop(state: Arc<BrokerState>, endpoint: BrokerEndpoint, wakes: Wakes, trigger: UnboundedSender<Key>) {
+async fn read_loop(
+    state: Arc<BrokerState>,
+    endpoint: BrokerEndpoint,
+    wakes: Arc<Wakes>,
+    trigger: UnboundedSender<Key>,
+) {
     let mut failures = 0u32;
     loop {
         let poll = {

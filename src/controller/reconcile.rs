@@ -161,15 +161,7 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
                         .zip(reading.shares)
                         .map(|((queue, depth), share)| QueueReading { queue: queue.clone(), depth, share })
                         .collect();
-                    let mode = if ctx.broker.push_mode(&target.endpoint) {
-                        "reacting by push (list-push notifications)".to_string()
-                    } else {
-                        format!(
-                            "polling every {}: the broker sends no list-push notifications \
-                             (notify-keyspace-events with E and l, e.g. El, makes it react at once)",
-                            humantime::format_duration(valid.poll_interval)
-                        )
-                    };
+                    let mode = reaction_mode(ctx, &target);
                     let message = format!("read {} queue(s) from {}; {mode}", valid.queues.len(), target.endpoint);
                     return BrokerView::Read { queues, message };
                 }
@@ -183,6 +175,19 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
         }
         fresh_after = Some(reading.at);
     }
+}
+
+/// How this TaskQueue's broker is watched, for `BrokerReachable`: by push, or by polling (with
+/// how to turn push on).
+fn reaction_mode(ctx: &Context, target: &Target) -> String {
+    if ctx.broker.push_mode(&target.endpoint) {
+        return "reacting by push (list-push notifications)".to_string();
+    }
+    format!(
+        "polling every {}: the broker sends no list-push notifications (notify-keyspace-events with E and \
+         l, e.g. El, makes it react at once)",
+        humantime::format_duration(target.interval)
+    )
 }
 
 /// The poller target a valid spec describes; the error is (reason, message) for the condition.

@@ -3,8 +3,9 @@
 #   make test   everything the CI runs: format, lint, unit, mock-API and end-to-end tests
 .PHONY: demo test up down crd lint bench
 
+# make demo PLOT=demo.svg also draws the run's timeline (pending, in flight, replicas per pool).
 demo:
-	bash deploy/demo/demo.sh
+	bash deploy/demo/demo.sh $(if $(PLOT),--plot $(PLOT))
 
 test:
 	bash deploy/local/test.sh

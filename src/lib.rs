@@ -12,6 +12,7 @@ pub mod quantity;
 pub mod report;
 pub mod routing;
 pub mod scaling;
+pub mod timeline;
 pub mod validate;
 
 /// A deterministic xorshift generator for the property tests: the same cases every run.

@@ -49,6 +49,9 @@ enum Command {
         /// Namespace of the Lease (the chart sets POD_NAMESPACE to the release namespace).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
+        /// Reconciles at once (each may hold an API connection; more only adds memory).
+        #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
     },
     /// Print the TaskQueue CustomResourceDefinition as YAML.
     Crd,
@@ -61,6 +64,22 @@ enum Command {
         /// Every namespace.
         #[arg(long, short = 'A')]
         all_namespaces: bool,
+    },
+    /// Record pending, in-flight and replicas of a namespace's TaskQueues (from their status)
+    /// until SIGINT/SIGTERM or `--seconds`, then draw them as an SVG timeline.
+    Timeline {
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Where to write the SVG.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Time between looks.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        every: Duration,
+        /// Stop after this many seconds (default: at SIGINT/SIGTERM).
+        #[arg(long)]
+        seconds: Option<u64>,
     },
     /// Print the Celery routing table (`task_routes.json`) the TaskQueues declare.
     Routes {
@@ -170,6 +189,50 @@ async fn status(namespace: Option<String>, all_namespaces: bool) -> Result<Strin
     Ok(taskqueue_operator::report::status_table(&tqs, all_namespaces))
 }
 
+/// `timeline`: look every `every` until stopped, then draw. A failed look is skipped (the API
+/// server may be busy); the drawing is written also when nothing was recorded.
+async fn timeline(
+    namespace: Option<String>,
+    out: &std::path::Path,
+    every: Duration,
+    seconds: Option<u64>,
+) -> Result<String, String> {
+    let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let ns = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    let api: kube::Api<crd::TaskQueue> = kube::Api::namespaced(client, &ns);
+    let mut recorder = taskqueue_operator::timeline::Recorder::default();
+    let started = std::time::Instant::now();
+    let until = async {
+        match seconds {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => futures::future::pending().await,
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = until => {}
+        }
+    };
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                if let Ok(list) = api.list(&Default::default()).await {
+                    recorder.record(started.elapsed().as_secs_f64(), &list.items);
+                }
+            }
+        }
+    }
+    let title = format!("TaskQueues of namespace {ns}: pending, in flight and replicas");
+    std::fs::write(out, taskqueue_operator::timeline::svg(&title, &recorder.pools))
+        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    let samples: usize = recorder.pools.values().map(|p| p.samples.len()).sum();
+    Ok(format!("timeline of {} TaskQueue(s), {samples} samples: {}", recorder.pools.len(), out.display()))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     taskqueue_operator::validate::parse_duration_str(s)
 }
@@ -185,6 +248,13 @@ async fn main() -> ExitCode {
         Command::Status { namespace, all_namespaces } => match status(namespace, all_namespaces).await {
             Ok(table) => {
                 print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Timeline { namespace, out, every, seconds } => match timeline(namespace, &out, every, seconds).await {
+            Ok(done) => {
+                eprintln!("{done}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
@@ -225,6 +295,7 @@ async fn main() -> ExitCode {
             metrics_addr,
             leader_election,
             lease_namespace,
+            concurrency,
         } => {
             init_tracing(log_json);
             let client = match kube::Client::try_default().await {
@@ -242,7 +313,8 @@ async fn main() -> ExitCode {
                 }
             };
             let leader = leader_election.then(|| LeaseConfig::new(&lease_namespace, &identity()));
-            let settings = Settings { namespace, broker_timeout, routes_configmap, leader, ..Settings::default() };
+            let settings =
+                Settings { namespace, broker_timeout, routes_configmap, leader, concurrency, ..Settings::default() };
             let mut server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
             // A dead background task (or metrics server) ends the process with an error, so the
             // pod restarts instead of running on with stale readings.

@@ -268,15 +268,44 @@ pub struct Table {
 impl Table {
     /// `[[pattern, {"queue": q}], ...]`: the value of `task_routes.json`, loaded by Celery with
     /// `app.conf.task_routes = (json.load(open(path)),)`.
-    /// One entry per line, so `kubectl get configmap -o yaml` and diffs stay readable.
     pub fn to_json(&self) -> String {
-        if self.entries.is_empty() {
-            return "[]".into();
-        }
-        let lines: Vec<String> =
-            self.entries.iter().map(|(p, q)| serde_json::json!([p, {"queue": q}]).to_string()).collect();
-        format!("[\n  {}\n]", lines.join(",\n  "))
+        render(&self.entries.iter().map(entry_json).collect::<Vec<_>>())
     }
+
+    /// [`Table::to_json`] cut into lists of at most `budget` bytes each (whole entries, at
+    /// least one per part), in order: the table is their concatenation. For a table too big
+    /// for one ConfigMap (1 MiB).
+    pub fn to_json_parts(&self, budget: usize) -> Vec<String> {
+        let mut parts = Vec::new();
+        let mut part: Vec<String> = Vec::new();
+        // Rendered size: "[\n  " + lines joined by ",\n  " + "\n]" = 2 + Σ(line + 4).
+        let mut size = 2;
+        for line in self.entries.iter().map(entry_json) {
+            let cost = line.len() + 4;
+            if !part.is_empty() && size + cost > budget {
+                parts.push(render(&std::mem::take(&mut part)));
+                size = 2;
+            }
+            size += cost;
+            part.push(line);
+        }
+        if !part.is_empty() || parts.is_empty() {
+            parts.push(render(&part));
+        }
+        parts
+    }
+}
+
+fn entry_json((pattern, queue): &(String, String)) -> String {
+    serde_json::json!([pattern, {"queue": queue}]).to_string()
+}
+
+/// One entry per line, so `kubectl get configmap -o yaml` and diffs stay readable.
+fn render(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return "[]".into();
+    }
+    format!("[\n  {}\n]", lines.join(",\n  "))
 }
 
 /// Merge the routes of `taskqueues` into one table.
@@ -447,5 +476,26 @@ mod tests {
         let parsed: Vec<(String, serde_json::Value)> = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed.len(), 5);
         assert_eq!(Table::default().to_json(), "[]");
+    }
+
+    #[test]
+    fn a_table_cut_into_parts_is_the_whole_table_in_order_and_each_part_fits() {
+        let entries: Vec<(String, String)> =
+            (0..500).map(|i| (format!("app.tasks.family_{i:04}.*"), format!("q{}", i % 7))).collect();
+        let t = Table { entries, ..Table::default() };
+        let whole: Vec<serde_json::Value> = serde_json::from_str(&t.to_json()).unwrap();
+        for budget in [50, 1_000, 4_096, 20_000, 1 << 20] {
+            let parts = t.to_json_parts(budget);
+            let mut joined = Vec::new();
+            for p in &parts {
+                let list: Vec<serde_json::Value> = serde_json::from_str(p).unwrap();
+                assert!(p.len() <= budget || list.len() == 1, "{budget}: a part of {} bytes", p.len());
+                joined.extend(list);
+            }
+            assert_eq!(joined, whole, "budget {budget}");
+            assert_eq!(parts.len() == 1, t.to_json().len() <= budget, "one part exactly when it fits: {budget}");
+        }
+        assert_eq!(t.to_json_parts(1 << 20), [t.to_json()]);
+        assert_eq!(Table::default().to_json_parts(10), ["[]"]);
     }
 }

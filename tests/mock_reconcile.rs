@@ -1,6 +1,7 @@
 //! Reconcile scenarios against a mocked API server (tower-test): every request the reconciler
 //! makes is checked in order, and a steady state must make none.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -125,12 +126,43 @@ fn no_more_requests(handle: &mut Handle) {
     }
 }
 
+/// The first reconcile of a TaskQueue reads its Secret, registers what the poller must read and
+/// stops there: nothing is decided (or written) before the first broker read. Then the poller
+/// reads: 127.0.0.1:1 (the Secret's URL) refuses, so the next reconcile sees an unreadable
+/// broker, and first reads the Secret again (a refused broker may mean a rotated Secret).
+async fn first_read_fails(h: &mut Harness, tq: &Arc<TaskQueue>) {
+    let run = tokio::spawn(reconcile(tq.clone(), h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    run.await.unwrap().unwrap();
+    no_more_requests(&mut h.handle);
+    for endpoint in h.ctx.broker.endpoints() {
+        let (changed, ok) = h.ctx.broker.read_endpoint(&endpoint).await;
+        assert!(!ok && changed.len() == 1, "the read fails and is this TaskQueue's first");
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_decided_or_written_before_the_first_broker_read() {
+    let mut h = harness();
+    let tq = Arc::new(taskqueue(ai_spec()));
+    let run = tokio::spawn(reconcile(tq.clone(), h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    let action = run.await.unwrap().unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(5)),
+        "a look later, should the read not wake it"
+    );
+    no_more_requests(&mut h.handle);
+    assert_eq!(h.ctx.broker.endpoints().len(), 1, "the poller has the target to read");
+}
+
 #[tokio::test]
 async fn create_then_steady_state_makes_no_writes() {
     let mut h = harness();
     let tq = Arc::new(taskqueue(ai_spec()));
-    let ctx = h.ctx.clone();
-    let run = tokio::spawn(reconcile(tq.clone(), ctx));
+    first_read_fails(&mut h, &tq).await;
+    let run = tokio::spawn(reconcile(tq.clone(), h.ctx.clone()));
 
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 404, not_found()).await;
@@ -140,7 +172,7 @@ async fn create_then_steady_state_makes_no_writes() {
     assert!(req.uri().query().unwrap().contains("force=true"));
     let applied: Value = serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
     send.send_response(Response::builder().body(Body::from(serde_json::to_vec(&applied).unwrap())).unwrap());
-    assert_eq!(applied["spec"]["replicas"], 1, "created at minReplicas while the broker is not read yet");
+    assert_eq!(applied["spec"]["replicas"], 1, "created at minReplicas while the broker cannot be read");
     assert_eq!(
         applied["spec"]["template"]["spec"]["containers"][0]["command"],
         json!([
@@ -156,6 +188,7 @@ async fn create_then_steady_state_makes_no_writes() {
     );
     assert_eq!(applied["metadata"]["ownerReferences"][0]["uid"], "tq-uid");
 
+    expect_event(&mut h.handle, "BrokerUnreachable").await;
     expect_event(&mut h.handle, "Created").await;
     let status_patch = expect_status(&mut h.handle).await;
     run.await.unwrap().unwrap();
@@ -163,7 +196,7 @@ async fn create_then_steady_state_makes_no_writes() {
     assert_eq!(status["desiredReplicas"], 1);
     assert_eq!(status["observedGeneration"], 3);
     assert_eq!(condition(&status_patch, "SpecValid")["status"], "True");
-    assert_eq!(condition(&status_patch, "BrokerReachable")["status"], "Unknown");
+    assert_eq!(condition(&status_patch, "BrokerReachable")["status"], "False");
 
     // Steady state: the Deployment is in the cache, the status is what we wrote.
     let mut deployed: Deployment = serde_json::from_value(applied).unwrap();
@@ -179,6 +212,7 @@ async fn create_then_steady_state_makes_no_writes() {
 async fn foreign_deployment_is_never_taken_over() {
     let mut h = harness();
     let tq = Arc::new(taskqueue(ai_spec()));
+    first_read_fails(&mut h, &tq).await;
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     let foreign = json!({
@@ -187,7 +221,8 @@ async fn foreign_deployment_is_never_taken_over() {
         "spec": {"replicas": 7, "selector": {"matchLabels": {"app": "legacy"}}, "template": {"metadata": {"labels": {"app": "legacy"}}, "spec": {"containers": [{"name": "x", "image": "legacy"}]}}}
     });
     expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, foreign).await;
-    // No PATCH of the Deployment: the next requests are the warning event and the status.
+    // No PATCH of the Deployment: the next requests are the warning events and the status.
+    expect_event(&mut h.handle, "BrokerUnreachable").await;
     let event = expect_event(&mut h.handle, "DeploymentConflict").await;
     assert_eq!(event["type"], "Warning");
     let status = expect_status(&mut h.handle).await;
@@ -297,12 +332,14 @@ async fn missing_secret_is_reported_and_nothing_scales_on_missing_data() {
 async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event() {
     let mut h = harness();
     let tq = Arc::new(taskqueue(ai_spec()));
+    first_read_fails(&mut h, &tq).await;
     let run = tokio::spawn(reconcile(tq, h.ctx.clone()));
     expect(&mut h.handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
     let server_says = "Deployment.apps \"ai\" is invalid: spec.template.spec.containers[0].image: Required value";
     let refused = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422, "message": server_says});
     expect(&mut h.handle, "PATCH", "/apis/apps/v1/namespaces/prod/deployments/ai", 422, refused).await;
+    expect_event(&mut h.handle, "BrokerUnreachable").await;
     let event = expect_event(&mut h.handle, "DeploymentRejected").await;
     assert_eq!(event["type"], "Warning");
     assert!(event["note"].as_str().unwrap().contains(server_says), "{event}");
@@ -315,32 +352,68 @@ async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event()
     no_more_requests(&mut h.handle);
 
     // Reconciled again at once: the refused template is not sent again, no second event, and the
-    // status is already what it should be.
+    // status is already what it should be. (The Deployment is read whole: this process never
+    // wrote it, and the watch cache keeps no pod template to compare.)
     let mut cached: Deployment = serde_json::from_value(owned_deployment(3)).unwrap();
     cached.metadata.resource_version = Some("1".into());
     h.deployments.apply_watcher_event(&watcher::Event::Apply(cached));
     let mut again = taskqueue(ai_spec());
     again.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
-    within_5s(reconcile(Arc::new(again), h.ctx.clone())).await.unwrap();
+    let run = tokio::spawn(reconcile(Arc::new(again), h.ctx.clone()));
+    expect(&mut h.handle, "GET", "/apis/apps/v1/namespaces/prod/deployments/ai", 200, owned_deployment(3)).await;
+    within_5s(run).await.unwrap().unwrap();
     no_more_requests(&mut h.handle);
 }
 
 #[tokio::test]
-async fn cached_secrets_nobody_reads_any_more_are_dropped() {
+async fn secrets_in_use_are_read_again_when_due_and_a_change_is_reported() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let cache = SecretCache::new(Client::new(service, "default"), Duration::from_millis(50));
+    let cache = Arc::new(SecretCache::new(Client::new(service, "default"), Duration::from_millis(50)));
     let r: taskqueue_operator::crd::SecretKeyRef = serde_json::from_value(json!({"name": "celery-broker"})).unwrap();
-    let get = tokio::spawn(async move {
-        let url = cache.url("prod", &r, None).await;
-        (cache, url)
+    let get = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.url("prod", &r, None).await }
     });
     expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
-    let (cache, url) = get.await.unwrap();
-    assert_eq!(url.unwrap(), "redis://127.0.0.1:1/0");
-    assert_eq!(cache.len(), 1);
-    cache.evict_expired();
-    assert_eq!(cache.len(), 1, "still fresh");
+    assert_eq!(get.await.unwrap().unwrap(), "redis://127.0.0.1:1/0");
+    let in_use: HashSet<(String, String)> = [("prod".to_string(), "celery-broker".to_string())].into();
+
+    // Fresh: nothing read, nothing changed.
+    assert!(within_5s(cache.refresh(&in_use)).await.is_empty());
+    no_more_requests(&mut handle);
+
+    // Due and unchanged: one GET, nothing to report.
     tokio::time::sleep(Duration::from_millis(60)).await;
-    cache.evict_expired();
-    assert!(cache.is_empty(), "expired entries are dropped");
+    let refresh = tokio::spawn({
+        let (cache, in_use) = (cache.clone(), in_use.clone());
+        async move { cache.refresh(&in_use).await }
+    });
+    expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    assert!(refresh.await.unwrap().is_empty(), "same value");
+    assert_eq!(cache.len(), 1);
+
+    // Due and rotated: reported, and the stale copy is gone (the reconcile reads the new one).
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let refresh = tokio::spawn({
+        let (cache, in_use) = (cache.clone(), in_use.clone());
+        async move { cache.refresh(&in_use).await }
+    });
+    let mut rotated = broker_secret();
+    rotated["data"]["url"] = json!("cmVkaXM6Ly8xMjcuMC4wLjE6Mi8w"); // redis://127.0.0.1:2/0
+    expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, rotated).await;
+    assert_eq!(refresh.await.unwrap(), [("prod".to_string(), "celery-broker".to_string())]);
+    assert!(cache.is_empty());
+
+    // Not in use any more: dropped without a read.
+    let get = tokio::spawn({
+        let cache = cache.clone();
+        let r: taskqueue_operator::crd::SecretKeyRef =
+            serde_json::from_value(json!({"name": "celery-broker"})).unwrap();
+        async move { cache.url("prod", &r, None).await }
+    });
+    expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
+    get.await.unwrap().unwrap();
+    assert!(within_5s(cache.refresh(&HashSet::new())).await.is_empty());
+    assert!(cache.is_empty(), "unused Secrets are dropped");
+    no_more_requests(&mut handle);
 }

@@ -157,6 +157,86 @@ async fn a_routes_configmap_someone_else_created_is_never_taken_over() {
 
 #[tokio::test]
 #[ignore = "needs the local stack: make test"]
+async fn a_routing_table_above_one_mebibyte_is_cut_into_configmaps_that_celery_loads_in_order() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "bigroutes").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    // 5 TaskQueues x 1 000 globs of ~230 characters: ~1.3 MB of table. The last entry (the
+    // least specific glob) routes the demo app's page_oncall to bigq4.
+    let filler = "x".repeat(200);
+    for i in 0..5 {
+        let mut routes: Vec<serde_json::Value> =
+            (0..1000).map(|j| json!({"pattern": format!("app.tasks.t{i}.{j:04}.{filler}.*")})).collect();
+        if i == 4 {
+            routes.push(json!({"pattern": "app.worker.tasks.urgent.page_onc*"}));
+        }
+        let mut tq = pool(&format!("big{i}"), &format!("bigq{i}"), json!({"pollInterval": "1s"}));
+        tq["spec"]["routes"] = json!(routes);
+        create_taskqueue(&client, &ns, tq).await;
+    }
+    let operator = Operator::start(&client, &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let part2 = wait_for("ConfigMap celery-task-routes-part002", T, || async {
+        cms.get_opt("celery-task-routes-part002").await.unwrap()
+    })
+    .await;
+    let part1 = cms.get("celery-task-routes").await.unwrap();
+    let (one, two) =
+        (&part1.data.as_ref().unwrap()["task_routes.json"], &part2.data.as_ref().unwrap()["task_routes.json.part002"]);
+    assert!(one.len() <= 1_000_000 && two.len() <= 1_000_000, "{} + {} bytes", one.len(), two.len());
+    assert_eq!(part1.metadata.owner_references.as_ref().map(Vec::len), Some(5), "owners: at most the 5 oldest");
+    assert!(cms.get_opt("celery-task-routes-part003").await.unwrap().is_none());
+    let message = wait_for("big0: RoutesAccepted names both parts", T, || async {
+        let c = condition(&taskqueue(&client, &ns, "big0").await, "RoutesAccepted")?;
+        (c.0 == "True" && c.2.contains("cut into 2 parts")).then_some(c.2)
+    })
+    .await;
+    assert!(message.contains("ConfigMaps celery-task-routes, celery-task-routes-part002;"), "{message}");
+
+    // The two parts, mounted side by side, are the whole table for the real Celery app: the task
+    // the last entry routes goes to bigq4. With the first part alone it would go to `celery`.
+    let dir = std::env::temp_dir().join(format!("{ns}-routes"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("task_routes.json"), one).unwrap();
+    celery_routed(
+        &redis.url(),
+        Some(&dir.join("task_routes.json")),
+        &["send", "app.worker.tasks.urgent.page_oncall", "1"],
+    );
+    assert_eq!((kombu_count(&redis.url(), "bigq4"), kombu_count(&redis.url(), "celery")), (0, 1), "first part alone");
+    std::fs::write(dir.join("task_routes.json.part002"), two).unwrap();
+    celery_routed(
+        &redis.url(),
+        Some(&dir.join("task_routes.json")),
+        &["send", "app.worker.tasks.urgent.page_oncall", "1"],
+    );
+    assert_eq!(kombu_count(&redis.url(), "bigq4"), 1, "both parts: routed by the table's last entry");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Back under 1 MiB: one ConfigMap again, the left-over part deleted.
+    for i in 1..5 {
+        Api::<taskqueue_operator::crd::TaskQueue>::namespaced(client.clone(), &ns)
+            .delete(&format!("big{i}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    wait_for("part002 deleted", T, || async {
+        cms.get_opt("celery-task-routes-part002").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    wait_for("big0: the table is in one ConfigMap again", T, || async {
+        let c = condition(&taskqueue(&client, &ns, "big0").await, "RoutesAccepted")?;
+        (c.0 == "True" && c.2 == "1000 route(s) in ConfigMap celery-task-routes").then_some(())
+    })
+    .await;
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
 async fn a_rotated_broker_password_is_used_within_a_poll_of_the_old_one_failing() {
     let client = client().await;
     ensure_crd(&client).await;

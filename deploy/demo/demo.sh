@@ -9,6 +9,19 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 NS=${DEMO_NAMESPACE:-taskqueue-demo}
+# --plot PATH (make demo PLOT=PATH): also draw this run's timeline (pending, in flight and
+# replicas per pool, scale events marked) as an SVG.
+PLOT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --plot) PLOT=$2; shift 2 ;;
+    --plot=*) PLOT=${1#--plot=}; shift ;;
+    *) echo "usage: demo.sh [--plot PATH.svg]" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$PLOT" ]; then
+  case "$PLOT" in /*) ;; *) PLOT=$PWD/$PLOT ;; esac
+fi
 
 env_file=$(bash deploy/local/up.sh | tail -1 | sed 's/^source //')
 # shellcheck disable=SC1090
@@ -38,9 +51,20 @@ MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 "$BIN" run --leader-election=false --namespace "$NS" --metrics-addr "127.0.0.1:$MPORT" >"$TQ_STATE/logs/demo-operator.log" 2>&1 &
 OP=$!
 trap 'kill $OP 2>/dev/null; wait $OP 2>/dev/null || true' EXIT
+if [ -n "$PLOT" ]; then
+  "$BIN" timeline -n "$NS" --out "$PLOT" &
+  PLOTTER=$!
+  trap 'kill -INT $PLOTTER 2>/dev/null || true; wait $PLOTTER 2>/dev/null || true; kill $OP 2>/dev/null || true; wait $OP 2>/dev/null || true' EXIT
+fi
 
 CELERY_BROKER_URL=$TQ_REDIS_URL PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py --namespace "$NS" --logs "$TQ_STATE/logs"
 echo
+if [ -n "$PLOT" ]; then
+  sleep 2 # the last decisions
+  kill -INT "$PLOTTER"
+  wait "$PLOTTER" || true
+  echo "== the run's timeline: $PLOT"
+fi
 kubectl -n "$NS" get tq
 echo
 echo "== the operator's /metrics (excerpt; http://127.0.0.1:$MPORT/metrics)"

@@ -28,8 +28,23 @@ pub struct Memory {
     pub paused: Option<bool>,
     /// The API server refused this Deployment template; held until it changes or is retried.
     pub rejected: Option<Rejected>,
+    /// Our last status write.
+    pub status_write: Option<StatusWrite>,
 }
 
+/// A status write: a hash of what it said, and when. The watch cache shows our own write a
+/// little later: until it does, the cached object still has the status from before, and the
+/// same status must not be written again (each new TaskQueue was written up to four times).
+/// Only this operator writes the status; a write older than `STATUS_CACHE_LAG` is no longer
+/// trusted over the cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusWrite {
+    pub hash: u64,
+    pub at: Instant,
+}
+
+/// How long the watch cache may lag behind our own status write.
+pub const STATUS_CACHE_LAG: std::time::Duration = std::time::Duration::from_secs(10);
 /// A Deployment write the API server accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Applied {

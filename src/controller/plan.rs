@@ -26,8 +26,9 @@ use crate::validate::{InvalidSpec, ValidSpec};
 
 /// A refused Deployment template is tried again after this long (or at once when it changes).
 pub const REJECT_RETRY: Duration = Duration::from_secs(60);
-/// Look again this often even when nothing changes.
-const RESYNC: Duration = Duration::from_secs(60);
+/// A Deployment someone else owns is looked at again this often: its removal raises no event
+/// here (only Deployments labelled as ours are watched).
+const FOREIGN_RECHECK: Duration = Duration::from_secs(60);
 
 /// Everything one reconcile looked at.
 #[derive(Clone, Debug)]
@@ -245,6 +246,9 @@ impl Draft<'_> {
     /// `RoutesAccepted`, from the namespace's routing table as the publisher last built it.
     fn routes(&mut self) {
         match &self.seen.routes {
+            // Right after a restart the publisher's first pass is still to come: a verdict
+            // stored for this very spec stands until then (rewriting it twice is no news).
+            RoutesView::Pending(_) if self.stored_for_this_spec(ROUTES_ACCEPTED) => self.conds.keep(ROUTES_ACCEPTED),
             RoutesView::Pending(msg) => self.conds.unknown(ROUTES_ACCEPTED, "Pending", msg.clone()),
             RoutesView::Published(msg) => {
                 self.conds.set(ROUTES_ACCEPTED, true, "Published", msg.clone());
@@ -255,6 +259,12 @@ impl Draft<'_> {
                 self.warn_on_failure(ROUTES_ACCEPTED);
             }
         }
+    }
+
+    /// Whether the stored condition `type_` was written for the spec the object has now.
+    fn stored_for_this_spec(&self, type_: &str) -> bool {
+        let generation = self.tq.metadata.generation;
+        self.conds.previous(type_).is_some_and(|c| generation.is_some() && c.observed_generation == generation)
     }
 
     /// `BrokerReachable`, `QueueShared` and the depth fields of the status; this pool's demand
@@ -331,7 +341,7 @@ impl Draft<'_> {
         self.conds.set(DEPLOYMENT_OWNED, false, "DeploymentConflict", msg);
         self.conds.set(READY, false, "DeploymentConflict", "the worker Deployment belongs to someone else");
         self.warn_on_failure(DEPLOYMENT_OWNED);
-        self.out.requeue = Some(RESYNC);
+        self.out.requeue = Some(FOREIGN_RECHECK);
     }
 
     /// The main path: decide the replicas, build the Deployment, say why.
@@ -386,16 +396,19 @@ impl Draft<'_> {
         } else {
             self.conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
         }
-        // The poller wakes us when the depth changes; a pending scale-down or step needs a look
-        // once per poll so it happens when due.
+        // Nothing is looked at on a timer unless something is due: the poller wakes us when a
+        // reading changes, the watches when the spec or the Deployment do, the Secret
+        // refresher when a Secret does. A pending scale-down or step, or an unread broker,
+        // needs a look once per poll so it happens when due.
         let busy = decision.replicas != decision.recommended || !reachable;
-        let mut requeue = if busy { valid.poll_interval } else { RESYNC };
+        let mut requeue = busy.then_some(valid.poll_interval);
         // A scheduled task becomes demand when it comes within the horizon: decide again then
         // (a second late rather than early: the wall clock here has whole seconds).
         if let Some(due) = demand.and_then(|d| d.next_due) {
-            requeue = requeue.min(due + Duration::from_secs(1));
+            let due = due + Duration::from_secs(1);
+            requeue = Some(requeue.map_or(due, |r| r.min(due)));
         }
-        self.out.requeue = Some(requeue);
+        self.out.requeue = requeue;
     }
 
     /// The API server refused this Deployment: it stays as it was, and the status says why.
@@ -689,11 +702,11 @@ mod tests {
         #[rustfmt::skip]
         let rows: Vec<(&str, TaskQueue, Seen, Want)> = vec![
             ("new TaskQueue, 9 pending / 4 per replica", plain(), seen(&plain(), read(9), None, Memory::default()),
-                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Created"], requeue: Some(60) }),
+                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Created"], requeue: None }),
             ("first read still to come", plain(), seen(&plain(), BrokerView::Waiting("waiting".into()), None, Memory::default()),
                 Want { written: Some(0), desired: Some(0), ready: "BrokerNotRead", events: &["Created"], requeue: Some(2) }),
             ("steady state: nothing to write or say", plain(), seen(&plain(), read(12), Some(at_3.clone()), wrote(&at_3, 4)),
-                Want { written: None, desired: Some(3), ready: "WorkersNotReady", events: &[], requeue: Some(60) }),
+                Want { written: None, desired: Some(3), ready: "WorkersNotReady", events: &[], requeue: None }),
             ("invalid spec", bad.clone(), seen(&bad, BrokerView::NotRead, Some(at_3.clone()), Memory::default()),
                 Want { written: None, desired: Some(3), ready: "InvalidSpec", events: &["InvalidSpec"], requeue: None }),
             ("foreign Deployment", plain(), seen(&plain(), read(12), Some(foreign), Memory::default()),
@@ -703,11 +716,11 @@ mod tests {
             ("broker outage holds the replicas", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(at_3.clone()), unknown.clone()),
                 Want { written: None, desired: Some(3), ready: "BrokerNotRead", events: &["BrokerUnreachable"], requeue: Some(2) }),
             ("pause holds at 0 with 12 pending", paused.clone(), seen(&paused, read(12), Some(ours(&paused, 0, 1)), wrote(&ours(&paused, 0, 1), 1)),
-                Want { written: None, desired: Some(0), ready: "WorkersReady", events: &["Paused"], requeue: Some(60) }),
+                Want { written: None, desired: Some(0), ready: "WorkersReady", events: &["Paused"], requeue: None }),
             ("scale-down waits out its window", plain(), seen(&plain(), read(0), Some(ours(&plain(), 6, 4)), window),
                 Want { written: None, desired: Some(6), ready: "WorkersNotReady", events: &[], requeue: Some(2) }),
             ("hand edit of the image is restored", plain(), seen(&plain(), read(12), Some(edited), wrote(&at_3, 4)),
-                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Restored"], requeue: Some(60) }),
+                Want { written: Some(3), desired: Some(3), ready: "WorkersNotReady", events: &["Restored"], requeue: None }),
             ("kubectl scale during an outage is restored", plain(), seen(&plain(), BrokerView::Failed("BrokerUnreachable", "refused".into()), Some(scaled_by_hand), unknown.clone()),
                 Want { written: Some(3), desired: Some(3), ready: "BrokerNotRead", events: &["BrokerUnreachable", "Restored"], requeue: Some(2) }),
         ];

@@ -24,7 +24,7 @@ use super::conditions::BROKER_REACHABLE;
 use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, selector_string, MANAGER};
 use super::events::EventPublisher;
-use super::memory::{Applied, Memory, Rejected};
+use super::memory::{Applied, Memory, Rejected, StatusWrite, STATUS_CACHE_LAG};
 use super::plan::{self, Announcement, BrokerView, Plan, RoutesView, Seen};
 use super::poller::{BrokerState, Key, Target};
 use super::routes::{RouteInput, SharedVerdicts};
@@ -61,6 +61,10 @@ impl Context {
     }
 }
 
+/// Looked at again this long after a reconcile that found its first broker read still to come,
+/// should the poller's wake-up not come.
+const FIRST_READ_RECHECK: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading Deployment {0}: {1}")]
@@ -86,6 +90,7 @@ pub async fn reconcile_guarded(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<
 
 pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key: Key = ObjectRef::from_obj(&*tq);
+    debug!("reconcile"); // within the runtime's span, which says why
     if tq.meta().deletion_timestamp.is_some() {
         forget(&ctx, &key);
         return Ok(Action::await_change());
@@ -96,6 +101,12 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let mut seen = observe(&ctx, &tq, &key).await?;
+    if matches!(seen.broker, BrokerView::Waiting(_)) {
+        // Nothing to decide before the first read of this target: the poller reconciles us
+        // when it is done (or failed, within the broker deadline). A status written now would
+        // be rewritten right after: on a restart with 10 000 TaskQueues, 20 000 writes.
+        return Ok(Action::requeue(FIRST_READ_RECHECK));
+    }
     let mut plan = plan::plan(&tq, &seen);
     if !ctx.is_leader() {
         return Ok(Action::await_change());
@@ -113,14 +124,19 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 /// What the decision needs. An invalid spec is not read further: no broker, no API reads.
 async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error> {
     let valid = validate(&tq.spec, &tq.name_any());
-    let (broker, deployment) = match &valid {
-        Ok(v) => (observe_broker(ctx, tq, key, v).await, observe_deployment(ctx, tq).await?),
+    let memory = ctx.memory.lock().expect("lock").get(key).cloned().unwrap_or_default();
+    let broker = match &valid {
+        Ok(v) => observe_broker(ctx, tq, key, v).await,
         Err(_) => {
             ctx.broker.unregister(key);
-            (BrokerView::NotRead, cached_deployment(ctx, tq))
+            BrokerView::NotRead
         }
     };
-    let memory = ctx.memory.lock().expect("lock").get(key).cloned().unwrap_or_default();
+    let deployment = match (&valid, &broker) {
+        (Ok(_), BrokerView::Waiting(_)) => None, // not looked at before the first read (see `reconcile`)
+        (Ok(_), _) => observe_deployment(ctx, tq, &memory).await?,
+        (Err(_), _) => cached_deployment(ctx, tq),
+    };
     let now = jiff::Timestamp::now().as_second();
     Ok(Seen {
         valid,
@@ -161,7 +177,7 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
                         .zip(reading.shares)
                         .map(|((queue, depth), share)| QueueReading { queue: queue.clone(), depth, share })
                         .collect();
-                    let mode = reaction_mode(ctx, &target);
+                    let mode = reaction_mode(reading.push, &target);
                     let message = format!("read {} queue(s) from {}; {mode}", valid.queues.len(), target.endpoint);
                     return BrokerView::Read { queues, message };
                 }
@@ -179,8 +195,8 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
 
 /// How this TaskQueue's broker is watched, for `BrokerReachable`: by push, or by polling (with
 /// how to turn push on).
-fn reaction_mode(ctx: &Context, target: &Target) -> String {
-    if ctx.broker.push_mode(&target.endpoint) {
+fn reaction_mode(push: bool, target: &Target) -> String {
+    if push {
         return "reacting by push (list-push notifications)".to_string();
     }
     format!(
@@ -217,9 +233,16 @@ async fn resolve_target(
     })
 }
 
-async fn observe_deployment(ctx: &Context, tq: &TaskQueue) -> Result<Option<Deployment>, Error> {
+/// The worker Deployment. The cached copy has no pod template (`trim_for_cache`): enough while
+/// the Deployment is as this process last wrote it. One changed by someone else since, or not
+/// written by this process yet (after a start), is read whole, so `plan` can compare it with
+/// the spec; the next reconciles use the cache again.
+async fn observe_deployment(ctx: &Context, tq: &TaskQueue, memory: &Memory) -> Result<Option<Deployment>, Error> {
     if let Some(d) = cached_deployment(ctx, tq) {
-        return Ok(Some(d));
+        let generation = d.metadata.generation.unwrap_or(0);
+        if memory.applied.is_some_and(|a| generation <= a.generation) {
+            return Ok(Some(d));
+        }
     }
     // Not in the cache: not created yet, just created, or someone else's (not labelled as ours).
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
@@ -249,9 +272,17 @@ fn observe_routes(ctx: &Context, tq: &TaskQueue) -> RoutesView {
     }
     match verdicts.by_name.get(&name).filter(|(input, _)| *input == RouteInput::of(tq)) {
         None => pending(),
-        Some((_, lost)) if lost.is_empty() => {
-            RoutesView::Published(format!("{} route(s) in ConfigMap {}", tq.spec.routes.len(), ctx.routes_configmap))
-        }
+        Some((_, lost)) if lost.is_empty() => RoutesView::Published(match verdicts.configmaps.as_slice() {
+            [_, _, ..] => format!(
+                "{} route(s) in the namespace's routing table, which is too big for one ConfigMap and is cut into {} \
+                 parts: ConfigMaps {}; mount them all in one directory and load the files in name order (README: \
+                 Routing table)",
+                tq.spec.routes.len(),
+                verdicts.configmaps.len(),
+                verdicts.configmaps.join(", ")
+            ),
+            _ => format!("{} route(s) in ConfigMap {}", tq.spec.routes.len(), ctx.routes_configmap),
+        }),
         Some((_, lost)) => RoutesView::Refused("RouteConflict", lost.join("; ")),
     }
 }
@@ -324,7 +355,7 @@ async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec) {
 }
 
 /// Keep the memory; publish the events, the metrics and the status.
-async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, plan: Plan) -> Result<Action, Error> {
+async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, mut plan: Plan) -> Result<Action, Error> {
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
     if let Some(s) = &plan.scale {
         info!(taskqueue = %key, replicas = s.to, reason = %s.reason, "scaled");
@@ -334,12 +365,17 @@ async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, plan: Plan) -> Result<
             ctx.metrics.scale_events.get_or_create(&labels).inc();
         }
     }
-    ctx.memory.lock().expect("lock").insert(key, plan.memory);
-    for a in plan.events {
+    for a in std::mem::take(&mut plan.events) {
         event(ctx, tq, a).await;
     }
     gauges(&ctx.metrics, TaskQueueLabels { namespace: ns, name }, &plan.status, plan.paused);
-    write_status(ctx, tq, plan.status).await?;
+    let last = plan.memory.status_write.clone();
+    ctx.memory.lock().expect("lock").insert(key.clone(), plan.memory);
+    if let Some(written) = write_status(ctx, tq, plan.status, last.as_ref()).await? {
+        if let Some(m) = ctx.memory.lock().expect("lock").get_mut(&key) {
+            m.status_write = Some(written);
+        }
+    }
     Ok(plan.requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
@@ -363,10 +399,25 @@ fn forget(ctx: &Context, key: &Key) {
     ctx.memory.lock().expect("lock").remove(key);
 }
 
-/// Server-side apply of `/status`, skipped when nothing changed (zero writes in a steady state).
-async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) -> Result<(), Error> {
+/// Server-side apply of `/status`, skipped when nothing changed (zero writes in a steady state),
+/// and when it is the status we wrote moments ago (the watch cache lags). Returns the write.
+async fn write_status(
+    ctx: &Context,
+    tq: &TaskQueue,
+    status: TaskQueueStatus,
+    last: Option<&StatusWrite>,
+) -> Result<Option<StatusWrite>, Error> {
     if tq.status.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(None);
+    }
+    let hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&status).unwrap_or_default().hash(&mut h);
+        h.finish()
+    };
+    if last.is_some_and(|w| w.hash == hash && w.at.elapsed() < STATUS_CACHE_LAG) {
+        return Ok(None); // written already; the cache has not shown it yet
     }
     let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
     ctx.metrics.write("status");
@@ -374,7 +425,7 @@ async fn write_status(ctx: &Context, tq: &TaskQueue, status: TaskQueueStatus) ->
     api.patch_status(&tq.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map_err(|e| Error::WriteStatus(tq.name_any(), e))?;
-    Ok(())
+    Ok(Some(StatusWrite { hash, at: Instant::now() }))
 }
 
 /// Events are best effort: a failure is logged, never fails the reconcile. Warnings are logged too.

@@ -60,6 +60,8 @@ pub struct Verdicts {
     pub by_name: HashMap<String, (RouteInput, Vec<String>)>,
     /// Why the table could not be published at all: (reason, message).
     pub refused: Option<(&'static str, String)>,
+    /// The ConfigMaps the table is in (more than one when it is cut into parts).
+    pub configmaps: Vec<String>,
 }
 
 /// Namespace -> verdicts, shared with the reconciler.
@@ -75,35 +77,73 @@ pub fn verdicts(taskqueues: &[TaskQueue], table: &Table) -> Verdicts {
             lost.push(format!("route {:?} left out: {}", r.pattern, r.reason));
         }
     }
-    Verdicts { by_name, refused: None }
+    Verdicts { by_name, refused: None, configmaps: Vec::new() }
 }
 
-/// The ConfigMap for one namespace's TaskQueues (pure).
-pub fn desired_configmap(name: &str, namespace: &str, taskqueues: &[TaskQueue], table: &Table) -> ConfigMap {
-    let mut owners: Vec<OwnerReference> = taskqueues
-        .iter()
+/// Most bytes of table per ConfigMap: the API server takes at most 1 MiB of data, and the
+/// metadata (labels, a few owners) needs a little room.
+pub const PART_BUDGET: usize = 1_000_000;
+
+/// Owners of the routing table ConfigMaps: the oldest TaskQueues of the namespace. The garbage
+/// collector removes the table once all of them are gone (the publisher keeps the list current
+/// and deletes the table itself with the last TaskQueue). A few, not all: 10 000 owner
+/// references alone would not fit in a ConfigMap.
+pub const MAX_OWNERS: usize = 5;
+
+/// Name and key of part `i` (from 0) of a table: the first is `NAME` / `task_routes.json` as
+/// for a table that fits; then `NAME-part002` / `task_routes.json.part002`, ... so that the
+/// keys, mounted side by side, sort in table order.
+pub fn part_name(name: &str, i: usize) -> (String, String) {
+    match i {
+        0 => (name.to_string(), KEY.to_string()),
+        _ => (format!("{name}-part{:03}", i + 1), format!("{KEY}.part{:03}", i + 1)),
+    }
+}
+
+/// The ConfigMaps for one namespace's TaskQueues (pure): one, or the table cut into parts of
+/// at most `budget` bytes when it does not fit.
+pub fn desired_configmaps(
+    name: &str,
+    namespace: &str,
+    taskqueues: &[TaskQueue],
+    table: &Table,
+    budget: usize,
+) -> Vec<ConfigMap> {
+    let mut oldest: Vec<&TaskQueue> = taskqueues.iter().collect();
+    oldest.sort_by_key(|t| (t.metadata.creation_timestamp.as_ref().map(|c| c.0), t.name_any()));
+    let owners: Vec<OwnerReference> = oldest
+        .into_iter()
         .filter_map(|t| {
             let mut o = t.controller_owner_ref(&())?;
             o.controller = Some(false);
             o.block_owner_deletion = Some(false);
             Some(o)
         })
+        .take(MAX_OWNERS)
         .collect();
-    owners.sort_by(|a, b| a.name.cmp(&b.name));
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
-                ("app.kubernetes.io/component".to_string(), COMPONENT.to_string()),
-            ])),
-            owner_references: Some(owners),
-            ..ObjectMeta::default()
-        },
-        data: Some(BTreeMap::from([(KEY.to_string(), table.to_json())])),
-        ..ConfigMap::default()
-    }
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/managed-by".to_string(), MANAGER.to_string()),
+        ("app.kubernetes.io/component".to_string(), COMPONENT.to_string()),
+    ]);
+    table
+        .to_json_parts(budget)
+        .into_iter()
+        .enumerate()
+        .map(|(i, json)| {
+            let (cm_name, key) = part_name(name, i);
+            ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(cm_name),
+                    namespace: Some(namespace.to_string()),
+                    labels: Some(labels.clone()),
+                    owner_references: Some(owners.clone()),
+                    ..ObjectMeta::default()
+                },
+                data: Some(BTreeMap::from([(key, json)])),
+                ..ConfigMap::default()
+            }
+        })
+        .collect()
 }
 
 /// Per namespace: the TaskQueues the last pass built from, what was written, and when a failed
@@ -113,6 +153,8 @@ struct NamespaceState {
     /// `(name, uid, generation)` of each TaskQueue, sorted: the table depends on nothing else.
     seen: Vec<(String, String, Option<i64>)>,
     published: Option<String>,
+    /// Parts written last (None: not known since this process started).
+    parts: Option<usize>,
     /// (next attempt, current backoff) after a failed write.
     retry: Option<(Instant, Duration)>,
 }
@@ -174,35 +216,60 @@ impl Publisher {
         }
         let tqs: Vec<TaskQueue> = arcs.iter().map(|t| (**t).clone()).collect();
         let table = build_table(&tqs);
-        let cm = desired_configmap(&self.name, ns, &tqs, &table);
-        let fingerprint = serde_json::to_string(&cm).unwrap_or_default();
+        let cms = desired_configmaps(&self.name, ns, &tqs, &table, PART_BUDGET);
+        let fingerprint = serde_json::to_string(&cms).unwrap_or_default();
         let mut verdicts = verdicts(&tqs, &table);
-        let outcome = if st.published.as_ref() == Some(&fingerprint) { Ok(()) } else { self.write(ns, &cm).await };
+        verdicts.configmaps = cms.iter().map(|c| c.name_any()).collect();
+        let outcome =
+            if st.published.as_ref() == Some(&fingerprint) { Ok(()) } else { self.write_all(ns, &cms, st).await };
         match outcome {
             Ok(()) => (st.seen, st.published, st.retry) = (seen, Some(fingerprint), None),
             Err(refused) => {
-                // E.g. someone else's ConfigMap, or a table above the 1 MiB ConfigMap limit:
-                // try again, but not every second.
+                // E.g. someone else's ConfigMap: try again, but not every second.
                 let backoff = st.retry.map_or(Duration::from_secs(1), |(_, b)| (b * 2).min(MAX_RETRY));
                 st.retry = Some((now + backoff, backoff));
                 warn!(namespace = %ns, reason = refused.0, "{}; retrying in {backoff:?}", refused.1);
                 verdicts.refused = Some(refused);
             }
         }
-        if self.shared.read().expect("lock").get(ns) != Some(&verdicts) {
-            self.shared.write().expect("lock").insert(ns.to_string(), verdicts);
-            for tq in &tqs {
+        let old = self.shared.write().expect("lock").insert(ns.to_string(), verdicts.clone());
+        // Wake only the TaskQueues whose verdict changed (all of them when the table as a whole
+        // did): adding one TaskQueue to 10 000 must not reconcile the other 9 999.
+        let whole = old.as_ref().is_none_or(|o| o.refused != verdicts.refused || o.configmaps != verdicts.configmaps);
+        for tq in &tqs {
+            let name = tq.name_any();
+            if whole || old.as_ref().and_then(|o| o.by_name.get(&name)) != verdicts.by_name.get(&name) {
                 let _ = self.trigger.unbounded_send(ObjectRef::from_obj(tq));
             }
         }
     }
 
-    /// Write the table, unless a ConfigMap of that name exists that this operator did not
-    /// create: that one is never taken over. The error is (reason, message) for the condition.
+    /// Write every part, then delete the parts left from a bigger table.
+    async fn write_all(
+        &self,
+        ns: &str,
+        cms: &[ConfigMap],
+        st: &mut NamespaceState,
+    ) -> Result<(), (&'static str, String)> {
+        for cm in cms {
+            self.write(ns, cm).await?;
+        }
+        if st.parts.is_none_or(|before| before > cms.len()) {
+            self.delete_parts(ns, cms.len()).await;
+        }
+        st.parts = Some(cms.len());
+        if cms.len() > 1 {
+            info!(namespace = %ns, parts = cms.len(), "the routing table is too big for one ConfigMap: cut into parts");
+        }
+        Ok(())
+    }
+
+    /// Write one ConfigMap, unless one of that name exists that this operator did not create:
+    /// that one is never taken over. The error is (reason, message) for the condition.
     async fn write(&self, ns: &str, cm: &ConfigMap) -> Result<(), (&'static str, String)> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let name = &self.name;
-        match api.get_opt(name).await {
+        let name = cm.name_any();
+        match api.get_opt(&name).await {
             Ok(Some(existing)) if !is_ours(&existing) => {
                 return Err((
                     "ConfigMapConflict",
@@ -213,11 +280,17 @@ impl Publisher {
                     ),
                 ));
             }
+            // Already as wanted (e.g. after a restart): no write.
+            Ok(Some(existing))
+                if existing.data == cm.data && existing.metadata.owner_references == cm.metadata.owner_references =>
+            {
+                return Ok(());
+            }
             Ok(_) => {}
             Err(e) => return Err(("RoutesNotPublished", format!("cannot read ConfigMap {ns}/{name}: {e}"))),
         }
         self.metrics.write("configmap");
-        match api.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm)).await {
+        match api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(cm)).await {
             Ok(_) => {
                 info!(namespace = %ns, configmap = %name, "published Celery routing table");
                 Ok(())
@@ -229,21 +302,35 @@ impl Publisher {
         }
     }
 
+    /// Delete our parts from number `from` (from 0) on, up to the first that does not exist.
+    /// Returns false when one could not be deleted (tried again later).
+    async fn delete_parts(&self, ns: &str, from: usize) -> bool {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        for i in from.. {
+            let (name, _) = part_name(&self.name, i);
+            match api.get_opt(&name).await {
+                Ok(Some(cm)) if is_ours(&cm) => {}
+                Ok(_) => return true,
+                Err(e) => {
+                    warn!(namespace = %ns, configmap = %name, error = %e, "cannot read a routing table part");
+                    return false;
+                }
+            }
+            self.metrics.write("configmap");
+            if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                if !matches!(e, kube::Error::Api(ref s) if s.code == 404) {
+                    warn!(namespace = %ns, configmap = %name, error = %e, "could not delete a routing table part");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// Delete the table of a namespace whose last TaskQueue went (only one we published).
     /// Returns whether the namespace is done with.
     async fn remove(&self, ns: &str, published: bool) -> bool {
-        if !published {
-            return true;
-        }
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        self.metrics.write("configmap");
-        match api.delete(&self.name, &DeleteParams::default()).await {
-            Ok(_) | Err(kube::Error::Api(_)) => true,
-            Err(e) => {
-                warn!(namespace = %ns, error = %e, "could not delete the routing table; retrying");
-                false
-            }
-        }
+        !published || self.delete_parts(ns, 0).await
     }
 }
 

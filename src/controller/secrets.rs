@@ -1,9 +1,10 @@
 //! Broker URLs and CA bundles from Secrets, read with `get` only (no list/watch on Secrets) and
-//! cached briefly so a steady state does not read a Secret per tick. Entries nobody asked for
-//! within the TTL are dropped by [`SecretCache::evict_expired`], so the cache holds only the
-//! Secrets live TaskQueues use.
+//! cached so a steady state does not read a Secret per reconcile. Without a watch nothing says
+//! when a Secret changes: [`SecretCache::refresh`] reads each Secret in use again once its copy
+//! is older than the TTL (one GET per Secret, however many TaskQueues use it) and names the
+//! ones that changed, so their TaskQueues are reconciled; it also drops Secrets nobody uses.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -77,9 +78,45 @@ impl SecretCache {
         Ok(bytes)
     }
 
-    /// Drop entries past their TTL (they would be read again anyway).
-    pub fn evict_expired(&self) {
-        self.cache.lock().expect("lock").retain(|_, (at, _)| at.elapsed() < self.ttl);
+    /// Drop the Secrets not in `in_use` ((namespace, name)); read again those older than the
+    /// TTL. Returns the Secrets whose cached value changed or went (their TaskQueues must look
+    /// again). A Secret that cannot be read now is kept as it was and tried next time.
+    pub async fn refresh(&self, in_use: &HashSet<(String, String)>) -> Vec<(String, String)> {
+        let stale: BTreeMap<(String, String), Vec<SecretKeyRef>> = {
+            let mut cache = self.cache.lock().expect("lock");
+            cache.retain(|(ns, r), _| in_use.contains(&(ns.clone(), r.name.clone())));
+            let mut stale: BTreeMap<(String, String), Vec<SecretKeyRef>> = BTreeMap::new();
+            for ((ns, r), (at, _)) in cache.iter() {
+                if at.elapsed() >= self.ttl {
+                    stale.entry((ns.clone(), r.name.clone())).or_default().push(r.clone());
+                }
+            }
+            stale
+        };
+        let mut changed = Vec::new();
+        for ((ns, name), refs) in stale {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let data = match api.get_opt(&name).await {
+                Ok(secret) => secret.and_then(|s| s.data).unwrap_or_default(),
+                Err(_) => continue,
+            };
+            let mut cache = self.cache.lock().expect("lock");
+            let mut moved = false;
+            for r in refs {
+                let k = (ns.clone(), r);
+                match (data.get(&k.1.key), cache.get_mut(&k)) {
+                    (Some(new), Some((at, old))) if new.0 == *old => *at = Instant::now(),
+                    _ => {
+                        cache.remove(&k);
+                        moved = true;
+                    }
+                }
+            }
+            if moved {
+                changed.push((ns, name));
+            }
+        }
+        changed
     }
 
     pub fn len(&self) -> usize {

@@ -4,6 +4,7 @@ Broker URL from CELERY_BROKER_URL (the operator sets it in every worker pod from
 Secret); CELERY_BROKER_MASTER_NAME sets the Sentinel master for `sentinel://` URLs. Routes: the seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set
 (the format the operator's routing ConfigMap holds).
 """
+import glob
 import json
 import os
 
@@ -24,7 +25,8 @@ if os.environ.get("CELERY_BROKER_MASTER_NAME"):
 
 routes_file = os.environ.get("TASK_ROUTES_FILE")
 app.conf.update(
-    task_routes=(json.load(open(routes_file)),) if routes_file else SEED_ROUTES,
+    # The table, and its parts when it is cut (task_routes.json.part002, ...), in name order.
+    task_routes=([r for f in sorted(glob.glob(routes_file + "*")) for r in json.load(open(f))],) if routes_file else SEED_ROUTES,
     # No result backend: the demo only cares where messages go and who consumes them.
     task_ignore_result=True,
     worker_hijack_root_logger=False,

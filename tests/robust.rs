@@ -163,13 +163,13 @@ async fn a_routing_table_above_one_mebibyte_is_cut_into_configmaps_that_celery_l
     let ns = namespace(&client, "bigroutes").await;
     let redis = Redis::start().await;
     broker_secret(&client, &ns, &redis.url()).await;
-    // 5 TaskQueues x 1 000 globs of ~230 characters: ~1.3 MB of table. The last entry (the
-    // least specific glob) routes the demo app's page_oncall to bigq4.
+    // 20 TaskQueues x 250 globs (the CRD's most per TaskQueue) of ~230 characters: ~1.3 MB of
+    // table. The last entry (the least specific glob) routes the demo app's page_oncall to bigq19.
     let filler = "x".repeat(200);
-    for i in 0..5 {
+    for i in 0..20 {
         let mut routes: Vec<serde_json::Value> =
-            (0..1000).map(|j| json!({"pattern": format!("app.tasks.t{i}.{j:04}.{filler}.*")})).collect();
-        if i == 4 {
+            (0..250).map(|j| json!({"pattern": format!("app.tasks.t{i:02}.{j:03}.{filler}.*")})).collect();
+        if i == 19 {
             routes.push(json!({"pattern": "app.worker.tasks.urgent.page_onc*"}));
         }
         let mut tq = pool(&format!("big{i}"), &format!("bigq{i}"), json!({"pollInterval": "1s"}));
@@ -196,7 +196,7 @@ async fn a_routing_table_above_one_mebibyte_is_cut_into_configmaps_that_celery_l
     assert!(message.contains("ConfigMaps celery-task-routes, celery-task-routes-part002;"), "{message}");
 
     // The two parts, mounted side by side, are the whole table for the real Celery app: the task
-    // the last entry routes goes to bigq4. With the first part alone it would go to `celery`.
+    // the last entry routes goes to bigq19. With the first part alone it would go to `celery`.
     let dir = std::env::temp_dir().join(format!("{ns}-routes"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("task_routes.json"), one).unwrap();
@@ -205,18 +205,18 @@ async fn a_routing_table_above_one_mebibyte_is_cut_into_configmaps_that_celery_l
         Some(&dir.join("task_routes.json")),
         &["send", "app.worker.tasks.urgent.page_oncall", "1"],
     );
-    assert_eq!((kombu_count(&redis.url(), "bigq4"), kombu_count(&redis.url(), "celery")), (0, 1), "first part alone");
+    assert_eq!((kombu_count(&redis.url(), "bigq19"), kombu_count(&redis.url(), "celery")), (0, 1), "first part alone");
     std::fs::write(dir.join("task_routes.json.part002"), two).unwrap();
     celery_routed(
         &redis.url(),
         Some(&dir.join("task_routes.json")),
         &["send", "app.worker.tasks.urgent.page_oncall", "1"],
     );
-    assert_eq!(kombu_count(&redis.url(), "bigq4"), 1, "both parts: routed by the table's last entry");
+    assert_eq!(kombu_count(&redis.url(), "bigq19"), 1, "both parts: routed by the table's last entry");
     let _ = std::fs::remove_dir_all(&dir);
 
     // Back under 1 MiB: one ConfigMap again, the left-over part deleted.
-    for i in 1..5 {
+    for i in 1..20 {
         Api::<taskqueue_operator::crd::TaskQueue>::namespaced(client.clone(), &ns)
             .delete(&format!("big{i}"), &DeleteParams::default())
             .await
@@ -228,7 +228,7 @@ async fn a_routing_table_above_one_mebibyte_is_cut_into_configmaps_that_celery_l
     .await;
     wait_for("big0: the table is in one ConfigMap again", T, || async {
         let c = condition(&taskqueue(&client, &ns, "big0").await, "RoutesAccepted")?;
-        (c.0 == "True" && c.2 == "1000 route(s) in ConfigMap celery-task-routes").then_some(())
+        (c.0 == "True" && c.2 == "250 route(s) in ConfigMap celery-task-routes").then_some(())
     })
     .await;
     operator.stop().await;

@@ -135,6 +135,11 @@ pub struct Decision {
     /// window, a step limit applies, or the unacked guard holds a replica.
     pub recommended: i32,
     pub reason: String,
+    /// The count and its reason without the change ("at 3: 12 pending / 4 per replica"): what
+    /// holds now, for a condition. `reason` says what this decision changed ("scaled up 0 ->
+    /// 3: ..."), which the next decision no longer says: a condition with it would be written
+    /// once more after every change.
+    pub state: String,
     /// True when something other than demand set the count: a replica bound, the stabilization
     /// window, a step limit, the unacked guard, or missing data.
     pub limited: bool,
@@ -154,7 +159,13 @@ pub fn decide(
         // Scaling resumes with a fresh window, as after an outage.
         history.restart();
         let reason = format!("paused by annotation {PAUSED_ANNOTATION}=true: holding at {current_or_min}");
-        return Decision { replicas: current_or_min, recommended: current_or_min, reason, limited: true };
+        return Decision {
+            replicas: current_or_min,
+            recommended: current_or_min,
+            state: reason.clone(),
+            reason,
+            limited: true,
+        };
     }
     let Load { pending, in_flight, scheduled } = match observation {
         Observation::Known(load) => load,
@@ -177,6 +188,7 @@ pub fn decide(
                     return Decision {
                         replicas: current_or_min,
                         recommended: current_or_min,
+                        state: why.clone(),
                         reason: why,
                         limited: true,
                     };
@@ -186,6 +198,7 @@ pub fn decide(
                 replicas,
                 recommended: replicas,
                 reason: with_change(current, replicas, &why),
+                state: format!("at {replicas}: {why}"),
                 limited: true,
             };
         }
@@ -267,7 +280,13 @@ pub fn decide(
     if current.is_some_and(|c| c != replicas) {
         history.last_change = Some(now);
     }
-    Decision { replicas, recommended, reason: with_change(current, replicas, &why), limited }
+    Decision {
+        replicas,
+        recommended,
+        reason: with_change(current, replicas, &why),
+        state: format!("at {replicas}: {why}"),
+        limited,
+    }
 }
 
 fn with_change(current: Option<i32>, replicas: i32, why: &str) -> String {
@@ -373,6 +392,7 @@ mod tests {
         assert_eq!(d.reason, "scaled up 1 -> 4: 20 pending / 2 per replica = 10, clamped to maxReplicas 4");
         let d = decide(&bounds(0, 4, 1, 3, 0), Some(0), load(2), &mut History::default(), Instant::now());
         assert_eq!(d.reason, "steady at 0: 2 pending, below activationThreshold 3");
+        assert_eq!(d.state, "at 0: 2 pending, below activationThreshold 3");
     }
 
     #[test]
@@ -431,6 +451,7 @@ mod tests {
                 replicas: 6,
                 recommended: 6,
                 reason: "paused by annotation taskqueue.dev/paused=true: holding at 6".into(),
+                state: "paused by annotation taskqueue.dev/paused=true: holding at 6".into(),
                 limited: true
             }
         );

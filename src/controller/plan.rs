@@ -356,6 +356,7 @@ impl Draft<'_> {
         let mut decision = decide(&bounds, current, observation, &mut self.memory.history, self.seen.instant);
         if let Some(note) = demand.as_ref().and_then(|d| d.shared_note.as_ref()) {
             decision.reason = format!("{}; {note}", decision.reason);
+            decision.state = format!("{}; {note}", decision.state);
         }
         self.pause_condition(paused);
 
@@ -380,9 +381,9 @@ impl Draft<'_> {
         }
         self.scaled(current, &decision);
         if decision.limited {
-            self.conds.set(SCALING_LIMITED, true, "Limited", decision.reason.clone());
+            self.conds.set(SCALING_LIMITED, true, "Limited", decision.state.clone());
         } else {
-            self.conds.set(SCALING_LIMITED, false, "FollowsDemand", decision.reason.clone());
+            self.conds.set(SCALING_LIMITED, false, "FollowsDemand", decision.state.clone());
         }
         self.deployment_status(observed, Some(decision.replicas));
         let reachable = self.conds.is(BROKER_REACHABLE, "True");
@@ -854,8 +855,7 @@ mod tests {
         let d2 = ours(&tq, 2, 5);
         let mut memory = first.memory.clone();
         memory.applied = wrote(&d2, 5).applied;
-        // One more status after the change ("steady at 2" instead of "scaled down 5 -> 2"), then
-        // the same one however long the outage lasts.
+        // The same status however long the outage lasts.
         let at = |secs: u64| Seen {
             instant: t0() + Duration::from_secs(secs),
             ..seen(&stored, failed(), Some(d2.clone()), memory.clone())

@@ -279,8 +279,13 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     std::fs::write(&routes_file, &cm).unwrap();
     celery_routed(&redis.url(), Some(&routes_file), &["register", "6"]);
     wait_replicas(&client, &work, "ai-processing", 3).await; // ceil(6 / 2)
-    let (tq, _) = wait_condition(&client, &work, "ai-processing", "BrokerReachable", "True").await;
-    assert_eq!(tq.status.as_ref().unwrap().pending, Some(6));
+                                                             // The status is written right after the Deployment and its Event: wait for it too.
+    let tq = wait_for("ai-processing status.pending = 6", T, || async {
+        Some(taskqueue(&client, &work, "ai-processing").await)
+            .filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(6))
+    })
+    .await;
+    assert_eq!(condition(&tq, "BrokerReachable").map(|c| c.0).as_deref(), Some("True"));
     assert!(!events(&client, &work, "ai-processing", "ScaledUp").await.is_empty(), "events written");
     let lease = Api::<Lease>::namespaced(client.clone(), &release_ns).get("taskqueue-operator").await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, Some(format!("{release}-0")));

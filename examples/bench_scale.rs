@@ -2,7 +2,10 @@
 //! Prints time to converge, then over a quiet minute: API writes, broker reads, operator RSS
 //! and CPU. Asserts nothing.
 //!
-//!   cargo build --release && cargo run --release --example bench_scale -- 1000 [SECONDS]
+//!   cargo build --release && cargo run --release --example bench_scale -- 1000 [SECONDS] [SETTLE]
+//!
+//! SETTLE: wait up to that many seconds for the controller-manager to finish rolling the new
+//! Deployments out (no change for 30 s) before the quiet period.
 //!
 //! Needs the local stack (`source` the env file `deploy/local/up.sh` prints): it creates a
 //! namespace `bench-N-...` in that API server and deletes it at the end.
@@ -53,6 +56,9 @@ fn usage(pid: u32) -> (f64, f64) {
 async fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
     let quiet: u64 = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(60);
+    // Wait up to this long for the controller-manager to finish rolling the Deployments out
+    // before the quiet period (0: measure right away).
+    let settle: u64 = std::env::args().nth(3).and_then(|a| a.parse().ok()).unwrap_or(0);
     let redis_url = std::env::var("TQ_REDIS_URL").expect("TQ_REDIS_URL (source the local stack's env file)");
     let client = Client::try_default().await.expect("KUBECONFIG");
     let ns = format!("bench-{n}-{}", std::process::id());
@@ -152,6 +158,27 @@ async fn main() {
         }
     });
     tokio::time::sleep(Duration::from_secs(3)).await; // the watch's initial list
+    if settle > 0 {
+        let t = Instant::now();
+        loop {
+            let c0 = deployment_changes.load(std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let c = deployment_changes.load(std::sync::atomic::Ordering::Relaxed) - c0;
+            let (rss, _) = usage(pid);
+            eprintln!(
+                "  settling {:.0}s: {} Deployment changes in 30s, RSS {rss:.1} MiB",
+                t.elapsed().as_secs_f64(),
+                c
+            );
+            if c == 0 || t.elapsed() > Duration::from_secs(settle) {
+                println!(
+                    "controller-manager: {c} Deployment changes in the last 30s, after {:.0}s of waiting",
+                    t.elapsed().as_secs_f64()
+                );
+                break;
+            }
+        }
+    }
     let before = metrics(port);
     let (_, cpu0) = usage(pid);
     let changes0 = deployment_changes.load(std::sync::atomic::Ordering::Relaxed);

@@ -12,6 +12,28 @@ use taskqueue_operator::demand::classify;
 use taskqueue_operator::leader::LeaseConfig;
 use taskqueue_operator::routing;
 
+/// jemalloc instead of glibc's malloc. At 10 000 TaskQueues glibc kept ~190 MiB resident for
+/// ~100 MiB of live heap (arenas fragmented by the start; `malloc_trim` did not help); jemalloc
+/// with one arena, handing freed pages back within a second, keeps it near 145 MiB
+/// (docs/benchmarks.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read by jemalloc when it starts (`_RJEM_MALLOC_CONF` in the environment
+/// still overrides them): one arena (two worker threads do not contend), freed pages returned
+/// by a background thread after 1 s.
+#[cfg(not(target_env = "msvc"))]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf =
+    MallocConf(c"background_thread:true,narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer jemalloc can find by symbol name.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+// SAFETY: it points to a static, immutable, NUL-terminated string.
+unsafe impl Sync for MallocConf {}
+
 #[derive(Parser)]
 #[command(
     name = "taskqueue-operator",

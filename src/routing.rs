@@ -10,6 +10,7 @@
 //! rejects, so matching is a small hand-written glob matcher instead; every segment between stars
 //! has a fixed length, so leftmost matching with star backtracking gives the same answers.
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
@@ -308,6 +309,14 @@ fn render(lines: &[String]) -> String {
     format!("[\n  {}\n]", lines.join(",\n  "))
 }
 
+/// The TaskQueues oldest first (creation time, then name): who wins a pattern claimed twice,
+/// and who owns the routing table.
+pub fn oldest_first<T: Borrow<TaskQueue>>(taskqueues: &[T]) -> Vec<&TaskQueue> {
+    let mut oldest: Vec<&TaskQueue> = taskqueues.iter().map(Borrow::borrow).collect();
+    oldest.sort_by_key(|t| (t.metadata.creation_timestamp.as_ref().map(|c| c.0), t.name_any()));
+    oldest
+}
+
 /// Merge the routes of `taskqueues` into one table.
 ///
 /// Order: exact task names first (alphabetical; Celery looks them up before any glob anyway),
@@ -316,9 +325,8 @@ fn render(lines: &[String]) -> String {
 /// A pattern claimed by two TaskQueues goes to the older one (creation time, then name); the
 /// newer one's route is rejected. So is a route whose queue its TaskQueue does not consume, and
 /// a glob Celery itself could not compile.
-pub fn build_table(taskqueues: &[TaskQueue]) -> Table {
-    let mut owners: Vec<&TaskQueue> = taskqueues.iter().collect();
-    owners.sort_by_key(|t| (t.metadata.creation_timestamp.as_ref().map(|c| c.0), t.name_any()));
+pub fn build_table<T: Borrow<TaskQueue>>(taskqueues: &[T]) -> Table {
+    let owners = oldest_first(taskqueues);
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
     let mut exact = Vec::new();
     let mut globs = Vec::new();

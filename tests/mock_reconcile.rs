@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use http::{Request, Response};
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::client::Body;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
+use taskqueue_operator::controller::cached::CachedDeployment;
 use taskqueue_operator::controller::events::EventPublisher;
 use taskqueue_operator::controller::poller::BrokerState;
 use taskqueue_operator::controller::{reconcile, Context, SecretCache};
@@ -23,13 +23,13 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 struct Harness {
     ctx: Arc<Context>,
     handle: Handle,
-    deployments: reflector::store::Writer<Deployment>,
+    deployments: reflector::store::Writer<CachedDeployment>,
 }
 
 fn harness() -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let (store, writer) = reflector::store::<Deployment>();
+    let (store, writer) = reflector::store::<CachedDeployment>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         events: EventPublisher::new(client.clone(), "taskqueue-operator", None),
@@ -199,7 +199,7 @@ async fn create_then_steady_state_makes_no_writes() {
     assert_eq!(condition(&status_patch, "BrokerReachable")["status"], "False");
 
     // Steady state: the Deployment is in the cache, the status is what we wrote.
-    let mut deployed: Deployment = serde_json::from_value(applied).unwrap();
+    let mut deployed: CachedDeployment = serde_json::from_value(applied).unwrap();
     deployed.metadata.resource_version = Some("1".into());
     h.deployments.apply_watcher_event(&watcher::Event::Apply(deployed));
     let mut tq2 = taskqueue(ai_spec());
@@ -354,7 +354,7 @@ async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event()
     // Reconciled again at once: the refused template is not sent again, no second event, and the
     // status is already what it should be. (The Deployment is read whole: this process never
     // wrote it, and the watch cache keeps no pod template to compare.)
-    let mut cached: Deployment = serde_json::from_value(owned_deployment(3)).unwrap();
+    let mut cached: CachedDeployment = serde_json::from_value(owned_deployment(3)).unwrap();
     cached.metadata.resource_version = Some("1".into());
     h.deployments.apply_watcher_event(&watcher::Event::Apply(cached));
     let mut again = taskqueue(ai_spec());

@@ -1,5 +1,6 @@
 //! The controller: watches TaskQueues and their Deployments, polls brokers, reconciles.
 
+pub mod cached;
 pub mod conditions;
 pub mod deletion_cost;
 pub mod deployment;
@@ -15,8 +16,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cached::CachedDeployment;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::{reflector, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -94,14 +95,14 @@ pub async fn run(
     settings: Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), TaskDied> {
-    let (dep_store, dep_writer) = reflector::store::<Deployment>();
+    let (dep_store, dep_writer) = reflector::store::<CachedDeployment>();
     let dep_stream = watcher(
-        api::<Deployment>(&client, &settings.namespace),
+        api::<CachedDeployment>(&client, &settings.namespace),
         watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR),
     )
     .default_backoff()
-    // Only what every reconcile reads (see trim_for_cache).
-    .modify(deployment::trim_for_cache)
+    // Only what every reconcile reads (see cached.rs).
+    .modify(CachedDeployment::trim)
     .reflect(dep_writer)
     .inspect({
         let metrics = settings.metrics.clone();
@@ -115,6 +116,10 @@ pub async fn run(
     .applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
     let (tq_store, tq_writer) = reflector::store::<TaskQueue>();
+    // Wakes the routes publisher: its table depends on nothing but the TaskQueues.
+    let tq_changed = Arc::new(tokio::sync::Notify::new());
+    // Tells the broker poller to look for deleted TaskQueues.
+    let tq_maybe_deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tq_stream = watcher(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
         .default_backoff()
         // managedFields and kubectl's copy of the last applied object are the bulk of an object
@@ -124,6 +129,13 @@ pub async fn run(
             t.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
         })
         .reflect(tq_writer)
+        .inspect({
+            let (changed, maybe_deleted) = (tq_changed.clone(), tq_maybe_deleted.clone());
+            move |_| {
+                changed.notify_one();
+                maybe_deleted.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
         .applied_objects();
     // Without leader election this process leads from the start.
     let (leading_tx, leading) = watch::channel(settings.leader.is_none());
@@ -156,7 +168,7 @@ pub async fn run(
         elector
     });
     tasks.spawn(named("standby", stand_by_when_not_leading(ctx.clone())));
-    tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone())));
+    tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone(), tq_maybe_deleted)));
     let trigger_refresh = trigger_tx.clone();
     tasks.spawn(named(
         "routes publisher",
@@ -168,6 +180,7 @@ pub async fn run(
             metrics: metrics.clone(),
             shared: verdicts,
             leading,
+            changed: tq_changed,
         }),
     ));
     tasks.spawn(named("janitor", janitor(ctx.clone(), controller.store())));

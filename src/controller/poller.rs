@@ -44,8 +44,8 @@ pub struct Target {
 /// The latest read for one TaskQueue: one entry per query of its target, in order.
 #[derive(Clone, Debug)]
 pub struct Reading {
-    pub endpoint: BrokerEndpoint,
-    pub queries: Vec<DepthQuery>,
+    /// What was read (shared with the poller's targets).
+    pub target: Arc<Target>,
     pub depths: Depths,
     /// Who else in the namespace consumes each queue on this broker, one per query.
     pub shares: Vec<Share>,
@@ -59,9 +59,12 @@ pub struct Reading {
 impl Reading {
     /// A reading only answers the target it was taken for (not one from before a spec change).
     pub fn matches(&self, target: &Target) -> bool {
-        self.endpoint == target.endpoint && self.queries == target.queries
+        self.target.endpoint == target.endpoint && self.target.queries == target.queries
     }
 }
+
+/// A (broker, key prefix) pair: one heartbeat subscription each.
+type SubscriptionKey = (BrokerEndpoint, String);
 
 /// The live workers of one (broker, prefix), what it knows of push notifications, and the task
 /// keeping them current.
@@ -76,25 +79,31 @@ struct Reader {
 /// Targets grouped by endpoint (each reader walks only its own).
 #[derive(Default)]
 struct Targets {
-    by_endpoint: HashMap<BrokerEndpoint, HashMap<Key, Target>>,
-    endpoint_of: HashMap<Key, BrokerEndpoint>,
+    by_endpoint: HashMap<BrokerEndpoint, HashMap<Key, Arc<Target>>>,
+    /// Each TaskQueue's target (the same allocation as in `by_endpoint`).
+    target_of: HashMap<Key, Arc<Target>>,
     /// The list keys of each endpoint's queues, with how many targets read each: a push to
     /// one of them wakes its reader. Kept by counting, not rebuilt: a rebuild per change cost
     /// O(n²) while 10 000 TaskQueues registered.
     watched: HashMap<BrokerEndpoint, HashMap<Vec<u8>, usize>>,
+    /// Bumped on every change: what is derived from the targets (a reader's query list, the
+    /// subscriptions wanted) is rebuilt only when it moved, not on every read or pass.
+    version: u64,
 }
 
 impl Targets {
     /// Insert or replace; true when it changed.
     fn insert(&mut self, key: Key, target: Target) -> bool {
-        if self.endpoint_of.get(&key).is_some_and(|e| *e != target.endpoint) {
+        if self.target_of.get(&key).is_some_and(|t| t.endpoint != target.endpoint) {
             self.remove(&key);
         }
         let group = self.by_endpoint.entry(target.endpoint.clone()).or_default();
-        if group.get(&key) == Some(&target) {
+        if group.get(&key).is_some_and(|t| **t == target) {
             return false;
         }
-        self.endpoint_of.insert(key.clone(), target.endpoint.clone());
+        let target = Arc::new(target);
+        self.target_of.insert(key.clone(), target.clone());
+        self.version += 1;
         if let Some(old) = group.insert(key, target.clone()) {
             self.unwatch(&old);
         }
@@ -106,11 +115,13 @@ impl Targets {
     }
 
     fn remove(&mut self, key: &Key) {
-        let Some(endpoint) = self.endpoint_of.remove(key) else { return };
-        let Some(group) = self.by_endpoint.get_mut(&endpoint) else { return };
+        let Some(target) = self.target_of.remove(key) else { return };
+        let endpoint = &target.endpoint;
+        self.version += 1;
+        let Some(group) = self.by_endpoint.get_mut(endpoint) else { return };
         let old = group.remove(key);
         if group.is_empty() {
-            self.by_endpoint.remove(&endpoint);
+            self.by_endpoint.remove(endpoint);
         }
         if let Some(old) = old {
             self.unwatch(&old);
@@ -146,12 +157,16 @@ pub struct BrokerState {
     deadline: Duration,
     readers: Mutex<HashMap<BrokerEndpoint, Reader>>,
     /// One worker-heartbeat subscription per (broker, key prefix) in use.
-    heartbeats: Mutex<HashMap<(BrokerEndpoint, String), Subscription>>,
+    heartbeats: Mutex<HashMap<SubscriptionKey, Subscription>>,
     /// A new endpoint appeared: the supervisor starts its reader.
     wake: Notify,
     /// Per endpoint: when `notify-keyspace-events` was last asked, and what it said (None: the
     /// user may not ask).
     push_config: Mutex<HashMap<BrokerEndpoint, (Instant, Option<bool>)>>,
+    /// Per endpoint, what its reads are built from (see `Prepared`).
+    prepared: Mutex<HashMap<BrokerEndpoint, Arc<Prepared>>>,
+    /// The (broker, prefix) pairs in use, at a targets version.
+    wanted_subscriptions: Mutex<(Option<u64>, HashSet<SubscriptionKey>)>,
     /// Round trips done so far (for tests and benchmarks).
     pub round_trips: AtomicU64,
     metrics: Arc<Metrics>,
@@ -172,6 +187,8 @@ impl BrokerState {
             readers: Mutex::default(),
             heartbeats: Mutex::default(),
             push_config: Mutex::default(),
+            prepared: Mutex::default(),
+            wanted_subscriptions: Mutex::default(),
             wake: Notify::new(),
             round_trips: AtomicU64::default(),
         }
@@ -197,7 +214,10 @@ impl BrokerState {
     /// Forget every target (a standby reads no broker): readers and subscriptions stop at the
     /// supervisor's next pass.
     pub fn unregister_all(&self) {
-        *self.targets.lock().expect("lock") = Targets::default();
+        let mut targets = self.targets.lock().expect("lock");
+        // The version keeps counting up: what was derived from the old targets must not match.
+        *targets = Targets { version: targets.version + 1, ..Targets::default() };
+        drop(targets);
         self.readings.lock().expect("lock").clear();
     }
 
@@ -209,9 +229,8 @@ impl BrokerState {
     pub fn workers(&self, key: &Key) -> Option<SharedWorkers> {
         let subscription = {
             let targets = self.targets.lock().expect("lock");
-            let endpoint = targets.endpoint_of.get(key)?;
-            let target = targets.by_endpoint.get(endpoint)?.get(key)?;
-            (endpoint.clone(), target.queries.first()?.prefix.clone())
+            let target = targets.target_of.get(key)?;
+            (target.endpoint.clone(), target.queries.first()?.prefix.clone())
         };
         self.heartbeats.lock().expect("lock").get(&subscription).map(|(w, _, _)| w.clone())
     }
@@ -252,50 +271,61 @@ impl BrokerState {
     /// Read one endpoint once for all its TaskQueues: store their readings, return the
     /// TaskQueues whose reading changed and whether the read worked.
     pub async fn read_endpoint(&self, endpoint: &BrokerEndpoint) -> (Vec<Key>, bool) {
-        let members: Vec<(Key, Target)> = {
-            let targets = self.targets.lock().expect("lock");
-            let group = targets.by_endpoint.get(endpoint);
-            group.map(|g| g.iter().map(|(k, t)| (k.clone(), t.clone())).collect()).unwrap_or_default()
-        };
-        if members.is_empty() {
-            return (Vec::new(), true);
-        }
-        let queries: Vec<DepthQuery> =
-            members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+        let Some(prepared) = self.prepare(endpoint) else { return (Vec::new(), true) };
         let at = Instant::now();
-        let result = self.read_one(endpoint, &queries).await;
+        let result = self.read_one(endpoint, &prepared.queries).await;
         let ok = result.is_ok();
-        let shares = shares(&members);
         let push = self.push_mode(endpoint);
         let mut changed = Vec::new();
         let mut readings = self.readings.lock().expect("lock");
-        for ((key, target), shares) in members.into_iter().zip(shares) {
-            let depths = match &result {
-                Err(e) => Err(e.clone()),
-                Ok(all) => Ok(target
-                    .queries
-                    .iter()
-                    .map(|q| {
-                        queries.binary_search(q).map(|i| all[i].clone()).unwrap_or_else(|_| Ok(QueueDepth::default()))
-                    })
-                    .collect()),
-            };
-            match readings.get_mut(&key) {
+        for (((key, target), index), shares) in prepared.members.iter().zip(&prepared.index).zip(&prepared.shares) {
+            match readings.get_mut(key) {
                 // The usual tick: nothing moved. Only the time of the read is new.
                 Some(old)
-                    if old.matches(&target) && old.depths == depths && old.shares == shares && old.push == push =>
+                    if old.push == push
+                        && old.matches(target)
+                        && old.shares == *shares
+                        && same_depths(&old.depths, &result, index) =>
                 {
                     old.at = at;
                 }
                 _ => {
-                    let queries = target.queries;
-                    let reading = Reading { endpoint: endpoint.clone(), queries, depths, shares, push, at };
-                    readings.insert(key.clone(), reading);
-                    changed.push(key);
+                    let depths = match &result {
+                        Err(e) => Err(e.clone()),
+                        Ok(all) => Ok(index.iter().map(|&i| all[i].clone()).collect()),
+                    };
+                    let (target, shares) = (target.clone(), shares.clone());
+                    readings.insert(key.clone(), Reading { target, depths, shares, push, at });
+                    changed.push(key.clone());
                 }
             }
         }
         (changed, ok)
+    }
+
+    /// What a read of `endpoint` is built from, rebuilt only after its targets changed (a quiet
+    /// tick of 10 000 TaskQueues must not clone and sort 10 000 targets). None: no targets.
+    fn prepare(&self, endpoint: &BrokerEndpoint) -> Option<Arc<Prepared>> {
+        let targets = self.targets.lock().expect("lock");
+        let mut prepared = self.prepared.lock().expect("lock");
+        let Some(group) = targets.by_endpoint.get(endpoint) else {
+            prepared.remove(endpoint);
+            return None;
+        };
+        if let Some(p) = prepared.get(endpoint).filter(|p| p.version == targets.version) {
+            return Some(p.clone());
+        }
+        let members: Vec<(Key, Arc<Target>)> = group.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        let queries: Vec<DepthQuery> =
+            members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+        let index = members
+            .iter()
+            .map(|(_, t)| t.queries.iter().filter_map(|q| queries.binary_search(q).ok()).collect())
+            .collect();
+        let shares = shares(&members);
+        let p = Arc::new(Prepared { version: targets.version, members, queries, index, shares });
+        prepared.insert(endpoint.clone(), p.clone());
+        Some(p)
     }
 
     async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
@@ -334,11 +364,16 @@ impl BrokerState {
         depths
     }
 
+    /// The targets' version (see `Targets::version`).
+    fn version(&self) -> u64 {
+        self.targets.lock().expect("lock").version
+    }
+
     /// Forget TaskQueues that no longer exist (reconcile is not called for deleted objects).
     fn prune(&self, store: &Store<TaskQueue>) {
         let gone: Vec<Key> = {
             let targets = self.targets.lock().expect("lock");
-            targets.endpoint_of.keys().filter(|k| store.get(k).is_none()).cloned().collect()
+            targets.target_of.keys().filter(|k| store.get(k).is_none()).cloned().collect()
         };
         for key in &gone {
             self.unregister(key);
@@ -388,16 +423,7 @@ impl BrokerState {
     /// Start subscriptions for new (broker, prefix) pairs and stop unused ones (and restart
     /// one that died). Each also carries the broker's list-push notifications.
     pub fn sync_heartbeats(self: &Arc<Self>) {
-        let want: HashSet<(BrokerEndpoint, String)> = {
-            let targets = self.targets.lock().expect("lock");
-            targets
-                .by_endpoint
-                .iter()
-                .flat_map(|(e, group)| {
-                    group.values().flat_map(|t| t.queries.iter().map(|q| (e.clone(), q.prefix.clone())))
-                })
-                .collect()
-        };
+        let want = self.wanted_subscriptions();
         let mut subs = self.heartbeats.lock().expect("lock");
         subs.retain(|k, (_, _, task)| {
             let keep = want.contains(k) && !task.is_finished();
@@ -428,6 +454,21 @@ impl BrokerState {
         }
     }
 
+    /// The (broker, prefix) pairs in use, derived again only when the targets changed.
+    fn wanted_subscriptions(&self) -> HashSet<SubscriptionKey> {
+        let targets = self.targets.lock().expect("lock");
+        let mut wanted = self.wanted_subscriptions.lock().expect("lock");
+        if wanted.0 != Some(targets.version) {
+            let pairs: HashSet<(&BrokerEndpoint, &str)> = targets
+                .by_endpoint
+                .iter()
+                .flat_map(|(e, group)| group.values().flat_map(move |t| t.queries.iter().map(move |q| (e, &*q.prefix))))
+                .collect();
+            *wanted = (Some(targets.version), pairs.into_iter().map(|(e, p)| (e.clone(), p.to_string())).collect());
+        }
+        wanted.1.clone()
+    }
+
     /// Live workers and each broker's reaction mode, for /metrics.
     fn report(&self) {
         let now = Instant::now();
@@ -452,10 +493,30 @@ impl Drop for BrokerState {
     }
 }
 
+/// One endpoint's TaskQueues as a read needs them: the distinct queries to send, and for each
+/// member where its queries' answers are and who shares its queues.
+struct Prepared {
+    version: u64,
+    members: Vec<(Key, Arc<Target>)>,
+    queries: Vec<DepthQuery>,
+    /// Per member, the position in `queries` of each of its queries.
+    index: Vec<Vec<usize>>,
+    shares: Vec<Vec<Share>>,
+}
+
+/// Whether a stored reading says what this read says for the member at `index`.
+fn same_depths(old: &Depths, read: &Depths, index: &[usize]) -> bool {
+    match (old, read) {
+        (Ok(old), Ok(all)) => old.len() == index.len() && old.iter().zip(index).all(|(d, &i)| *d == all[i]),
+        (Err(a), Err(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// For each member and each of its queries, who consumes that queue: the members of one
 /// namespace reading the same queue under the same key prefix (a shared queue's demand is split
 /// between them, see `demand`).
-fn shares(members: &[(Key, Target)]) -> Vec<Vec<Share>> {
+fn shares(members: &[(Key, Arc<Target>)]) -> Vec<Vec<Share>> {
     let mut by_queue: HashMap<(Option<&str>, &str, &str), Vec<Consumer>> = HashMap::new();
     for (key, target) in members {
         for (i, q) in target.queries.iter().enumerate() {
@@ -550,12 +611,26 @@ async fn read_loop(
 }
 
 /// Supervise the readers and subscriptions until the controller stops.
-pub async fn run(state: Arc<BrokerState>, store: Store<TaskQueue>, trigger: UnboundedSender<Key>) {
+///
+/// `deleted` is set when a TaskQueue may have gone (any TaskQueue watch event): only then, or
+/// after a registration (a reconcile of a TaskQueue deleted meanwhile), are targets checked
+/// against the store. A quiet pass does no work per TaskQueue.
+pub async fn run(
+    state: Arc<BrokerState>,
+    store: Store<TaskQueue>,
+    trigger: UnboundedSender<Key>,
+    deleted: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut pruned_at = None;
     loop {
         if trigger.is_closed() {
             return;
         }
-        state.prune(&store);
+        let version = state.version();
+        if deleted.swap(false, Ordering::Relaxed) || pruned_at != Some(version) {
+            state.prune(&store);
+            pruned_at = Some(state.version());
+        }
         state.tidy(&trigger).await;
         state.report();
         tokio::select! {
@@ -622,6 +697,6 @@ mod tests {
         assert!(targets.insert(key.clone(), t(2)), "a rotated URL moves the TaskQueue");
         assert_eq!(targets.by_endpoint.keys().collect::<Vec<_>>(), [&e(2)], "the old endpoint is unused now");
         targets.remove(&key);
-        assert!(targets.by_endpoint.is_empty() && targets.endpoint_of.is_empty());
+        assert!(targets.by_endpoint.is_empty() && targets.target_of.is_empty());
     }
 }

@@ -20,6 +20,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::cached::CachedDeployment;
 use super::conditions::BROKER_REACHABLE;
 use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, selector_string, MANAGER};
@@ -40,7 +41,7 @@ pub struct Context {
     pub client: Client,
     pub events: EventPublisher,
     /// Deployments labelled as ours (a cache, so a steady state costs no API reads).
-    pub deployments: Store<Deployment>,
+    pub deployments: Store<CachedDeployment>,
     /// Name of the routing table ConfigMap (for messages).
     pub routes_configmap: String,
     pub broker: Arc<BrokerState>,
@@ -233,7 +234,7 @@ async fn resolve_target(
     })
 }
 
-/// The worker Deployment. The cached copy has no pod template (`trim_for_cache`): enough while
+/// The worker Deployment. The cached copy has no pod template (`cached.rs`): enough while
 /// the Deployment is as this process last wrote it. One changed by someone else since, or not
 /// written by this process yet (after a start), is read whole, so `plan` can compare it with
 /// the spec; the next reconciles use the cache again.
@@ -252,7 +253,7 @@ async fn observe_deployment(ctx: &Context, tq: &TaskQueue, memory: &Memory) -> R
 
 fn cached_deployment(ctx: &Context, tq: &TaskQueue) -> Option<Deployment> {
     let key = ObjectRef::new(&tq.name_any()).within(&tq.namespace().unwrap_or_default());
-    ctx.deployments.get(&key).map(|d| (*d).clone())
+    ctx.deployments.get(&key).map(|d| d.to_deployment())
 }
 
 /// This TaskQueue's routes in its namespace's table, as the routes publisher last built it. A

@@ -15,6 +15,7 @@
 //! reconciler, so a reconcile never rebuilds its namespace's table: with n TaskQueues in a
 //! namespace that would cost O(n) per reconcile and O(n²) per round.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use tracing::{info, warn};
 
 use super::deployment::MANAGER;
 use crate::crd::{Route, TaskQueue};
-use crate::routing::{build_table, Table};
+use crate::routing::{build_table, oldest_first, Table};
 
 pub const KEY: &str = "task_routes.json";
 /// `app.kubernetes.io/component` of the routing table ConfigMap.
@@ -68,9 +69,9 @@ pub struct Verdicts {
 pub type SharedVerdicts = Arc<RwLock<HashMap<String, Verdicts>>>;
 
 /// The verdicts of a namespace's table (pure).
-pub fn verdicts(taskqueues: &[TaskQueue], table: &Table) -> Verdicts {
+pub fn verdicts<T: Borrow<TaskQueue>>(taskqueues: &[T], table: &Table) -> Verdicts {
     let mut by_name: HashMap<String, (RouteInput, Vec<String>)> =
-        taskqueues.iter().map(|t| (t.name_any(), (RouteInput::of(t), Vec::new()))).collect();
+        taskqueues.iter().map(|t| (t.borrow().name_any(), (RouteInput::of(t.borrow()), Vec::new()))).collect();
     for r in &table.rejected {
         let name = r.object.rsplit_once('/').map_or(r.object.as_str(), |(_, n)| n);
         if let Some((_, lost)) = by_name.get_mut(name) {
@@ -105,13 +106,11 @@ pub fn part_name(name: &str, i: usize) -> (String, String) {
 pub fn desired_configmaps(
     name: &str,
     namespace: &str,
-    taskqueues: &[TaskQueue],
+    taskqueues: &[impl Borrow<TaskQueue>],
     table: &Table,
     budget: usize,
 ) -> Vec<ConfigMap> {
-    let mut oldest: Vec<&TaskQueue> = taskqueues.iter().collect();
-    oldest.sort_by_key(|t| (t.metadata.creation_timestamp.as_ref().map(|c| c.0), t.name_any()));
-    let owners: Vec<OwnerReference> = oldest
+    let owners: Vec<OwnerReference> = oldest_first(taskqueues)
         .into_iter()
         .filter_map(|t| {
             let mut o = t.controller_owner_ref(&())?;
@@ -172,39 +171,67 @@ pub struct Publisher {
     pub shared: SharedVerdicts,
     /// Only the leader writes.
     pub leading: tokio::sync::watch::Receiver<bool>,
+    /// Notified on every TaskQueue watch event (after the store has it).
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 /// Run until the controller stops.
 pub async fn run(p: Publisher) {
     let mut states: HashMap<String, NamespaceState> = HashMap::new();
+    let mut leading = p.leading.clone();
     while !p.trigger.is_closed() {
-        if !*p.leading.borrow() {
+        if !*leading.borrow_and_update() {
             // Standing by: on taking over, every table is looked at afresh.
             states.clear();
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tokio::time::timeout(IDLE_CHECK, leadership_change(&mut leading)).await;
             continue;
         }
+        p.pass(&mut states).await;
+        // At most one pass a second; then wait for a TaskQueue to change or a retry to come
+        // due. A quiet namespace of 10 000 TaskQueues costs nothing between changes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = Instant::now();
+        let retry = states.values().filter_map(|st| st.retry.map(|(at, _)| at)).min();
+        let wait = retry.map_or(IDLE_CHECK, |at| at.saturating_duration_since(now)).min(IDLE_CHECK);
+        tokio::select! {
+            _ = p.changed.notified() => {}
+            _ = leadership_change(&mut leading) => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Resolves when leadership changes; never, when it cannot (no leader election).
+async fn leadership_change(leading: &mut tokio::sync::watch::Receiver<bool>) {
+    if leading.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The longest the publisher sleeps without a reason (it also checks that the controller runs).
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+impl Publisher {
+    /// Look at every namespace's TaskQueues once: rebuild what changed, drop what is gone.
+    async fn pass(&self, states: &mut HashMap<String, NamespaceState>) {
         let mut by_ns: BTreeMap<String, Vec<Arc<TaskQueue>>> = BTreeMap::new();
-        for tq in p.store.state() {
+        for tq in self.store.state() {
             by_ns.entry(tq.namespace().unwrap_or_default()).or_default().push(tq);
         }
         let now = Instant::now();
         for (ns, arcs) in &by_ns {
             let st = states.entry(ns.clone()).or_default();
-            p.namespace(ns, arcs, st, now).await;
+            self.namespace(ns, arcs, st, now).await;
         }
-        p.shared.write().expect("lock").retain(|ns, _| by_ns.contains_key(ns));
+        self.shared.write().expect("lock").retain(|ns, _| by_ns.contains_key(ns));
         let gone: Vec<String> = states.keys().filter(|ns| !by_ns.contains_key(*ns)).cloned().collect();
         for ns in gone {
-            if p.remove(&ns, states.get(&ns).is_some_and(|st| st.published.is_some())).await {
+            if self.remove(&ns, states.get(&ns).is_some_and(|st| st.published.is_some())).await {
                 states.remove(&ns);
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
 
-impl Publisher {
     /// Rebuild and write one namespace's table when its TaskQueues changed (or a retry is due).
     async fn namespace(&self, ns: &str, arcs: &[Arc<TaskQueue>], st: &mut NamespaceState, now: Instant) {
         let mut seen: Vec<(String, String, Option<i64>)> =
@@ -214,11 +241,11 @@ impl Publisher {
         if (st.seen == seen && st.retry.is_none()) || st.retry.is_some_and(|(at, _)| now < at) {
             return;
         }
-        let tqs: Vec<TaskQueue> = arcs.iter().map(|t| (**t).clone()).collect();
-        let table = build_table(&tqs);
-        let cms = desired_configmaps(&self.name, ns, &tqs, &table, PART_BUDGET);
+        let tqs = arcs;
+        let table = build_table(tqs);
+        let cms = desired_configmaps(&self.name, ns, tqs, &table, PART_BUDGET);
         let fingerprint = serde_json::to_string(&cms).unwrap_or_default();
-        let mut verdicts = verdicts(&tqs, &table);
+        let mut verdicts = verdicts(tqs, &table);
         verdicts.configmaps = cms.iter().map(|c| c.name_any()).collect();
         let outcome =
             if st.published.as_ref() == Some(&fingerprint) { Ok(()) } else { self.write_all(ns, &cms, st).await };
@@ -236,10 +263,10 @@ impl Publisher {
         // Wake only the TaskQueues whose verdict changed (all of them when the table as a whole
         // did): adding one TaskQueue to 10 000 must not reconcile the other 9 999.
         let whole = old.as_ref().is_none_or(|o| o.refused != verdicts.refused || o.configmaps != verdicts.configmaps);
-        for tq in &tqs {
+        for tq in tqs {
             let name = tq.name_any();
             if whole || old.as_ref().and_then(|o| o.by_name.get(&name)) != verdicts.by_name.get(&name) {
-                let _ = self.trigger.unbounded_send(ObjectRef::from_obj(tq));
+                let _ = self.trigger.unbounded_send(ObjectRef::from_obj(&**tq));
             }
         }
     }

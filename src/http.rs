@@ -1,5 +1,7 @@
-//! The operator's HTTP endpoints: `/metrics` (OpenMetrics text), `/healthz` (the process serves
-//! requests) and `/readyz` (the caches are filled and reconciling has started).
+//! The operator's HTTP endpoints: `/` (the live page, see `dashboard.rs`), `/api/taskqueues`
+//! (its data as JSON, `?namespace=NS` to filter), `/metrics` (OpenMetrics text), `/healthz`
+//! (the process serves requests) and `/readyz` (the caches are filled and reconciling has
+//! started).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,10 +15,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
+use crate::dashboard::{Dashboard, PAGE};
 use crate::metrics::Metrics;
 
-/// The response to one request (pure, so it is tested without a socket).
-pub fn respond(method: &Method, path: &str, metrics: &Metrics) -> Response<Full<Bytes>> {
+/// The response to one request (no IO, so it is tested without a socket).
+pub fn respond(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    metrics: &Metrics,
+    dashboard: &Dashboard,
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()
             .status(status)
@@ -28,14 +37,28 @@ pub fn respond(method: &Method, path: &str, metrics: &Metrics) -> Response<Full<
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
     }
     match path {
+        "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
+        "/api/taskqueues" => {
+            let namespace = query_param(query, "namespace");
+            let view = dashboard.api(namespace.as_deref().filter(|n| !n.is_empty()));
+            let body = serde_json::to_string(&view).expect("the view serializes");
+            reply(StatusCode::OK, "application/json", body)
+        }
         "/metrics" => {
             reply(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render())
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if metrics.is_ready() => reply(StatusCode::OK, "text/plain", "ready\n".into()),
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "caches not filled yet\n".into()),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n".into()),
+        _ => {
+            reply(StatusCode::NOT_FOUND, "text/plain", "try /, /api/taskqueues, /metrics, /healthz or /readyz\n".into())
+        }
     }
+}
+
+/// One parameter of a query string, percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// Bind first (so a taken port is reported before anything else starts), then serve forever.
@@ -43,16 +66,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, dashboard: Arc<Dashboard>) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics, /healthz, /readyz");
+        info!(%addr, "serving / (live page), /api/taskqueues, /metrics, /healthz, /readyz");
     }
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let metrics = metrics.clone();
+        let (metrics, dashboard) = (metrics.clone(), dashboard.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(req.method(), req.uri().path(), &metrics);
+                let response = respond(req.method(), req.uri().path(), req.uri().query(), &metrics, &dashboard);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) =
@@ -70,15 +93,22 @@ mod tests {
 
     #[test]
     fn routes() {
-        let m = Metrics::new();
-        assert_eq!(respond(&Method::GET, "/healthz", &m).status(), StatusCode::OK);
-        assert_eq!(respond(&Method::GET, "/readyz", &m).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let (m, d) = (Metrics::new(), Dashboard::default());
+        let get = |path: &str, query: Option<&str>| respond(&Method::GET, path, query, &m, &d);
+        assert_eq!(get("/healthz", None).status(), StatusCode::OK);
+        assert_eq!(get("/readyz", None).status(), StatusCode::SERVICE_UNAVAILABLE);
         m.set_ready();
-        assert_eq!(respond(&Method::GET, "/readyz", &m).status(), StatusCode::OK);
-        let r = respond(&Method::GET, "/metrics", &m);
+        assert_eq!(get("/readyz", None).status(), StatusCode::OK);
+        let r = get("/metrics", None);
         assert_eq!(r.status(), StatusCode::OK);
         assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
-        assert_eq!(respond(&Method::GET, "/nope", &m).status(), StatusCode::NOT_FOUND);
-        assert_eq!(respond(&Method::POST, "/metrics", &m).status(), StatusCode::METHOD_NOT_ALLOWED);
+        let page = get("/", None);
+        assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+        let api = get("/api/taskqueues", Some("namespace=prod"));
+        assert_eq!(api.headers()["content-type"], "application/json");
+        assert_eq!(get("/nope", None).status(), StatusCode::NOT_FOUND);
+        assert_eq!(respond(&Method::POST, "/metrics", None, &m, &d).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(query_param(Some("a=1&namespace=team%2Da"), "namespace").as_deref(), Some("team-a"));
+        assert_eq!(query_param(None, "namespace"), None);
     }
 }

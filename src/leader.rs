@@ -15,6 +15,7 @@
 //! On a clean shutdown the leader releases the Lease (empty holder), so a standby takes over at
 //! its next try instead of waiting for the Lease to expire.
 
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -90,11 +91,18 @@ pub struct Elector {
     api: Api<Lease>,
     cfg: LeaseConfig,
     observer: Observer,
+    /// The Lease's holder at the last attempt (for the dashboard of a standby).
+    pub holder: Arc<RwLock<Option<String>>>,
 }
 
 impl Elector {
     pub fn new(client: Client, cfg: LeaseConfig) -> Self {
-        Self { api: Api::namespaced(client, &cfg.namespace), cfg, observer: Observer::default() }
+        Self {
+            api: Api::namespaced(client, &cfg.namespace),
+            cfg,
+            observer: Observer::default(),
+            holder: Arc::default(),
+        }
     }
 
     /// One attempt: renew the Lease we hold, or take it when it is free or expired. True when
@@ -108,6 +116,7 @@ impl Elector {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let mine = holder.as_deref() == Some(self.cfg.identity.as_str());
         if !mine && holder.is_some() && !self.observer.expired(&lease, self.cfg.lease_duration, Instant::now()) {
+            *self.holder.write().expect("lock") = holder;
             return Ok(false);
         }
         let taking_over = !mine;
@@ -125,6 +134,7 @@ impl Elector {
                 if taking_over {
                     info!(lease = %self.cfg.name, previous = holder.as_deref().unwrap_or("<none>"), "took the lease");
                 }
+                *self.holder.write().expect("lock") = Some(self.cfg.identity.clone());
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -147,6 +157,7 @@ impl Elector {
         match self.api.create(&PostParams::default(), &lease).await {
             Ok(_) => {
                 info!(lease = %self.cfg.name, "created and took the lease");
+                *self.holder.write().expect("lock") = Some(self.cfg.identity.clone());
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod controller;
 pub mod crd;
+pub mod dashboard;
 pub mod demand;
 pub mod http;
 pub mod leader;

@@ -337,7 +337,11 @@ async fn main() -> ExitCode {
             let leader = leader_election.then(|| LeaseConfig::new(&lease_namespace, &identity()));
             let settings =
                 Settings { namespace, broker_timeout, routes_configmap, leader, concurrency, ..Settings::default() };
-            let mut server = tokio::spawn(taskqueue_operator::http::serve(listener, settings.metrics.clone()));
+            let mut server = tokio::spawn(taskqueue_operator::http::serve(
+                listener,
+                settings.metrics.clone(),
+                settings.dashboard.clone(),
+            ));
             // A dead background task (or metrics server) ends the process with an error, so the
             // pod restarts instead of running on with stale readings.
             let outcome = tokio::select! {

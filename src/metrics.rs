@@ -28,6 +28,15 @@ pub struct ScaleLabels {
     pub direction: String,
 }
 
+/// A condition of a TaskQueue that is not OK (see `report::not_ok`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotOkLabels {
+    pub namespace: String,
+    pub name: String,
+    pub condition: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok`, or the failure's reason.
@@ -56,6 +65,11 @@ pub struct Metrics {
     /// Per broker: 1 when it reacts by push (list-push notifications), 0 when it is polled.
     pub broker_push: Family<BrokerLabels, Gauge>,
     pub paused: Family<TaskQueueLabels, Gauge>,
+    /// 1 per condition that is not OK; no series while all are (the alerts' input, and cheap:
+    /// a healthy TaskQueue costs no series here).
+    pub not_ok: Family<NotOkLabels, Gauge>,
+    /// The `not_ok` series of each TaskQueue, to remove those that are OK again.
+    not_ok_shown: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<NotOkLabels>>>,
     pub scale_events: Family<ScaleLabels, Counter>,
     pub reconciles: Family<ResultLabels, Counter>,
     pub broker_reads: Family<ResultLabels, Counter>,
@@ -99,6 +113,8 @@ impl Metrics {
             api_writes: Family::default(),
             live_workers: Gauge::default(),
             leader: Gauge::default(),
+            not_ok: Family::default(),
+            not_ok_shown: Default::default(),
             ready: AtomicBool::new(false),
             ready_gauge: Gauge::default(),
             registry: Registry::default(),
@@ -122,6 +138,11 @@ impl Metrics {
             m.broker_push.clone(),
         );
         registry.register("paused", "1 while the pool is paused by annotation", m.paused.clone());
+        registry.register(
+            "not_ok",
+            "1 for each condition of a TaskQueue that is not OK (condition and reason as labels); none while all are",
+            m.not_ok.clone(),
+        );
         registry.register("scale_events", "Replica changes made by the operator", m.scale_events.clone());
         registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
         registry.register("broker_reads", "Pipelined broker reads (one per broker per tick)", m.broker_reads.clone());
@@ -135,6 +156,30 @@ impl Metrics {
         registry.register("leader", "1 on the replica holding the leader Lease, 0 on a standby", m.leader.clone());
         registry.register("operator_ready", "1 once the operator's caches are filled", m.ready_gauge.clone());
         Self { registry, ..m }
+    }
+
+    /// Metrics with one series in every family, as a busy operator shows them: a family with
+    /// no series is not rendered at all, so this is what dashboards and alerts are checked
+    /// against.
+    pub fn example() -> Self {
+        let m = Self::new();
+        let tq = TaskQueueLabels { namespace: "prod".into(), name: "ai".into() };
+        for family in [&m.pending, &m.in_flight, &m.scheduled, &m.desired_replicas, &m.broker_up, &m.paused] {
+            family.get_or_create(&tq).set(1);
+        }
+        m.broker_push.get_or_create(&BrokerLabels { broker: "redis://redis:6379/0".into() }).set(1);
+        m.set_not_ok("prod", "ai", &[("ScalingLimited".into(), "AtMaxReplicas".into())]);
+        m.scale_events
+            .get_or_create(&ScaleLabels { namespace: "prod".into(), name: "ai".into(), direction: "up".into() })
+            .inc();
+        m.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();
+        m.broker_reads.get_or_create(&ResultLabels { result: "ok".into() }).inc();
+        m.broker_read_seconds.observe(0.002);
+        m.write("status");
+        m.live_workers.set(1);
+        m.leader.set(1);
+        m.set_ready();
+        m
     }
 
     /// The OpenMetrics text exposition.
@@ -157,8 +202,35 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Show exactly these (condition, reason) pairs as not OK for one TaskQueue.
+    pub fn set_not_ok(&self, namespace: &str, name: &str, now: &[(String, String)]) {
+        let labels: Vec<NotOkLabels> = now
+            .iter()
+            .map(|(condition, reason)| NotOkLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                condition: condition.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        let mut shown = self.not_ok_shown.lock().expect("lock");
+        let key = (namespace.to_string(), name.to_string());
+        for old in shown.get(&key).into_iter().flatten().filter(|l| !labels.contains(l)) {
+            self.not_ok.remove(old);
+        }
+        for l in &labels {
+            self.not_ok.get_or_create(l).set(1);
+        }
+        if labels.is_empty() {
+            shown.remove(&key);
+        } else {
+            shown.insert(key, labels);
+        }
+    }
+
     /// Drop the series of a TaskQueue that no longer exists.
     pub fn forget(&self, namespace: &str, name: &str) {
+        self.set_not_ok(namespace, name, &[]);
         let l = TaskQueueLabels { namespace: namespace.into(), name: name.into() };
         for family in
             [&self.pending, &self.in_flight, &self.scheduled, &self.desired_replicas, &self.broker_up, &self.paused]
@@ -191,6 +263,17 @@ mod tests {
         assert!(text.contains("taskqueue_api_writes_total{kind=\"deployment\"} 1"), "{text}");
         assert!(text.contains("taskqueue_operator_ready 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+        m.set_not_ok("prod", "ai", &[("BrokerReachable".into(), "BrokerUnreachable".into())]);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "taskqueue_not_ok{namespace=\"prod\",name=\"ai\",condition=\"BrokerReachable\",reason=\"BrokerUnreachable\"} 1"
+            ),
+            "{text}"
+        );
+        m.set_not_ok("prod", "ai", &[("Ready".into(), "Progressing".into())]);
+        let text = m.render();
+        assert!(!text.contains("BrokerUnreachable") && text.contains("reason=\"Progressing\""), "{text}");
         m.forget("prod", "ai");
         assert!(!m.render().contains("name=\"ai\""));
     }

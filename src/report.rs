@@ -1,5 +1,7 @@
 //! `taskqueue-operator status`: one line per TaskQueue from its stored status (pure).
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
 use crate::crd::TaskQueue;
 
 /// Conditions that are fine when True; the others (`ScalingLimited`, `Paused`, `QueueShared`)
@@ -9,11 +11,13 @@ const GOOD_WHEN_TRUE: &[&str] = &["Ready", "SpecValid", "BrokerReachable", "Depl
 /// The conditions of `tq` that are not OK, as `Type=Status(Reason)`.
 pub fn not_ok(tq: &TaskQueue) -> Vec<String> {
     let conditions = tq.status.as_ref().map_or(&[][..], |s| s.conditions.as_slice());
-    conditions
-        .iter()
-        .filter(|c| (c.status == "True") != GOOD_WHEN_TRUE.contains(&c.type_.as_str()))
-        .map(|c| format!("{}={}({})", c.type_, c.status, c.reason))
-        .collect()
+    not_ok_conditions(conditions).map(|c| format!("{}={}({})", c.type_, c.status, c.reason)).collect()
+}
+
+/// The conditions that are not OK: False or Unknown where True is fine, True where it is worth
+/// a look (the page, `status`, the `taskqueue_not_ok` metric and the alerts agree on this).
+pub fn not_ok_conditions(conditions: &[Condition]) -> impl Iterator<Item = &Condition> {
+    conditions.iter().filter(|c| (c.status == "True") != GOOD_WHEN_TRUE.contains(&c.type_.as_str()))
 }
 
 /// A table with a header: namespace (with `all_namespaces`), name, queue, pending, in-flight,

@@ -143,6 +143,9 @@ pub struct Decision {
     /// True when something other than demand set the count: a replica bound, the stabilization
     /// window, a step limit, the unacked guard, or missing data.
     pub limited: bool,
+    /// Demand needs more than `maxReplicas`: the pool runs at its cap with work left waiting
+    /// (an alert, not a detail: `ScalingLimited` then has reason `AtMaxReplicas`).
+    pub at_max: bool,
 }
 
 /// Decide the replica count. `current` is the Deployment's `spec.replicas` (None before it
@@ -165,6 +168,7 @@ pub fn decide(
             state: reason.clone(),
             reason,
             limited: true,
+            at_max: false,
         };
     }
     let Load { pending, in_flight, scheduled } = match observation {
@@ -191,6 +195,7 @@ pub fn decide(
                         state: why.clone(),
                         reason: why,
                         limited: true,
+                        at_max: false,
                     };
                 }
             };
@@ -200,6 +205,7 @@ pub fn decide(
                 reason: with_change(current, replicas, &why),
                 state: format!("at {replicas}: {why}"),
                 limited: true,
+                at_max: false,
             };
         }
     };
@@ -286,6 +292,7 @@ pub fn decide(
         reason: with_change(current, replicas, &why),
         state: format!("at {replicas}: {why}"),
         limited,
+        at_max: raw > bounds.max_replicas,
     }
 }
 
@@ -390,6 +397,11 @@ mod tests {
         let mut h = History::default();
         let d = decide(&bounds(0, 4, 2, 1, 0), Some(1), load(20), &mut h, Instant::now());
         assert_eq!(d.reason, "scaled up 1 -> 4: 20 pending / 2 per replica = 10, clamped to maxReplicas 4");
+        assert!(d.at_max && d.limited, "demand above maxReplicas: at its cap with work waiting");
+        let d = decide(&bounds(0, 4, 2, 1, 0), Some(1), load(8), &mut History::default(), Instant::now());
+        assert!(!d.at_max, "8 pending / 2 per replica = 4: exactly the cap, nothing left waiting");
+        let d = decide(&bounds(3, 4, 2, 1, 0), Some(3), load(0), &mut History::default(), Instant::now());
+        assert!(d.limited && !d.at_max, "held up by minReplicas is not at the cap");
         let d = decide(&bounds(0, 4, 1, 3, 0), Some(0), load(2), &mut History::default(), Instant::now());
         assert_eq!(d.reason, "steady at 0: 2 pending, below activationThreshold 3");
         assert_eq!(d.state, "at 0: 2 pending, below activationThreshold 3");
@@ -452,7 +464,8 @@ mod tests {
                 recommended: 6,
                 reason: "paused by annotation taskqueue.dev/paused=true: holding at 6".into(),
                 state: "paused by annotation taskqueue.dev/paused=true: holding at 6".into(),
-                limited: true
+                limited: true,
+                at_max: false
             }
         );
         assert!(h.is_empty());

@@ -330,3 +330,87 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     delete_namespace(&client, &work).await;
     delete_namespace(&client, &release_ns).await;
 }
+
+/// Sample names the operator exports: from the `# TYPE` lines of its own exposition (a counter
+/// `x` is sampled as `x_total`, a histogram as `x_bucket`, `x_sum`, `x_count`).
+fn exported_metrics() -> Vec<String> {
+    let text = taskqueue_operator::metrics::Metrics::example().render();
+    let mut names = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let (name, kind) = rest.split_once(' ').unwrap();
+        match kind {
+            "counter" => names.push(format!("{name}_total")),
+            "histogram" => names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+            _ => names.push(name.to_string()),
+        }
+    }
+    names
+}
+
+/// The `taskqueue_*` metric names in a PromQL expression.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("taskqueue_") {
+        let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        rest = &rest[i + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs helm: make test"]
+fn the_grafana_dashboard_and_the_alerts_query_only_metrics_the_operator_exports() {
+    let exported = exported_metrics();
+    assert!(exported.contains(&"taskqueue_not_ok".to_string()) && exported.len() > 10, "{exported:?}");
+    assert!(render(&[]).iter().all(|d| d["kind"] != "PrometheusRule"), "off by default");
+    let docs = render(&["grafana.dashboard.enabled=true", "prometheusRule.enabled=true"]);
+
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1");
+    let cm = cm.unwrap_or_else(|| panic!("no ConfigMap labelled for the Grafana sidecar in {:?}", kinds(&docs)));
+    let json = cm["data"]["taskqueue-operator.json"].as_str().unwrap();
+    let dashboard: Value = serde_json::from_str(json).expect("the dashboard is valid JSON");
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(e)) = m.get("expr") {
+                    exprs.push(e.clone());
+                }
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    assert!(exprs.len() >= 10, "every panel queries something: {exprs:?}");
+
+    let rule = find(&docs, "PrometheusRule");
+    let alerts: Vec<(String, String)> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["alert"].as_str().unwrap().to_string(), r["expr"].as_str().unwrap().to_string()))
+        .collect();
+    let names: Vec<&str> = alerts.iter().map(|(a, _)| a.as_str()).collect();
+    for want in [
+        "TaskQueueBrokerUnreadable",
+        "TaskQueueAtMaxReplicas",
+        "TaskQueueRoutesNotAccepted",
+        "TaskQueueSpecInvalid",
+        "TaskQueueOperatorNotLeading",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    exprs.extend(alerts.into_iter().map(|(_, e)| e));
+    for expr in &exprs {
+        let used = metrics_in(expr);
+        assert!(!used.is_empty(), "{expr} queries no taskqueue_ metric");
+        for m in used {
+            assert!(exported.contains(&m), "{expr}: {m} is not exported (exported: {exported:?})");
+        }
+    }
+}

@@ -41,6 +41,7 @@ fn harness() -> Harness {
         metrics: Default::default(),
         routes: Default::default(),
         leading: tokio::sync::watch::channel(true).1,
+        dashboard: Default::default(),
     });
     Harness { ctx, handle, deployments: writer }
 }

@@ -10,6 +10,7 @@ PKGS=(
   golang-github-modern-go-reflect2-dev      # reflect2 v1.0.2 replaces the vendored v1.0.1 (crash on Go 1.19)
   dpkg-dev xz-utils rsync                   # apt-get source (dpkg-source), vendor swap
   openssl unzip ca-certificates python3 python3-venv
+  chromium fonts-dejavu-core                # tests/dashboard.rs opens the live page in headless Chromium
 )
 command -v npm >/dev/null || PKGS+=(npm)    # helm.sh; a node install's own npm counts too
 

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::crd::TaskQueue;
+use crate::dashboard::{Dashboard, Source};
 use crate::leader;
 use crate::metrics::{Metrics, ResultLabels};
 pub use reconcile::{error_policy, reconcile, reconcile_guarded, Context, Error};
@@ -43,6 +44,8 @@ pub struct Settings {
     pub routes_configmap: String,
     /// Where the controller reports (served by `http.rs`).
     pub metrics: Arc<Metrics>,
+    /// The live page's history and sources (served by `http.rs`).
+    pub dashboard: Arc<Dashboard>,
     /// Leader election on a Lease; None: this process always leads (one replica, tests).
     pub leader: Option<crate::leader::LeaseConfig>,
     /// Reconciles at once. Each holds an API connection and its own buffers: unbounded, a
@@ -58,6 +61,7 @@ impl Default for Settings {
             secret_ttl: Duration::from_secs(30),
             routes_configmap: "celery-task-routes".into(),
             metrics: Arc::default(),
+            dashboard: Arc::default(),
             leader: None,
             concurrency: DEFAULT_CONCURRENCY,
         }
@@ -160,12 +164,21 @@ pub async fn run(
         metrics: metrics.clone(),
         routes: verdicts.clone(),
         leading: leading.clone(),
+        dashboard: settings.dashboard.clone(),
     });
     let mut tasks = JoinSet::new();
+    let mut holder = Arc::default();
     let elector = settings.leader.clone().map(|cfg| {
-        let elector = leader::Elector::new(client.clone(), cfg.clone());
-        tasks.spawn(named("leader election", leader::run(leader::Elector::new(client.clone(), cfg), leading_tx)));
-        elector
+        let running = leader::Elector::new(client.clone(), cfg.clone());
+        holder = running.holder.clone();
+        tasks.spawn(named("leader election", leader::run(running, leading_tx)));
+        leader::Elector::new(client.clone(), cfg)
+    });
+    settings.dashboard.connect(Source {
+        store: controller.store(),
+        broker: broker.clone(),
+        leading: leading.clone(),
+        holder,
     });
     tasks.spawn(named("standby", stand_by_when_not_leading(ctx.clone())));
     tasks.spawn(named("broker poller", poller::run(broker, controller.store(), trigger_tx.clone(), tq_maybe_deleted)));
@@ -234,6 +247,7 @@ async fn stand_by_when_not_leading(ctx: Arc<Context>) {
         if !now {
             ctx.broker.unregister_all();
             ctx.memory.lock().expect("lock").clear();
+            ctx.dashboard.clear();
         }
         if leading.changed().await.is_err() {
             // The election ended: its own supervision reports that.
@@ -306,6 +320,7 @@ async fn janitor(ctx: Arc<Context>, store: reflector::Store<TaskQueue>) {
             let live = store.get(key).is_some();
             if !live {
                 ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
+                ctx.dashboard.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
             }
             live
         });

@@ -380,7 +380,9 @@ impl Draft<'_> {
             self.out.deployment = Some(desired);
         }
         self.scaled(current, &decision);
-        if decision.limited {
+        if decision.at_max {
+            self.conds.set(SCALING_LIMITED, true, "AtMaxReplicas", decision.state.clone());
+        } else if decision.limited {
             self.conds.set(SCALING_LIMITED, true, "Limited", decision.state.clone());
         } else {
             self.conds.set(SCALING_LIMITED, false, "FollowsDemand", decision.state.clone());

@@ -258,6 +258,12 @@ impl BrokerState {
         configured == Some(true) || seen
     }
 
+    /// Whether the broker of a registered TaskQueue reacts by push (None: not registered).
+    pub fn push_mode_of(&self, key: &Key) -> Option<bool> {
+        let endpoint = self.targets.lock().expect("lock").target_of.get(key)?.endpoint.clone();
+        Some(self.push_mode(&endpoint))
+    }
+
     /// Endpoints in use.
     pub fn endpoints(&self) -> Vec<BrokerEndpoint> {
         self.targets.lock().expect("lock").by_endpoint.keys().cloned().collect()

@@ -32,8 +32,10 @@ use super::routes::{RouteInput, SharedVerdicts};
 use super::secrets::SecretCache;
 use crate::broker::{BrokerEndpoint, DepthQuery, ReadError};
 use crate::crd::{TaskQueue, TaskQueueStatus};
+use crate::dashboard::{now_millis, Dashboard, Mark, Sample};
 use crate::demand::QueueReading;
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
+use crate::report::not_ok_conditions;
 use crate::validate::{validate, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
@@ -53,6 +55,8 @@ pub struct Context {
     pub routes: SharedVerdicts,
     /// Whether this replica holds the leader Lease (always true without leader election).
     pub leading: tokio::sync::watch::Receiver<bool>,
+    /// The live page's history.
+    pub dashboard: Arc<Dashboard>,
 }
 
 impl Context {
@@ -358,13 +362,21 @@ async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec) {
 /// Keep the memory; publish the events, the metrics and the status.
 async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, mut plan: Plan) -> Result<Action, Error> {
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
+    let mut mark = None;
     if let Some(s) = &plan.scale {
         info!(taskqueue = %key, replicas = s.to, reason = %s.reason, "scaled");
         if let Some(from) = s.from {
             let direction = if from < s.to { "up" } else { "down" };
             let labels = ScaleLabels { namespace: ns.clone(), name: name.clone(), direction: direction.into() };
             ctx.metrics.scale_events.get_or_create(&labels).inc();
+            mark = Some(Mark { t: now_millis(), up: from < s.to, reason: s.reason.clone() });
         }
+    }
+    if let (Some(pending), Some(in_flight)) = (plan.status.pending, plan.status.in_flight) {
+        let (desired, ready) = (plan.status.desired_replicas, plan.status.ready_replicas);
+        let sample =
+            Sample { t: now_millis(), pending, in_flight, desired: desired.unwrap_or(0), ready: ready.unwrap_or(0) };
+        ctx.dashboard.record(&ns, &name, sample, mark);
     }
     for a in std::mem::take(&mut plan.events) {
         event(ctx, tq, a).await;
@@ -392,10 +404,14 @@ fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused
     let up = status.conditions.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
     m.broker_up.get_or_create(&labels).set(i64::from(up));
     m.paused.get_or_create(&labels).set(i64::from(paused));
+    let not_ok: Vec<(String, String)> =
+        not_ok_conditions(&status.conditions).map(|c| (c.type_.clone(), c.reason.clone())).collect();
+    m.set_not_ok(&labels.namespace, &labels.name, &not_ok);
 }
 
 fn forget(ctx: &Context, key: &Key) {
     ctx.metrics.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
+    ctx.dashboard.forget(key.namespace.as_deref().unwrap_or_default(), &key.name);
     ctx.broker.unregister(key);
     ctx.memory.lock().expect("lock").remove(key);
 }

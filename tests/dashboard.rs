@@ -26,17 +26,19 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 /// Headless Chromium with one page, driven over the DevTools protocol; killed on drop.
 struct Browser {
-    child: Child,
+    _process: Process,
     page: Socket,
     next_id: u64,
-    _profile: std::path::PathBuf,
 }
 
-impl Drop for Browser {
+/// The Chromium process and its profile, removed on drop (also when a test step panics).
+struct Process(Child, std::path::PathBuf);
+
+impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self._profile);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -75,8 +77,9 @@ async fn http_get(port: u16, path: &str) -> String {
 impl Browser {
     async fn launch(bin: &str) -> Self {
         let profile = std::env::temp_dir().join(format!("tq-chromium-{}", std::process::id()));
-        let mut child = Command::new(bin)
+        let child = Command::new(bin)
             .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"])
+            .args(["--disable-crash-reporter", "--disable-breakpad"])
             .args(["--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1500,900"])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
@@ -86,7 +89,8 @@ impl Browser {
             .unwrap_or_else(|e| panic!("start {bin}: {e}"));
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"; keep draining stderr.
         let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
+        let mut process = Process(child, profile);
+        let stderr = process.0.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(url) = line.split_once("DevTools listening on ").map(|(_, u)| u.trim().to_string()) {
@@ -112,7 +116,7 @@ impl Browser {
         let (page, _) = tokio_tungstenite::connect_async(&page_url)
             .await
             .unwrap_or_else(|e| panic!("DevTools websocket {page_url}: {e}"));
-        Browser { child, page, next_id: 0, _profile: profile }
+        Browser { _process: process, page, next_id: 0 }
     }
 
     async fn call(&mut self, method: &str, params: Value) -> Value {

@@ -206,7 +206,8 @@ impl View {
     }
 }
 
-/// Backed up first: waiting work per replica it may still get, then waiting work.
+/// Backed up first: pools with work waiting that cannot take more (at their cap, broker
+/// unreadable, invalid, another problem), then the others with work waiting, each by how much.
 fn order(r: &Row) -> (i64, i64) {
     let pending = r.pending.unwrap_or(0);
     let urgent = matches!(r.state, "atMax" | "brokerDown" | "invalid" | "problem");
@@ -405,6 +406,29 @@ mod tests {
         let view = View::starting().with_rows(rows.into());
         let names: Vec<&str> = view.task_queues.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["capped", "busy", "calm", "idle"], "at its cap with work waiting, then by pending");
+    }
+
+    #[test]
+    fn a_standby_says_so_and_names_the_leader_instead_of_showing_numbers() {
+        let d = Dashboard::default();
+        assert_eq!(d.api(None).role, "starting", "before the controller runs");
+        let (store, mut writer) = kube::runtime::reflector::store::<TaskQueue>();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(tq(json!({"pending": 3}))));
+        let (leading_tx, leading) = watch::channel(false);
+        let holder = Arc::new(RwLock::new(Some("taskqueue-operator-7d9f-abcde".to_string())));
+        let broker = Arc::new(BrokerState::new(Duration::from_secs(1)));
+        d.connect(Source { store, broker, leading, holder });
+        d.record("prod", "ai", sample(1, 3, 1), None);
+        let standby = d.api(None);
+        assert_eq!((standby.role, standby.leader.as_deref()), ("standby", Some("taskqueue-operator-7d9f-abcde")));
+        assert!(standby.task_queues.is_empty(), "no stale numbers on a standby");
+        leading_tx.send_replace(true);
+        let leader = d.api(Some("prod"));
+        assert_eq!((leader.role, leader.task_queues.len()), ("leader", 1));
+        assert_eq!(leader.task_queues[0].pending, Some(3));
+        assert_eq!(leader.task_queues[0].history.samples.len(), 1);
+        assert!(d.api(Some("other")).task_queues.is_empty(), "the namespace filter");
+        assert_eq!(leader.namespaces, ["prod"]);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub const WINDOW: Duration = Duration::from_secs(30 * 60);
 pub const MAX_SAMPLES: usize = 1800;
 /// Most scale events kept per TaskQueue.
 pub const MAX_MARKS: usize = 200;
+/// Rows `/api/taskqueues` returns unless asked for another number (`?limit=N`): what the page
+/// draws. The most backed-up come first, so a cut keeps the ones worth looking at; a page open
+/// on 10 000 TaskQueues must not copy every history every 2 s.
+pub const DEFAULT_LIMIT: usize = 300;
 
 /// One point of a TaskQueue's history: unix milliseconds, pending, in flight, desired and ready
 /// replicas. Serialized as an array: 30 minutes of 10 000 TaskQueues stay small.
@@ -140,8 +144,9 @@ impl Dashboard {
         self.history.lock().expect("lock").clear();
     }
 
-    /// The body of `/api/taskqueues[?namespace=NS]`.
-    pub fn api(&self, namespace: Option<&str>) -> View {
+    /// The body of `/api/taskqueues[?namespace=NS][&limit=N]`: the first `limit` rows, most
+    /// backed-up first (`total` says how many there are).
+    pub fn api(&self, namespace: Option<&str>, limit: usize) -> View {
         let Some(src) = self.source.get() else {
             return View::starting();
         };
@@ -157,15 +162,17 @@ impl Dashboard {
             ns
         };
         tqs.retain(|t| namespace.is_none_or(|n| t.namespace().as_deref() == Some(n)));
+        let rows = tqs.iter().map(|t| row(t, src.broker.push_mode_of(&ObjectRef::from_obj(&**t)), None)).collect();
+        let mut view = View { role: "leader", leader: holder, namespaces, ..View::starting() }.with_rows(rows);
+        view.task_queues.truncate(limit);
+        // Histories are copied for the rows returned only.
         let history = self.history.lock().expect("lock");
-        let rows = tqs
-            .iter()
-            .map(|t| {
-                let key = (t.namespace().unwrap_or_default(), t.name_any());
-                row(t, src.broker.push_mode_of(&ObjectRef::from_obj(&**t)), history.get(&key))
-            })
-            .collect();
-        View { role: "leader", leader: holder, namespaces, ..View::starting() }.with_rows(rows)
+        for r in &mut view.task_queues {
+            if let Some(series) = history.get(&(r.namespace.clone(), r.name.clone())) {
+                r.history = series.clone();
+            }
+        }
+        view
     }
 }
 
@@ -181,6 +188,10 @@ pub struct View {
     pub window_seconds: u64,
     /// Namespaces with TaskQueues (for the filter).
     pub namespaces: Vec<String>,
+    /// How many TaskQueues match (`taskQueues` holds at most `limit` of them).
+    pub total: usize,
+    /// How many of them have work waiting (`pending` > 0).
+    pub waiting: usize,
     /// Most backed-up first.
     pub task_queues: Vec<Row>,
 }
@@ -193,6 +204,8 @@ impl View {
             now: now_millis(),
             window_seconds: WINDOW.as_secs(),
             namespaces: Vec::new(),
+            total: 0,
+            waiting: 0,
             task_queues: Vec::new(),
         }
     }
@@ -201,6 +214,8 @@ impl View {
         rows.sort_by(|a, b| {
             order(b).cmp(&order(a)).then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
         });
+        self.total = rows.len();
+        self.waiting = rows.iter().filter(|r| r.pending.unwrap_or(0) > 0).count();
         self.task_queues = rows;
         self
     }
@@ -411,7 +426,7 @@ mod tests {
     #[test]
     fn a_standby_says_so_and_names_the_leader_instead_of_showing_numbers() {
         let d = Dashboard::default();
-        assert_eq!(d.api(None).role, "starting", "before the controller runs");
+        assert_eq!(d.api(None, DEFAULT_LIMIT).role, "starting", "before the controller runs");
         let (store, mut writer) = kube::runtime::reflector::store::<TaskQueue>();
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(tq(json!({"pending": 3}))));
         let (leading_tx, leading) = watch::channel(false);
@@ -419,16 +434,18 @@ mod tests {
         let broker = Arc::new(BrokerState::new(Duration::from_secs(1)));
         d.connect(Source { store, broker, leading, holder });
         d.record("prod", "ai", sample(1, 3, 1), None);
-        let standby = d.api(None);
+        let standby = d.api(None, DEFAULT_LIMIT);
         assert_eq!((standby.role, standby.leader.as_deref()), ("standby", Some("taskqueue-operator-7d9f-abcde")));
         assert!(standby.task_queues.is_empty(), "no stale numbers on a standby");
         leading_tx.send_replace(true);
-        let leader = d.api(Some("prod"));
+        let leader = d.api(Some("prod"), DEFAULT_LIMIT);
         assert_eq!((leader.role, leader.task_queues.len()), ("leader", 1));
         assert_eq!(leader.task_queues[0].pending, Some(3));
         assert_eq!(leader.task_queues[0].history.samples.len(), 1);
-        assert!(d.api(Some("other")).task_queues.is_empty(), "the namespace filter");
+        assert!(d.api(Some("other"), DEFAULT_LIMIT).task_queues.is_empty(), "the namespace filter");
         assert_eq!(leader.namespaces, ["prod"]);
+        let cut = d.api(None, 0);
+        assert_eq!((cut.total, cut.waiting, cut.task_queues.len()), (1, 1, 0), "limit cuts rows, not the counts");
     }
 
     #[test]

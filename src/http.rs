@@ -1,5 +1,5 @@
 //! The operator's HTTP endpoints: `/` (the live page, see `dashboard.rs`), `/api/taskqueues`
-//! (its data as JSON, `?namespace=NS` to filter), `/metrics` (OpenMetrics text), `/healthz`
+//! (its data as JSON, `?namespace=NS` to filter, `&limit=N` rows, 300 by default), `/metrics` (OpenMetrics text), `/healthz`
 //! (the process serves requests) and `/readyz` (the caches are filled and reconciling has
 //! started).
 
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use crate::dashboard::{Dashboard, PAGE};
+use crate::dashboard::{Dashboard, DEFAULT_LIMIT, PAGE};
 use crate::metrics::Metrics;
 
 /// The response to one request (no IO, so it is tested without a socket).
@@ -40,7 +40,15 @@ pub fn respond(
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
         "/api/taskqueues" => {
             let namespace = query_param(query, "namespace");
-            let view = dashboard.api(namespace.as_deref().filter(|n| !n.is_empty()));
+            let limit = match query_param(query, "limit").map(|l| l.parse::<usize>()) {
+                None => DEFAULT_LIMIT,
+                Some(Ok(n)) => n,
+                Some(Err(_)) => {
+                    let msg = "limit must be a whole number of rows (e.g. ?limit=1000)\n";
+                    return reply(StatusCode::BAD_REQUEST, "text/plain", msg.into());
+                }
+            };
+            let view = dashboard.api(namespace.as_deref().filter(|n| !n.is_empty()), limit);
             let body = serde_json::to_string(&view).expect("the view serializes");
             reply(StatusCode::OK, "application/json", body)
         }
@@ -106,6 +114,8 @@ mod tests {
         assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
         let api = get("/api/taskqueues", Some("namespace=prod"));
         assert_eq!(api.headers()["content-type"], "application/json");
+        assert_eq!(get("/api/taskqueues", Some("limit=all")).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(get("/api/taskqueues", Some("namespace=prod&limit=20")).status(), StatusCode::OK);
         assert_eq!(get("/nope", None).status(), StatusCode::NOT_FOUND);
         assert_eq!(respond(&Method::POST, "/metrics", None, &m, &d).status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(query_param(Some("a=1&namespace=team%2Da"), "namespace").as_deref(), Some("team-a"));

@@ -229,6 +229,20 @@ impl Metrics {
     }
 
     /// Drop the series of a TaskQueue that no longer exists.
+    /// Drop every per-TaskQueue and per-broker series: a standby reports nothing it no longer
+    /// keeps current (a former leader's stale `taskqueue_not_ok` would hold an alert up).
+    pub fn forget_all(&self) {
+        for family in
+            [&self.pending, &self.in_flight, &self.scheduled, &self.desired_replicas, &self.broker_up, &self.paused]
+        {
+            family.clear();
+        }
+        self.scale_events.clear();
+        self.broker_push.clear();
+        self.not_ok.clear();
+        self.not_ok_shown.lock().expect("lock").clear();
+    }
+
     pub fn forget(&self, namespace: &str, name: &str) {
         self.set_not_ok(namespace, name, &[]);
         let l = TaskQueueLabels { namespace: namespace.into(), name: name.into() };
@@ -250,6 +264,21 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_drops_every_per_taskqueue_series() {
+        let m = Metrics::example();
+        m.forget_all();
+        let text = m.render();
+        for gone in
+            ["taskqueue_pending{", "taskqueue_not_ok{", "taskqueue_scale_events_total{", "taskqueue_broker_push{"]
+        {
+            assert!(!text.contains(gone), "{gone} after forget_all: {text}");
+        }
+        assert!(text.contains("taskqueue_leader 1"), "process-wide series stay: {text}");
+        m.set_not_ok("prod", "ai", &[("ScalingLimited".into(), "AtMaxReplicas".into())]);
+        assert!(m.render().contains("taskqueue_not_ok{"), "series come back once set again");
+    }
 
     #[test]
     fn renders_openmetrics_and_forgets_deleted_taskqueues() {

@@ -130,11 +130,16 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
     assert_eq!((shares[0].part(3), shares[1].part(7)), (1, 0), "ai (first by name) takes the odd one of 3");
     assert!(!state.reading(&key("other")).unwrap().shares[0].is_shared(), "another broker is another queue");
 
-    // Read again: one more round trip per broker each time, nothing changed, nobody woken.
+    // Read again: one more round trip per broker each time, nothing changed, nobody woken; the
+    // reading's time is still the latest read's (a rotated Secret is judged by it).
+    let first_at = state.reading(&key("ai")).unwrap().at;
     for _ in 1..=5 {
+        let before = std::time::Instant::now();
         let (changed_a, _) = state.read_endpoint(&ea).await;
         let (changed_b, _) = state.read_endpoint(&eb).await;
         assert!(changed_a.is_empty() && changed_b.is_empty(), "same depths: no reconcile wake-ups");
+        let at = state.reading(&key("ai")).unwrap().at;
+        assert!(at >= before && at > first_at, "a quiet read still dates the reading");
     }
     assert_eq!(state.round_trips.load(std::sync::atomic::Ordering::Relaxed), 12);
     // The pool dialled broker a once for all of that, plus one heartbeat subscription.

@@ -24,17 +24,17 @@ impl DepthQuery {
 
     /// `(step, key)` for every priority list of this queue, in step order as configured.
     pub fn keys(&self) -> Vec<(u8, Vec<u8>)> {
-        self.steps
-            .iter()
-            .map(|&s| {
-                let key = if s == 0 {
-                    format!("{}{}", self.prefix, self.queue)
-                } else {
-                    format!("{}{}{}{}", self.prefix, self.queue, self.sep, s)
-                };
-                (s, key.into_bytes())
-            })
-            .collect()
+        self.steps.iter().map(|&s| (s, self.key(s))).collect()
+    }
+
+    /// The list of priority step `step`.
+    pub fn key(&self, step: u8) -> Vec<u8> {
+        let key = if step == 0 {
+            format!("{}{}", self.prefix, self.queue)
+        } else {
+            format!("{}{}{}{}", self.prefix, self.queue, self.sep, step)
+        };
+        key.into_bytes()
     }
 }
 

@@ -3,7 +3,7 @@
 //! `unacked` hash costs further round trips, bounded per tick.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use base64::Engine;
 
@@ -13,7 +13,8 @@ use super::keys::DepthQuery;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueDepth {
     pub pending: i64,
-    pub by_priority: BTreeMap<u8, i64>,
+    /// (step, length) of each priority list, in the configured step order.
+    pub by_priority: Vec<(u8, i64)>,
     /// Entries of kombu's `unacked` hash for this queue: prefetched/reserved, `acks_late`
     /// running, and ETA/countdown messages a worker holds.
     pub in_flight: i64,
@@ -67,92 +68,130 @@ impl ReadError {
     }
 }
 
-/// Read all `queries` in one pipeline. The outer error is the round trip failing (nothing is
-/// known); an inner error is one queue whose key holds something other than a list.
+/// Read all `queries` in one pipeline (see [`ReadPlan`]).
 pub async fn read_depths<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     endpoint: &str,
     queries: &[DepthQuery],
 ) -> Result<Vec<Result<QueueDepth, ReadError>>, ReadError> {
-    let keyed: Vec<Vec<(u8, Vec<u8>)>> = queries.iter().map(DepthQuery::keys).collect();
-    let prefixes: Vec<&str> = queries.iter().map(|q| q.prefix.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-    let redis_err = |e: redis::RedisError| ReadError::from_redis(endpoint, &e);
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for (_, key) in keyed.iter().flatten() {
-        pipe.llen(key);
-    }
-    for prefix in &prefixes {
-        pipe.cmd("HSCAN").arg(format!("{prefix}unacked")).arg(0).arg("COUNT").arg(SCAN_PAGE);
-    }
-    if keyed.iter().all(Vec::is_empty) && prefixes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(conn).await.map_err(redis_err)?;
-    let mut replies = replies.into_iter();
-    let mut next = || {
-        replies
-            .next()
-            .unwrap_or_else(|| Err(redis::RedisError::from((redis::ErrorKind::Client, "short pipeline reply"))))
-    };
-    let mut out = Vec::with_capacity(queries.len());
-    for keys in &keyed {
-        let mut depth = Ok(QueueDepth::default());
-        for (step, key) in keys {
-            let reply = next().and_then(|v| redis::from_redis_value::<i64>(v).map_err(redis::RedisError::from));
-            match (&mut depth, reply) {
-                (Ok(d), Ok(n)) => {
-                    d.pending += n;
-                    d.by_priority.insert(*step, n);
-                }
-                (Ok(_), Err(e)) if e.code() == Some("WRONGTYPE") => {
-                    depth = Err(ReadError::WrongType {
-                        key: String::from_utf8_lossy(key).into_owned(),
-                        cause: e.to_string(),
-                    });
-                }
-                // Anything else (NOAUTH, NOPERM, ...) concerns the whole broker, not this queue.
-                (_, Err(e)) if e.code() != Some("WRONGTYPE") => return Err(redis_err(e)),
-                _ => {}
+    ReadPlan::new(queries.to_vec()).read(conn, endpoint).await
+}
+
+/// One read of a fixed set of queries, built once and sent as often as the set stays the same:
+/// an LLEN per priority list of every queue, then the first HSCAN page of each key prefix's
+/// `unacked` hash. A poller tick of 10 000 queues then formats no key and builds no command
+/// (doing both on every tick was most of a quiet operator's CPU).
+pub struct ReadPlan {
+    queries: Vec<DepthQuery>,
+    prefixes: Vec<String>,
+    pipe: redis::Pipeline,
+}
+
+impl ReadPlan {
+    pub fn new(queries: Vec<DepthQuery>) -> Self {
+        let prefixes: Vec<String> =
+            queries.iter().map(|q| q.prefix.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for q in &queries {
+            for (_, key) in q.keys() {
+                pipe.llen(key);
             }
         }
-        out.push(depth);
+        for prefix in &prefixes {
+            pipe.cmd("HSCAN").arg(format!("{prefix}unacked")).arg(0).arg("COUNT").arg(SCAN_PAGE);
+        }
+        Self { queries, prefixes, pipe }
     }
 
-    // In flight: count `unacked` entries by routing key (= queue with Celery's default publishing).
-    let mut in_flight: HashMap<(&str, String), (i64, Vec<i64>)> = HashMap::new();
-    for prefix in &prefixes {
-        let hash = format!("{prefix}unacked");
-        let mut page = next();
-        for _ in 0..MAX_SCAN_PAGES {
-            let (cursor, entries): (String, Vec<Vec<u8>>) = match page {
-                Ok(v) => redis::from_redis_value(v).map_err(|e| redis_err(e.into()))?,
-                Err(e) if e.code() == Some("WRONGTYPE") => {
-                    return Err(ReadError::WrongType { key: hash, cause: e.to_string() });
-                }
-                Err(e) => return Err(redis_err(e)),
-            };
-            for value in entries.iter().skip(1).step_by(2) {
-                if let Some(queue) = routing_key(value) {
-                    let (count, etas) = in_flight.entry((prefix, queue)).or_default();
-                    *count += 1;
-                    etas.extend(eta_millis(value));
+    /// The queries, in the order of the read's answers.
+    pub fn queries(&self) -> &[DepthQuery] {
+        &self.queries
+    }
+
+    /// The outer error is the round trip failing (nothing is known); an inner error is one queue
+    /// whose key holds something other than a list.
+    pub async fn read<C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+        endpoint: &str,
+    ) -> Result<Vec<Result<QueueDepth, ReadError>>, ReadError> {
+        let (queries, prefixes) = (&self.queries, &self.prefixes);
+        let redis_err = |e: redis::RedisError| ReadError::from_redis(endpoint, &e);
+        if queries.iter().all(|q| q.steps.is_empty()) && prefixes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Taken as one array: each command's reply or error, without another vector of results.
+        let replies = match self.pipe.query_async(conn).await.map_err(redis_err)? {
+            redis::Value::Array(replies) => replies,
+            other => vec![other],
+        };
+        let mut replies = replies.into_iter();
+        let mut next = || match replies.next() {
+            Some(redis::Value::ServerError(e)) => Err(redis::RedisError::from(e)),
+            Some(reply) => Ok(reply),
+            None => Err(redis::RedisError::from((redis::ErrorKind::Client, "short pipeline reply"))),
+        };
+        let mut out = Vec::with_capacity(queries.len());
+        for q in queries {
+            let mut depth = Ok(QueueDepth { by_priority: Vec::with_capacity(q.steps.len()), ..QueueDepth::default() });
+            for &step in &q.steps {
+                let reply = next().and_then(|v| redis::from_redis_value::<i64>(v).map_err(redis::RedisError::from));
+                match (&mut depth, reply) {
+                    (Ok(d), Ok(n)) => {
+                        d.pending += n;
+                        d.by_priority.push((step, n));
+                    }
+                    (Ok(_), Err(e)) if e.code() == Some("WRONGTYPE") => {
+                        depth = Err(ReadError::WrongType {
+                            key: String::from_utf8_lossy(&q.key(step)).into_owned(),
+                            cause: e.to_string(),
+                        });
+                    }
+                    // Anything else (NOAUTH, NOPERM, ...) concerns the whole broker, not this queue.
+                    (_, Err(e)) if e.code() != Some("WRONGTYPE") => return Err(redis_err(e)),
+                    _ => {}
                 }
             }
-            if cursor == "0" {
-                break;
+            out.push(depth);
+        }
+
+        // In flight: count `unacked` entries by routing key (= queue with Celery's default publishing).
+        let mut in_flight: HashMap<&str, HashMap<String, (i64, Vec<i64>)>> = HashMap::new();
+        for prefix in prefixes {
+            let hash = format!("{prefix}unacked");
+            let mut page = next();
+            for _ in 0..MAX_SCAN_PAGES {
+                let (cursor, entries): (String, Vec<Vec<u8>>) = match page {
+                    Ok(v) => redis::from_redis_value(v).map_err(|e| redis_err(e.into()))?,
+                    Err(e) if e.code() == Some("WRONGTYPE") => {
+                        return Err(ReadError::WrongType { key: hash, cause: e.to_string() });
+                    }
+                    Err(e) => return Err(redis_err(e)),
+                };
+                for value in entries.iter().skip(1).step_by(2) {
+                    if let Some(queue) = routing_key(value) {
+                        let (count, etas) = in_flight.entry(prefix).or_default().entry(queue).or_default();
+                        *count += 1;
+                        etas.extend(eta_millis(value));
+                    }
+                }
+                if cursor == "0" {
+                    break;
+                }
+                page = redis::cmd("HSCAN").arg(&hash).arg(&cursor).arg("COUNT").arg(SCAN_PAGE).query_async(conn).await;
             }
-            page = redis::cmd("HSCAN").arg(&hash).arg(&cursor).arg("COUNT").arg(SCAN_PAGE).query_async(conn).await;
         }
-    }
-    for (q, d) in queries.iter().zip(out.iter_mut()) {
-        if let (Ok(d), Some((count, etas))) = (d, in_flight.get(&(q.prefix.as_str(), q.queue.clone()))) {
-            d.in_flight = *count;
-            d.etas.clone_from(etas);
-            d.etas.sort_unstable();
+        for (q, d) in queries.iter().zip(out.iter_mut()) {
+            let found = in_flight.get(q.prefix.as_str()).and_then(|by_queue| by_queue.get(&q.queue));
+            if let (Ok(d), Some((count, etas))) = (d, found) {
+                d.in_flight = *count;
+                d.etas.clone_from(etas);
+                d.etas.sort_unstable();
+            }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// The routing key of one `unacked` value, `[message, exchange, routing_key]` (kombu's layout);

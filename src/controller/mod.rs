@@ -237,8 +237,8 @@ fn took_over(leading: watch::Receiver<bool>) -> impl futures::Stream<Item = ()> 
     })
 }
 
-/// On losing the lease (or never having it): read no broker, keep no memory, say so in the
-/// `taskqueue_leader` gauge. The watch caches stay warm for a takeover.
+/// On losing the lease (or never having it): read no broker, keep no memory, drop the
+/// per-TaskQueue series, say so in the `taskqueue_leader` gauge. The watch caches stay warm for a takeover.
 async fn stand_by_when_not_leading(ctx: Arc<Context>) {
     let mut leading = ctx.leading.clone();
     loop {
@@ -248,6 +248,7 @@ async fn stand_by_when_not_leading(ctx: Arc<Context>) {
             ctx.broker.unregister_all();
             ctx.memory.lock().expect("lock").clear();
             ctx.dashboard.clear();
+            ctx.metrics.forget_all();
         }
         if leading.changed().await.is_err() {
             // The election ended: its own supervision reports that.

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tracing::error;
 
 use crate::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
-use crate::broker::reader::read_depths;
+use crate::broker::reader::ReadPlan;
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
 use crate::demand::{Consumer, Share};
@@ -48,7 +48,7 @@ pub struct Reading {
     pub target: Arc<Target>,
     pub depths: Depths,
     /// Who else in the namespace consumes each queue on this broker, one per query.
-    pub shares: Vec<Share>,
+    pub shares: Arc<[Share]>,
     /// Whether the broker notifies list pushes (see `push_mode`): part of the reading, so a
     /// change of mode reaches the status like a change of depth.
     pub push: bool,
@@ -222,7 +222,14 @@ impl BrokerState {
     }
 
     pub fn reading(&self, key: &Key) -> Option<Reading> {
-        self.readings.lock().expect("lock").get(key).cloned()
+        let mut reading = self.readings.lock().expect("lock").get(key).cloned()?;
+        // A read that changed nothing leaves the readings as they were: the time of the
+        // endpoint's last read is theirs too.
+        let prepared = self.prepared.lock().expect("lock").get(&reading.target.endpoint).cloned();
+        if let Some(last) = prepared.as_ref().and_then(|p| p.last.lock().expect("lock").as_ref().map(|l| l.at)) {
+            reading.at = reading.at.max(last);
+        }
+        Some(reading)
     }
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
@@ -278,25 +285,49 @@ impl BrokerState {
     /// TaskQueues whose reading changed and whether the read worked.
     pub async fn read_endpoint(&self, endpoint: &BrokerEndpoint) -> (Vec<Key>, bool) {
         let Some(prepared) = self.prepare(endpoint) else { return (Vec::new(), true) };
+        self.read_prepared(endpoint, &prepared).await
+    }
+
+    /// `read_endpoint` with the plan at hand (the reader also needs its poll interval).
+    async fn read_prepared(&self, endpoint: &BrokerEndpoint, prepared: &Prepared) -> (Vec<Key>, bool) {
         let at = Instant::now();
-        let result = self.read_one(endpoint, &prepared.queries).await;
+        let result = self.read_one(endpoint, &prepared.plan).await;
         let ok = result.is_ok();
         let push = self.push_mode(endpoint);
+        let mut last = prepared.last.lock().expect("lock");
+        match last.as_mut() {
+            // The usual tick: the same answers as the last read for the same members. Only the
+            // time of the read is new (see `reading`); no TaskQueue is looked at.
+            Some(l) if l.push == push && l.depths == result => {
+                l.at = at;
+                (Vec::new(), ok)
+            }
+            _ => {
+                let changed = self.store_readings(prepared, &result, push, at);
+                *last = Some(LastRead { depths: result, push, at });
+                (changed, ok)
+            }
+        }
+    }
+
+    /// Store each member's part of a read that differs from the last one; return the members
+    /// whose reading changed.
+    fn store_readings(&self, prepared: &Prepared, result: &Depths, push: bool, at: Instant) -> Vec<Key> {
         let mut changed = Vec::new();
         let mut readings = self.readings.lock().expect("lock");
         for (((key, target), index), shares) in prepared.members.iter().zip(&prepared.index).zip(&prepared.shares) {
             match readings.get_mut(key) {
-                // The usual tick: nothing moved. Only the time of the read is new.
+                // This member's part did not move.
                 Some(old)
                     if old.push == push
                         && old.matches(target)
                         && old.shares == *shares
-                        && same_depths(&old.depths, &result, index) =>
+                        && same_depths(&old.depths, result, index) =>
                 {
                     old.at = at;
                 }
                 _ => {
-                    let depths = match &result {
+                    let depths = match result {
                         Err(e) => Err(e.clone()),
                         Ok(all) => Ok(index.iter().map(|&i| all[i].clone()).collect()),
                     };
@@ -306,37 +337,34 @@ impl BrokerState {
                 }
             }
         }
-        (changed, ok)
+        changed
     }
 
     /// What a read of `endpoint` is built from, rebuilt only after its targets changed (a quiet
     /// tick of 10 000 TaskQueues must not clone and sort 10 000 targets). None: no targets.
     fn prepare(&self, endpoint: &BrokerEndpoint) -> Option<Arc<Prepared>> {
-        let targets = self.targets.lock().expect("lock");
-        let mut prepared = self.prepared.lock().expect("lock");
-        let Some(group) = targets.by_endpoint.get(endpoint) else {
-            prepared.remove(endpoint);
-            return None;
+        let (version, members) = {
+            let targets = self.targets.lock().expect("lock");
+            let mut prepared = self.prepared.lock().expect("lock");
+            let Some(group) = targets.by_endpoint.get(endpoint) else {
+                prepared.remove(endpoint);
+                return None;
+            };
+            if let Some(p) = prepared.get(endpoint).filter(|p| p.version == targets.version) {
+                return Some(p.clone());
+            }
+            let members: Vec<(Key, Arc<Target>)> = group.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+            (targets.version, members)
         };
-        if let Some(p) = prepared.get(endpoint).filter(|p| p.version == targets.version) {
-            return Some(p.clone());
-        }
-        let members: Vec<(Key, Arc<Target>)> = group.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-        let queries: Vec<DepthQuery> =
-            members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
-        let index = members
-            .iter()
-            .map(|(_, t)| t.queries.iter().filter_map(|q| queries.binary_search(q).ok()).collect())
-            .collect();
-        let shares = shares(&members);
-        let p = Arc::new(Prepared { version: targets.version, members, queries, index, shares });
-        prepared.insert(endpoint.clone(), p.clone());
+        // Built without the locks: registering reconciles and `reading` must not wait for it.
+        let p = Arc::new(Prepared::new(version, members));
+        self.prepared.lock().expect("lock").insert(endpoint.clone(), p.clone());
         Some(p)
     }
 
-    async fn read_one(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
+    async fn read_one(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.deadline, self.connect_and_read(endpoint, queries)).await {
+        let result = match tokio::time::timeout(self.deadline, self.connect_and_read(endpoint, plan)).await {
             Ok(r) => r,
             Err(_) => Err(ReadError::Unreachable {
                 endpoint: endpoint.to_string(),
@@ -356,10 +384,10 @@ impl BrokerState {
         result
     }
 
-    async fn connect_and_read(&self, endpoint: &BrokerEndpoint, queries: &[DepthQuery]) -> Depths {
+    async fn connect_and_read(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
         let mut conn = self.pool.connection(endpoint).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let depths = read_depths(&mut conn, &endpoint.to_string(), queries).await;
+        let depths = plan.read(&mut conn, &endpoint.to_string()).await;
         // Whether the broker notifies pushes: asked on the same connection, once a minute.
         let due =
             self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);
@@ -504,10 +532,38 @@ impl Drop for BrokerState {
 struct Prepared {
     version: u64,
     members: Vec<(Key, Arc<Target>)>,
-    queries: Vec<DepthQuery>,
-    /// Per member, the position in `queries` of each of its queries.
+    /// The distinct queries of the members, sorted, and the pipeline that reads them.
+    plan: ReadPlan,
+    /// Per member, the position in the plan's queries of each of its queries.
     index: Vec<Vec<usize>>,
-    shares: Vec<Vec<Share>>,
+    shares: Vec<Arc<[Share]>>,
+    /// The shortest poll interval among the members: how often the endpoint is read.
+    poll: Duration,
+    /// The last read of these members: a read with the same answers wakes nobody and touches
+    /// no reading (at 10 000 TaskQueues, looking each up on every tick was most of the tick).
+    last: Mutex<Option<LastRead>>,
+}
+
+impl Prepared {
+    fn new(version: u64, members: Vec<(Key, Arc<Target>)>) -> Self {
+        let queries: Vec<DepthQuery> =
+            members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
+        let index = members
+            .iter()
+            .map(|(_, t)| t.queries.iter().filter_map(|q| queries.binary_search(q).ok()).collect())
+            .collect();
+        let shares = shares(&members).into_iter().map(Arc::from).collect();
+        let poll = members.iter().map(|(_, t)| t.interval).min().unwrap_or(Duration::MAX);
+        let plan = ReadPlan::new(queries);
+        Self { version, members, plan, index, shares, poll, last: Mutex::default() }
+    }
+}
+
+struct LastRead {
+    depths: Depths,
+    push: bool,
+    /// When it started.
+    at: Instant,
 }
 
 /// Whether a stored reading says what this read says for the member at `index`.
@@ -594,14 +650,12 @@ async fn read_loop(
 ) {
     let mut failures = 0u32;
     loop {
-        let poll = {
-            let targets = state.targets.lock().expect("lock");
-            let group = targets.by_endpoint.get(&endpoint);
-            group.and_then(|g| g.values().map(|t| t.interval).min())
-        };
-        let Some(poll) = poll else { return };
+        // Prepared once per read: while TaskQueues register, each call may rebuild it.
+        let Some(prepared) = state.prepare(&endpoint) else { return };
         let read_at = Instant::now();
-        let (changed, ok) = state.read_endpoint(&endpoint).await;
+        let (changed, ok) = state.read_prepared(&endpoint, &prepared).await;
+        let poll = prepared.poll;
+        drop(prepared);
         failures = if ok { 0 } else { failures.saturating_add(1) };
         for key in changed {
             if trigger.unbounded_send(key).is_err() {

@@ -179,7 +179,7 @@ async fn observe_broker(ctx: &Context, tq: &TaskQueue, key: &Key, valid: &ValidS
                         .queues
                         .iter()
                         .zip(depths)
-                        .zip(reading.shares)
+                        .zip(reading.shares.iter().cloned())
                         .map(|((queue, depth), share)| QueueReading { queue: queue.clone(), depth, share })
                         .collect();
                     let mode = reaction_mode(reading.push, &target);

@@ -8,12 +8,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 
 use crate::crd::{CaSecretRef, SecretKeyRef};
 
 type SecretKey = (String, SecretKeyRef);
+
+/// Secrets read at once by a refresh.
+const REFRESH_AT_ONCE: usize = 8;
 
 pub struct SecretCache {
     client: Client,
@@ -93,10 +97,18 @@ impl SecretCache {
             }
             stale
         };
+        // Several GETs at a time: a thousand namespaces' Secrets must not take a second each.
+        let fetched: Vec<_> = futures::stream::iter(stale)
+            .map(|((ns, name), refs)| async move {
+                let got = Api::<Secret>::namespaced(self.client.clone(), &ns).get_opt(&name).await;
+                (ns, name, refs, got)
+            })
+            .buffer_unordered(REFRESH_AT_ONCE)
+            .collect()
+            .await;
         let mut changed = Vec::new();
-        for ((ns, name), refs) in stale {
-            let api: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-            let data = match api.get_opt(&name).await {
+        for (ns, name, refs, got) in fetched {
+            let data = match got {
                 Ok(secret) => secret.and_then(|s| s.data).unwrap_or_default(),
                 Err(_) => continue,
             };

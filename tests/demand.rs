@@ -171,8 +171,11 @@ async fn tasks_coming_due_grow_the_pool_before_their_eta() {
     wait_replicas(&client, &ns, "soon", 4).await;
     let grown = Instant::now();
     assert!(grown < due, "the pool grew {:?} after the ETA", grown - due);
-    let tq = taskqueue(&client, &ns, "soon").await;
-    assert_eq!(status(&tq).1, Some(8), "due within the horizon: in flight");
+    // The status is written right after the Deployment: wait for it rather than race it.
+    wait_for("due within the horizon: 8 in flight in the status", T, || async {
+        (status(&taskqueue(&client, &ns, "soon").await).1 == Some(8)).then_some(())
+    })
+    .await;
     let ahead = due - grown;
     write_doc_in(
         "docs/demand.md",

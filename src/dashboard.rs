@@ -162,7 +162,7 @@ impl Dashboard {
             ns
         };
         tqs.retain(|t| namespace.is_none_or(|n| t.namespace().as_deref() == Some(n)));
-        let rows = tqs.iter().map(|t| row(t, src.broker.push_mode_of(&ObjectRef::from_obj(&**t)), None)).collect();
+        let rows = tqs.iter().map(|t| row(t, src.broker.push_mode_of(&ObjectRef::from_obj(&**t)))).collect();
         let mut view = View { role: "leader", leader: holder, namespaces, ..View::starting() }.with_rows(rows);
         view.task_queues.truncate(limit);
         // Histories are copied for the rows returned only.
@@ -262,8 +262,8 @@ pub struct NotOk {
     pub message: String,
 }
 
-/// One TaskQueue's row (pure).
-pub fn row(tq: &TaskQueue, push: Option<bool>, history: Option<&Series>) -> Row {
+/// One TaskQueue's row (pure), its history left for `api` to fill in.
+pub fn row(tq: &TaskQueue, push: Option<bool>) -> Row {
     let status = tq.status.clone().unwrap_or_default();
     let not_ok: Vec<NotOk> = not_ok_conditions(&status.conditions)
         .map(|c| NotOk {
@@ -289,7 +289,7 @@ pub fn row(tq: &TaskQueue, push: Option<bool>, history: Option<&Series>) -> Row 
         mode: push.map(|p| if p { "push" } else { "poll" }),
         state: state(&status, &not_ok),
         not_ok,
-        history: history.cloned().unwrap_or_default(),
+        history: Series::default(),
     }
 }
 
@@ -375,7 +375,7 @@ mod tests {
             "lastScaleReason": "scaled up 1 -> 4: 40 pending / 2 per replica = 20, clamped to maxReplicas 4",
             "conditions": [cond("Ready", "True", "Ready"), cond("BrokerReachable", "True", "Read"),
                 cond("ScalingLimited", "True", "AtMaxReplicas"), cond("QueueShared", "False", "Alone")]}));
-        let r = row(&t, Some(true), None);
+        let r = row(&t, Some(true));
         assert_eq!(
             (r.pending, r.in_flight, r.desired_replicas, r.ready_replicas),
             (Some(40), Some(8), Some(4), Some(3))
@@ -390,19 +390,19 @@ mod tests {
         let down = tq(
             json!({"conditions": [cond("BrokerReachable", "False", "BrokerUnreachable"), cond("Paused", "True", "Paused")]}),
         );
-        assert_eq!(row(&down, None, None).state, "brokerDown");
+        assert_eq!(row(&down, None).state, "brokerDown");
         let paused =
             tq(json!({"conditions": [cond("BrokerReachable", "True", "Read"), cond("Paused", "True", "Paused")]}));
-        assert_eq!(row(&paused, Some(false), None).state, "paused");
-        assert_eq!(row(&paused, Some(false), None).mode, Some("poll"));
+        assert_eq!(row(&paused, Some(false)).state, "paused");
+        assert_eq!(row(&paused, Some(false)).mode, Some("poll"));
         let limited =
             tq(json!({"conditions": [cond("Ready", "True", "Ready"), cond("ScalingLimited", "True", "Limited")]}));
-        assert_eq!(row(&limited, None, None).state, "limited");
+        assert_eq!(row(&limited, None).state, "limited");
         let routes = tq(
             json!({"conditions": [cond("Ready", "True", "Ready"), cond("RoutesAccepted", "False", "RouteConflict")]}),
         );
-        assert_eq!(row(&routes, None, None).state, "problem");
-        assert_eq!(row(&tq(json!({})), None, None).state, "new");
+        assert_eq!(row(&routes, None).state, "problem");
+        assert_eq!(row(&tq(json!({})), None).state, "new");
     }
 
     #[test]
@@ -416,7 +416,7 @@ mod tests {
             };
             let mut t = tq(json!({"pending": pending, "conditions": [cond("ScalingLimited", "True", limited)]}));
             t.metadata.name = Some(name.into());
-            row(&t, None, None)
+            row(&t, None)
         });
         let view = View::starting().with_rows(rows.into());
         let names: Vec<&str> = view.task_queues.iter().map(|r| r.name.as_str()).collect();

@@ -104,11 +104,6 @@ impl ReadPlan {
         Self { queries, prefixes, pipe }
     }
 
-    /// The queries, in the order of the read's answers.
-    pub fn queries(&self) -> &[DepthQuery] {
-        &self.queries
-    }
-
     /// The outer error is the round trip failing (nothing is known); an inner error is one queue
     /// whose key holds something other than a list.
     pub async fn read<C: redis::aio::ConnectionLike>(

@@ -10,7 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use taskqueue_operator::broker::reader::{read_depths, ReadPlan};
+use taskqueue_operator::broker::reader::{read_depths, InFlight, ReadPlan};
+use taskqueue_operator::broker::unacked::Tags;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
 use taskqueue_operator::crd::TransportOptions;
 
@@ -25,7 +26,7 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Fill `n` queues (one message each, every third also at priority step 6).
-async fn fill(conn: &mut redis::aio::ConnectionManager, n: usize) {
+async fn fill(conn: &mut redis::aio::MultiplexedConnection, n: usize) {
     let _: () = redis::cmd("FLUSHDB").query_async(conn).await.unwrap();
     let mut fill = redis::pipe();
     for i in 0..n {
@@ -92,9 +93,11 @@ async fn main() {
             let mut conn = conn.clone();
             async move {
                 let c0 = cpu_seconds();
+                let mut tags = Tags::default();
                 for _ in 0..reads {
                     tokio::time::sleep(spacing).await;
-                    plan.read(&mut conn, "bench").await.unwrap();
+                    let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(10) };
+                    plan.read(&mut conn, "bench", in_flight).await.unwrap();
                 }
                 (cpu_seconds() - c0) * 1000.0 / reads as f64
             }

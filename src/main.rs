@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use taskqueue_operator::broker::reader::read_depths;
+use taskqueue_operator::broker::reader::{InFlight, ReadError, ReadPlan};
+use taskqueue_operator::broker::resp::Limits;
+use taskqueue_operator::broker::unacked::{Streamed, Tags};
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
 use taskqueue_operator::controller::{self, Settings};
 use taskqueue_operator::crd::{self, TransportOptions};
@@ -55,6 +57,10 @@ enum Command {
         /// Connect and reply timeout for broker reads, e.g. `2s`.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         broker_timeout: Duration,
+        /// The most bytes one broker reply (or one pub/sub message) may have; a broker that
+        /// sends more has that connection closed and its TaskQueues show BrokerReachable=False.
+        #[arg(long, default_value_t = taskqueue_operator::broker::resp::DEFAULT_MAX_REPLY, value_parser = parse_bytes)]
+        max_broker_reply: usize,
         /// Name of the per-namespace ConfigMap holding the Celery routing table.
         #[arg(long, default_value = "celery-task-routes")]
         routes_configmap: String,
@@ -259,6 +265,23 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     taskqueue_operator::validate::parse_duration_str(s)
 }
 
+/// A byte count: `4194304`, `512Ki`, `4Mi` (Kubernetes' binary suffixes), at least 1 KiB.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let factor: usize = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(format!("{s:?}: expected bytes, optionally with Ki, Mi or Gi (e.g. 4Mi)")),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("{s:?}: expected a number of bytes (e.g. 4Mi)"))?;
+    n.checked_mul(factor).filter(|b| *b >= 1024).ok_or_else(|| format!("{s:?}: must be between 1Ki and 2^64 bytes"))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -312,6 +335,7 @@ async fn main() -> ExitCode {
         Command::Run {
             namespace,
             broker_timeout,
+            max_broker_reply,
             routes_configmap,
             log_json,
             metrics_addr,
@@ -335,8 +359,16 @@ async fn main() -> ExitCode {
                 }
             };
             let leader = leader_election.then(|| LeaseConfig::new(&lease_namespace, &identity()));
-            let settings =
-                Settings { namespace, broker_timeout, routes_configmap, leader, concurrency, ..Settings::default() };
+            let broker_limits = Limits { max_reply: max_broker_reply, ..Limits::default() };
+            let settings = Settings {
+                namespace,
+                broker_timeout,
+                broker_limits,
+                routes_configmap,
+                leader,
+                concurrency,
+                ..Settings::default()
+            };
             let mut server = tokio::spawn(taskqueue_operator::http::serve(
                 listener,
                 settings.metrics.clone(),
@@ -372,10 +404,19 @@ async fn depth(
         None => None,
     };
     let endpoint = BrokerEndpoint::resolve(url, opts.master_name.as_deref(), ca).map_err(|e| e.to_string())?;
-    let pool = BrokerPool::new(Duration::from_secs(5));
-    let mut conn = pool.connection(&endpoint).await.map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(5);
+    let pool = BrokerPool::new(timeout);
+    let (mut conn, addr) = pool.connection_at(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
-    let depths = read_depths(&mut conn, &endpoint.to_string(), &queries).await.map_err(|e| e.to_string())?;
+    // Values of unacked messages stream past; only their ends are kept (see broker::unacked).
+    let (mut tags, mut bodies) = (Tags::default(), Streamed { endpoint: endpoint.clone(), addr, timeout, read: 0 });
+    let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(60) };
+    let shown = endpoint.to_string();
+    let read = ReadPlan::new(queries).read(&mut conn, &shown, in_flight).await;
+    let depths = match (read, pool.rejected(&endpoint).await) {
+        (Err(_), Some(r)) => return Err(ReadError::rejected(&shown, &r).to_string()),
+        (read, _) => read.map_err(|e| e.to_string())?,
+    };
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut failed = None;
     for (q, d) in queues.iter().zip(depths) {

@@ -10,6 +10,7 @@ use kube::runtime::reflector::ObjectRef;
 use support::{ChildGuard, Redis, Sentinel, TempDir};
 use taskqueue_operator::broker::pool::open_client;
 use taskqueue_operator::broker::reader::read_depths;
+use taskqueue_operator::broker::resp::Limits;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery, ReadError};
 use taskqueue_operator::controller::poller::{BrokerState, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
@@ -266,18 +267,25 @@ async fn rediss_verifies_the_server_certificate_unless_the_url_opts_out() {
 
 #[tokio::test]
 #[ignore = "needs redis-server: make test"]
-async fn in_flight_counts_unacked_entries_per_queue_across_scan_pages() {
+async fn in_flight_counts_each_unacked_tag_once_per_queue() {
     let redis = Redis::start().await;
     let mut c = raw(&redis.url()).await;
-    // kombu's layout: HSET unacked <delivery_tag> [message, exchange, routing_key]
+    // kombu's layout, written in one transaction per message: ZADD unacked_index <time> <tag>
+    // and HSET unacked <tag> [message, exchange, routing_key].
     let entry = |rk: &str| serde_json::json!([{"body": "...", "headers": {"task": "t"}}, "", rk]).to_string();
     let mut fill = redis::pipe();
+    let mut hold = |prefix: &str, tag: &str, value: String| {
+        fill.zadd(format!("{prefix}unacked_index"), tag, 1.0).ignore();
+        fill.hset(format!("{prefix}unacked"), tag, value).ignore();
+    };
     for i in 0..2500 {
-        fill.hset("unacked", format!("tag-a-{i}"), entry("alpha")).ignore();
+        hold("", &format!("tag-a-{i}"), entry("alpha"));
     }
-    fill.hset("unacked", "tag-b", entry("beta")).ignore();
-    fill.hset("unacked", "tag-junk", "not json").ignore();
-    fill.hset("pfx:unacked", "tag-g", entry("gamma")).ignore();
+    hold("", "tag-b", entry("beta"));
+    hold("", "tag-junk", "not json".into());
+    hold("pfx:", "tag-g", entry("gamma"));
+    // A tag whose message was acked between the two reads: listed, but its value is gone.
+    fill.zadd("unacked_index", "tag-acked", 1.0).ignore();
     let _: () = fill.query_async(&mut c).await.unwrap();
     lpush(&mut c, b"alpha", 2).await;
 
@@ -337,9 +345,10 @@ async fn eta_tasks_held_by_a_real_worker_are_in_flight_not_pending() {
 }
 
 /// The ACL rule of a broker user that can do exactly what the operator does: depth reads
-/// (LLEN, HSCAN, SELECT for a non-zero db) and the heartbeat subscription (SUBSCRIBE).
-/// Documented in the README; keep the two in step.
-const READ_ONLY_ACL: &str = "on >PASSWORD ~* &* -@all +llen +hscan +select +subscribe";
+/// (LLEN; ZCARD and ZRANGE of the delivery tags, HGET of a new tag's message; SELECT for a
+/// non-zero db) and the heartbeat subscription (SUBSCRIBE). Documented in the README; keep the
+/// two in step.
+const READ_ONLY_ACL: &str = "on >PASSWORD ~* &* -@all +llen +zcard +zrange +hget +select +subscribe";
 
 #[tokio::test]
 #[ignore = "needs redis-server: make test"]
@@ -358,6 +367,7 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
     lpush(&mut admin, b"alpha\x06\x169", 1).await;
     let entry = serde_json::json!([{"body": "..."}, "", "alpha"]).to_string();
     let _: () = redis::cmd("HSET").arg("unacked").arg("tag").arg(entry).query_async(&mut admin).await.unwrap();
+    let _: () = redis::cmd("ZADD").arg("unacked_index").arg(1).arg("tag").query_async(&mut admin).await.unwrap();
 
     // Depth reads through the pool, as the poller does (db 1: SELECT is part of the handshake).
     let url = format!("redis://taskqueue-operator:r3ad-0nly@127.0.0.1:{}/1", redis.port);
@@ -384,6 +394,7 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
         workers.clone(),
         (push.clone(), hook),
         Duration::from_secs(2),
+        Limits::default(),
     ));
     let event = serde_json::json!({"hostname": "w@pod-1", "active": 2, "freq": 2.0, "type": "worker-heartbeat"});
     let envelope = serde_json::json!({"body": event.to_string(), "content-type": "application/json", "properties": {}});

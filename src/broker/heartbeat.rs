@@ -14,6 +14,7 @@
 //! configuration is never changed.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,9 @@ use base64::Engine;
 use futures::StreamExt;
 use tracing::{debug, warn};
 
-use super::pool::open_client;
+use super::dial::{dial_bounded, rejected_or};
+use super::pool::address;
+use super::resp::Limits;
 use super::url::BrokerEndpoint;
 
 /// The three worker event channels for a key prefix and database.
@@ -151,11 +154,12 @@ pub async fn subscribe(
     workers: SharedWorkers,
     push: (SharedPush, PushHook),
     timeout: Duration,
+    limits: Limits,
 ) {
     const FIRST: Duration = Duration::from_secs(1);
     let mut backoff = FIRST;
     loop {
-        match listen(&endpoint, &prefixes, &workers, &push, timeout).await {
+        match listen(&endpoint, &prefixes, &workers, &push, timeout, limits).await {
             Ok(()) => {
                 debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing");
                 backoff = FIRST;
@@ -173,12 +177,17 @@ async fn listen(
     workers: &SharedWorkers,
     (state, on_push): &(SharedPush, PushHook),
     timeout: Duration,
+    limits: Limits,
 ) -> Result<(), String> {
-    let client = open_client(endpoint, timeout).await.map_err(|e| e.to_string())?;
-    let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+    let addr = address(endpoint, timeout, limits).await.map_err(|e| e.to_string())?;
+    let read = Arc::new(AtomicU64::new(0));
+    let d = dial_bounded(endpoint, (&addr.0, addr.1), timeout, limits, read).await.map_err(|e| e.to_string())?;
+    let rejected = d.rejected.clone();
+    let shown = endpoint.to_string();
+    let mut pubsub = tokio::time::timeout(timeout, redis::aio::PubSub::new(&d.info, d.stream))
         .await
         .map_err(|_| format!("no reply within {timeout:?}"))?
-        .map_err(|e| super::ReadError::from_redis(&endpoint.to_string(), &e).to_string())?;
+        .map_err(|e| rejected_or(&rejected, &shown, &e).to_string())?;
     for prefix in prefixes {
         for channel in channels(prefix, endpoint.db) {
             pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
@@ -192,6 +201,9 @@ async fn listen(
     // A silent minute: no worker is publishing, or the connection died without a reset (a
     // blackholed broker). Either way a fresh subscription is cheap and rules out the latter.
     while let Ok(Some(msg)) = tokio::time::timeout(SILENCE, messages.next()).await {
+        if rejected.lock().expect("lock").is_some() {
+            break;
+        }
         if pushes.iter().any(|c| c.as_bytes() == msg.get_channel_name().as_bytes()) {
             *state.lock().expect("lock") = Some(Instant::now());
             on_push(msg.get_payload_bytes());
@@ -199,7 +211,12 @@ async fn listen(
             workers.lock().expect("lock").apply(event, Instant::now());
         }
     }
-    Ok(())
+    // A message over the bounds closed the subscription: say so, then resubscribe.
+    let closed_by = rejected.lock().expect("lock").take();
+    match closed_by {
+        Some(r) => Err(super::ReadError::rejected(&shown, &r).to_string()),
+        None => Ok(()),
+    }
 }
 
 /// `CONFIG GET notify-keyspace-events` on `conn`: whether list pushes are notified; None when

@@ -1,10 +1,13 @@
 //! Reading Celery's Redis broker: URL parsing, kombu's key layout, one pipelined read per broker.
 //! The operator only ever reads from the broker.
 
+pub mod dial;
 pub mod heartbeat;
 pub mod keys;
 pub mod pool;
 pub mod reader;
+pub mod resp;
+pub mod unacked;
 pub mod url;
 
 pub use self::url::{BrokerEndpoint, UrlError};

@@ -1,43 +1,73 @@
-//! One reusable connection per broker endpoint.
+//! One reusable connection per broker endpoint, dialled by the operator so that every reply is
+//! bounded (see `dial` and `resp`).
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
+use super::dial::{self, RejectSlot};
 use super::reader::ReadError;
+use super::resp::{Limits, Rejected};
 use super::url::BrokerEndpoint;
 
-/// Connections are created on first use and kept; the manager reconnects by itself.
+struct Conn {
+    conn: MultiplexedConnection,
+    rejected: RejectSlot,
+    /// The server it reached (for the Sentinel form, the master a sentinel named).
+    addr: (String, u16),
+}
+
+/// Connections are created on first use and kept until a read on them fails.
 #[derive(Default)]
 pub struct BrokerPool {
-    conns: Mutex<HashMap<BrokerEndpoint, ConnectionManager>>,
+    conns: Mutex<HashMap<BrokerEndpoint, Conn>>,
     pub timeout: Option<Duration>,
+    pub limits: Limits,
+    /// Bytes received from every broker so far (for metrics and benchmarks).
+    pub read_bytes: Arc<AtomicU64>,
 }
 
 impl BrokerPool {
     pub fn new(timeout: Duration) -> Self {
-        Self { conns: Mutex::default(), timeout: Some(timeout) }
+        Self { timeout: Some(timeout), ..Self::default() }
     }
 
-    pub async fn connection(&self, endpoint: &BrokerEndpoint) -> Result<ConnectionManager, ReadError> {
+    pub fn with_limits(timeout: Duration, limits: Limits) -> Self {
+        Self { timeout: Some(timeout), limits, ..Self::default() }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(5))
+    }
+
+    pub async fn connection(&self, endpoint: &BrokerEndpoint) -> Result<MultiplexedConnection, ReadError> {
+        Ok(self.connection_at(endpoint).await?.0)
+    }
+
+    /// The connection and the address of the server it reached.
+    pub async fn connection_at(
+        &self,
+        endpoint: &BrokerEndpoint,
+    ) -> Result<(MultiplexedConnection, (String, u16)), ReadError> {
         if let Some(c) = self.conns.lock().await.get(endpoint) {
-            return Ok(c.clone());
+            return Ok((c.conn.clone(), c.addr.clone()));
         }
-        let shown = endpoint.to_string();
-        let timeout = self.timeout.unwrap_or(Duration::from_secs(5));
-        let client = open_client(endpoint, timeout).await?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| with_tls_hint(endpoint, ReadError::from_redis(&shown, &e)))?;
-        self.conns.lock().await.insert(endpoint.clone(), conn.clone());
-        Ok(conn)
+        let timeout = self.timeout();
+        let addr = address(endpoint, timeout, self.limits).await?;
+        let (conn, rejected) =
+            dial::connect(endpoint, (&addr.0, addr.1), timeout, self.limits, self.read_bytes.clone()).await?;
+        let c = Conn { conn: conn.clone(), rejected, addr: addr.clone() };
+        self.conns.lock().await.insert(endpoint.clone(), c);
+        Ok((conn, addr))
+    }
+
+    /// What closed the endpoint's connection, when the broker sent a reply over the bounds.
+    pub async fn rejected(&self, endpoint: &BrokerEndpoint) -> Option<Rejected> {
+        self.conns.lock().await.get(endpoint).and_then(|c| c.rejected.lock().expect("lock").clone())
     }
 
     /// Open connections.
@@ -55,68 +85,49 @@ impl BrokerPool {
     }
 }
 
-/// Certificate failures say which setting decides the trusted CAs.
-fn with_tls_hint(endpoint: &BrokerEndpoint, err: ReadError) -> ReadError {
-    let hint = match &endpoint.ca_pem {
-        Some(_) => "the server's certificate is not signed by the CA bundle in spec.broker.caSecretRef",
-        None => "if the broker's certificate comes from a private CA, put the CA in a Secret and set spec.broker.caSecretRef",
-    };
-    match err {
-        ReadError::Unreachable { endpoint: shown, cause } if endpoint.tls && cause.contains("certificate") => {
-            ReadError::Unreachable { endpoint: shown, cause: format!("{cause}; {hint}") }
-        }
-        other => other,
+/// The address of the endpoint's (current) Redis server. For the Sentinel form this asks the
+/// sentinels for the master's, so asking again after a failover finds the new master.
+pub async fn address(endpoint: &BrokerEndpoint, timeout: Duration, limits: Limits) -> Result<(String, u16), ReadError> {
+    match &endpoint.master_name {
+        Some(master) if endpoint.is_sentinel() => master_addr(endpoint, master, timeout, limits).await,
+        _ => Ok((endpoint.host.clone(), endpoint.port)),
     }
 }
 
-/// A client for the endpoint's (current) Redis server. Shared by the depth reads and the
-/// heartbeat subscription so both reach the same server the same way. For the Sentinel form this
-/// asks the sentinels for the master's address, so calling it again after a failover finds the
-/// new master.
+/// A redis-rs client for the endpoint's current server (tests and tools; the operator's own
+/// connections come from [`BrokerPool`] and `heartbeat`, bounded).
 pub async fn open_client(endpoint: &BrokerEndpoint, timeout: Duration) -> Result<redis::Client, ReadError> {
     let shown = endpoint.to_string();
-    let info = match &endpoint.master_name {
-        Some(master) if endpoint.is_sentinel() => {
-            let (host, port) = master_addr(endpoint, master, timeout).await?;
-            endpoint.connection_info_at(&host, port)
-        }
-        _ => endpoint.connection_info(),
-    };
+    let (host, port) = address(endpoint, timeout, Limits::default()).await?;
+    let info = endpoint.connection_info_at(&host, port);
     let Some(pem) = &endpoint.ca_pem else {
         return redis::Client::open(info).map_err(|e| ReadError::from_redis(&shown, &e));
     };
-    let bad_ca = |cause: String| ReadError::Other {
-        endpoint: shown.clone(),
-        cause: format!(
-            "the CA bundle from spec.broker.caSecretRef is not usable ({cause}); put the PEM-encoded CA \
-             certificate(s) that signed the broker's certificate in that Secret key"
-        ),
-    };
-    // rustls silently skips non-PEM text, which would leave an empty trust store and a vague
-    // "unknown issuer" on every connect.
-    if !pem.windows(CERT_MARKER.len()).any(|w| w == CERT_MARKER) {
-        return Err(bad_ca("no -----BEGIN CERTIFICATE----- block".into()));
-    }
     let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) };
-    redis::Client::build_with_tls(info, certs).map_err(|e| bad_ca(e.to_string()))
+    redis::Client::build_with_tls(info, certs).map_err(|e| ReadError::from_redis(&shown, &e))
 }
-
-const CERT_MARKER: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
 /// `SENTINEL get-master-addr-by-name`, asking each sentinel in URL order until one knows the
 /// master. Sentinels are dialled without credentials: kombu hands the URL's password to the
 /// master only.
-async fn master_addr(endpoint: &BrokerEndpoint, master: &str, timeout: Duration) -> Result<(String, u16), ReadError> {
-    let config =
-        redis::AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout));
+async fn master_addr(
+    endpoint: &BrokerEndpoint,
+    master: &str,
+    timeout: Duration,
+    limits: Limits,
+) -> Result<(String, u16), ReadError> {
+    // Sentinels are plain TCP and have no database or credentials of the broker's.
+    let sentinel = BrokerEndpoint { tls: false, username: None, password: None, db: 0, ..endpoint.clone() };
     let mut failures = Vec::new();
     // Some sentinel replied (unknown master / an error reply) as opposed to none being reachable.
     let (mut unknown, mut refused) = (false, false);
     for (host, port) in &endpoint.sentinels {
         let at = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let ask = async {
-            let client = redis::Client::open(redis::ConnectionAddr::Tcp(host.clone(), *port))?;
-            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            let read = Arc::new(AtomicU64::new(0));
+            let (mut conn, _) = dial::connect(&sentinel, (host, *port), timeout, limits, read)
+                .await
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "dial", e.to_string())))?;
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(master)

@@ -1,13 +1,16 @@
-//! One pipelined round trip: LLEN of every priority list of every queried queue, plus the first
-//! page of an HSCAN of kombu's `unacked` hash per key prefix (in-flight messages). Only a large
-//! `unacked` hash costs further round trips, bounded per tick.
+//! One pipelined round trip: LLEN of every priority list of every queried queue, plus the
+//! delivery tags in kombu's `unacked_index` per key prefix (in-flight messages). Only tags not
+//! seen before cost more: their values are read once (see `unacked`).
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
 
 use base64::Engine;
+use tracing::warn;
 
 use super::keys::DepthQuery;
+use super::unacked::{Bodies, Fetched, Held, Tags, TAG_PAGE, TAG_PAGES};
 
 /// Pending messages of one queue: kombu's own count (`Channel._size`), per priority step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,10 +26,6 @@ pub struct QueueDepth {
     pub etas: Vec<i64>,
 }
 
-/// HSCAN page size, and the most pages read per prefix per tick (so 100 000 entries).
-const SCAN_PAGE: usize = 1000;
-const MAX_SCAN_PAGES: usize = 100;
-
 /// Why the broker could not be read; the text is safe to publish (no credentials).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
@@ -40,6 +39,11 @@ pub enum ReadError {
     WrongType { key: String, cause: String },
     #[error("reading {endpoint} failed: {cause}")]
     Other { endpoint: String, cause: String },
+    #[error(
+        "{endpoint} sent {cause}; the connection was closed. A Redis broker's replies to the operator's reads are \
+         small: check that the broker URL names the Celery broker (raise --max-broker-reply only if it does)"
+    )]
+    Rejected { endpoint: String, cause: String },
 }
 
 impl ReadError {
@@ -51,7 +55,13 @@ impl ReadError {
             ReadError::Auth { .. } => "BrokerAuthFailed",
             ReadError::WrongType { .. } => "WrongKeyType",
             ReadError::Other { .. } => "BrokerReadFailed",
+            ReadError::Rejected { .. } => "BrokerReplyRejected",
         }
+    }
+
+    /// The broker sent a reply over the bounds (see `resp`).
+    pub fn rejected(endpoint: &str, rejected: &super::resp::Rejected) -> Self {
+        ReadError::Rejected { endpoint: endpoint.to_string(), cause: rejected.to_string() }
     }
 
     pub fn from_redis(endpoint: &str, e: &redis::RedisError) -> Self {
@@ -68,19 +78,31 @@ impl ReadError {
     }
 }
 
-/// Read all `queries` in one pipeline (see [`ReadPlan`]).
-pub async fn read_depths<C: redis::aio::ConnectionLike>(
+/// Read all `queries` in one pipeline (see [`ReadPlan`]), the values of unacked messages over
+/// the same connection (tests; the operator streams them, see `unacked::Streamed`).
+pub async fn read_depths<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     endpoint: &str,
     queries: &[DepthQuery],
 ) -> Result<Vec<Result<QueueDepth, ReadError>>, ReadError> {
-    ReadPlan::new(queries.to_vec()).read(conn, endpoint).await
+    let mut tags = Tags::default();
+    let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(3600) };
+    ReadPlan::new(queries.to_vec()).read(conn, endpoint, in_flight).await
+}
+
+/// What a read knows and uses about in-flight messages: the tags seen so far, where new values
+/// come from (None: the read's own connection), and how long reading them may take. Past the
+/// budget the lists are still published; the values not read yet are read next time.
+pub struct InFlight<'a> {
+    pub tags: &'a mut Tags,
+    pub bodies: Option<&'a mut dyn Bodies>,
+    pub budget: Duration,
 }
 
 /// One read of a fixed set of queries, built once and sent as often as the set stays the same:
-/// an LLEN per priority list of every queue, then the first HSCAN page of each key prefix's
-/// `unacked` hash. A poller tick of 10 000 queues then formats no key and builds no command
-/// (doing both on every tick was most of a quiet operator's CPU).
+/// an LLEN per priority list of every queue, then per key prefix the size and the pages of
+/// kombu's `unacked_index` (delivery tags only). A poller tick of 10 000 queues then formats no
+/// key and builds no command (doing both on every tick was most of a quiet operator's CPU).
 pub struct ReadPlan {
     queries: Vec<DepthQuery>,
     prefixes: Vec<String>,
@@ -99,17 +121,22 @@ impl ReadPlan {
             }
         }
         for prefix in &prefixes {
-            pipe.cmd("HSCAN").arg(format!("{prefix}unacked")).arg(0).arg("COUNT").arg(SCAN_PAGE);
+            let index = format!("{prefix}unacked_index");
+            pipe.cmd("ZCARD").arg(&index);
+            for page in 0..TAG_PAGES {
+                pipe.cmd("ZRANGE").arg(&index).arg(page * TAG_PAGE).arg((page + 1) * TAG_PAGE - 1);
+            }
         }
         Self { queries, prefixes, pipe }
     }
 
     /// The outer error is the round trip failing (nothing is known); an inner error is one queue
     /// whose key holds something other than a list.
-    pub async fn read<C: redis::aio::ConnectionLike>(
+    pub async fn read<C: redis::aio::ConnectionLike + Send>(
         &self,
         conn: &mut C,
         endpoint: &str,
+        in_flight: InFlight<'_>,
     ) -> Result<Vec<Result<QueueDepth, ReadError>>, ReadError> {
         let (queries, prefixes) = (&self.queries, &self.prefixes);
         let redis_err = |e: redis::RedisError| ReadError::from_redis(endpoint, &e);
@@ -151,42 +178,122 @@ impl ReadPlan {
             out.push(depth);
         }
 
-        // In flight: count `unacked` entries by routing key (= queue with Celery's default publishing).
-        let mut in_flight: HashMap<&str, HashMap<String, (i64, Vec<i64>)>> = HashMap::new();
+        // In flight: the tags listed now, the values of the new ones read once.
+        let InFlight { tags, mut bodies, budget } = in_flight;
+        let deadline = tokio::time::Instant::now() + budget;
+        tags.retain_prefixes(prefixes);
         for prefix in prefixes {
+            let index = format!("{prefix}unacked_index");
+            let listed = read_tags(&mut next, &index).map_err(|e| match e {
+                TagsError::Redis(e) => redis_err(e),
+                TagsError::WrongType(cause) => ReadError::WrongType { key: index.clone(), cause },
+            })?;
+            if listed.total > listed.tags.len() as i64 {
+                warn!(
+                    broker = endpoint,
+                    "{index} holds {} tags; only the first {} are read each tick",
+                    listed.total,
+                    listed.tags.len()
+                );
+            }
+            let new = tags.update(prefix, &listed.tags);
+            if new.is_empty() {
+                continue;
+            }
             let hash = format!("{prefix}unacked");
-            let mut page = next();
-            for _ in 0..MAX_SCAN_PAGES {
-                let (cursor, entries): (String, Vec<Vec<u8>>) = match page {
-                    Ok(v) => redis::from_redis_value(v).map_err(|e| redis_err(e.into()))?,
-                    Err(e) if e.code() == Some("WRONGTYPE") => {
-                        return Err(ReadError::WrongType { key: hash, cause: e.to_string() });
-                    }
-                    Err(e) => return Err(redis_err(e)),
-                };
-                for value in entries.iter().skip(1).step_by(2) {
-                    if let Some(queue) = routing_key(value) {
-                        let (count, etas) = in_flight.entry(prefix).or_default().entry(queue).or_default();
-                        *count += 1;
-                        etas.extend(eta_millis(value));
+            let fetch = async {
+                match bodies.as_deref_mut() {
+                    Some(b) => b.fetch(&hash, &new).await,
+                    None => hget_each(conn, endpoint, &hash, &new).await,
+                }
+            };
+            match tokio::time::timeout_at(deadline, fetch).await {
+                Ok(Ok(values)) => {
+                    for (tag, value) in new.into_iter().zip(values) {
+                        match value {
+                            Fetched::Gone => {}
+                            Fetched::Foreign => tags.insert(prefix, tag, None),
+                            Fetched::Held(h) => tags.insert(prefix, tag, Some(h)),
+                        }
                     }
                 }
-                if cursor == "0" {
-                    break;
-                }
-                page = redis::cmd("HSCAN").arg(&hash).arg(&cursor).arg("COUNT").arg(SCAN_PAGE).query_async(conn).await;
+                Ok(Err(e)) => warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len()),
+                Err(_) => warn!(broker = endpoint, "{} new unacked messages not read within {budget:?}", new.len()),
             }
         }
-        for (q, d) in queries.iter().zip(out.iter_mut()) {
-            let found = in_flight.get(q.prefix.as_str()).and_then(|by_queue| by_queue.get(&q.queue));
-            if let (Ok(d), Some((count, etas))) = (d, found) {
-                d.in_flight = *count;
-                d.etas.clone_from(etas);
-                d.etas.sort_unstable();
-            }
-        }
+        count_in_flight(queries, &mut out, tags);
         Ok(out)
     }
+}
+
+/// Count each queue's held messages and collect their ETAs. A message belongs to its routing
+/// key's queue (Celery's default publishing: exchange "", routing key = queue).
+fn count_in_flight(queries: &[DepthQuery], out: &mut [Result<QueueDepth, ReadError>], tags: &Tags) {
+    let mut by_queue: HashMap<(&str, &str), (i64, Vec<i64>)> = HashMap::new();
+    for prefix in queries.iter().map(|q| q.prefix.as_str()).collect::<BTreeSet<_>>() {
+        for held in tags.held(prefix) {
+            let (count, etas) = by_queue.entry((prefix, held.routing_key.as_str())).or_default();
+            *count += 1;
+            etas.extend(held.eta);
+        }
+    }
+    for (q, d) in queries.iter().zip(out.iter_mut()) {
+        if let (Ok(d), Some((count, etas))) = (d, by_queue.get(&(q.prefix.as_str(), q.queue.as_str()))) {
+            d.in_flight = *count;
+            d.etas.clone_from(etas);
+            d.etas.sort_unstable();
+        }
+    }
+}
+
+struct Listed {
+    total: i64,
+    tags: HashSet<Vec<u8>>,
+}
+
+enum TagsError {
+    Redis(redis::RedisError),
+    WrongType(String),
+}
+
+/// The ZCARD and ZRANGE pages of one prefix's `unacked_index`, as a set (a tag listed on two
+/// pages, because the index changed between them, counts once).
+fn read_tags(next: &mut impl FnMut() -> redis::RedisResult<redis::Value>, index: &str) -> Result<Listed, TagsError> {
+    let wrong = |e: redis::RedisError| {
+        if e.code() == Some("WRONGTYPE") {
+            TagsError::WrongType(format!("{e}; kombu keeps a sorted set of delivery tags under {index:?}"))
+        } else {
+            TagsError::Redis(e)
+        }
+    };
+    let total: i64 = next().and_then(|v| Ok(redis::from_redis_value(v)?)).map_err(wrong)?;
+    let mut tags = HashSet::new();
+    for _ in 0..TAG_PAGES {
+        let page: Vec<Vec<u8>> = next().and_then(|v| Ok(redis::from_redis_value(v)?)).map_err(wrong)?;
+        tags.extend(page);
+    }
+    Ok(Listed { total, tags })
+}
+
+/// `HGET` of each tag over `conn`, whole values (tests and small tools; see [`read_depths`]).
+async fn hget_each<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    endpoint: &str,
+    hash: &str,
+    tags: &[Vec<u8>],
+) -> Result<Vec<Fetched>, ReadError> {
+    let mut pipe = redis::pipe();
+    for tag in tags {
+        pipe.cmd("HGET").arg(hash).arg(tag);
+    }
+    let values: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await.map_err(|e| ReadError::from_redis(endpoint, &e))?;
+    Ok(values
+        .into_iter()
+        .map(|v| match v {
+            None => Fetched::Gone,
+            Some(v) => Held::from_value(&v).map_or(Fetched::Foreign, Fetched::Held),
+        })
+        .collect())
 }
 
 /// The routing key of one `unacked` value, `[message, exchange, routing_key]` (kombu's layout);
@@ -267,7 +374,7 @@ impl Message<'_> {
 
 /// An ISO 8601 timestamp as Celery writes it (`2026-12-01T18:03:50.162849+00:00`); without an
 /// offset, UTC.
-fn parse_eta(text: &str) -> Option<i64> {
+pub(crate) fn parse_eta(text: &str) -> Option<i64> {
     if let Ok(t) = text.parse::<jiff::Timestamp>() {
         return Some(t.as_millisecond());
     }

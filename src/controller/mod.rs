@@ -38,6 +38,8 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// Deadline of one whole broker read (connect, Sentinel discovery, LLENs, HSCAN pages).
     pub broker_timeout: Duration,
+    /// What a broker's replies may be (`--max-broker-reply`).
+    pub broker_limits: crate::broker::resp::Limits,
     /// How long a broker URL read from a Secret is reused.
     pub secret_ttl: Duration,
     /// Name of the per-namespace routing table ConfigMap.
@@ -58,6 +60,7 @@ impl Default for Settings {
         Self {
             namespace: None,
             broker_timeout: Duration::from_secs(2),
+            broker_limits: crate::broker::resp::Limits::default(),
             secret_ttl: Duration::from_secs(30),
             routes_configmap: "celery-task-routes".into(),
             metrics: Arc::default(),
@@ -151,7 +154,8 @@ pub async fn run(
         .graceful_shutdown_on(shutdown);
 
     let metrics = settings.metrics.clone();
-    let broker = Arc::new(poller::BrokerState::with_metrics(settings.broker_timeout, metrics.clone()));
+    let broker =
+        Arc::new(poller::BrokerState::with_metrics(settings.broker_timeout, settings.broker_limits, metrics.clone()));
     let verdicts = routes::SharedVerdicts::default();
     let ctx = Arc::new(Context {
         client: client.clone(),

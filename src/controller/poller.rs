@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use tracing::error;
 
 use crate::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
-use crate::broker::reader::ReadPlan;
+use crate::broker::reader::{InFlight, ReadPlan};
+use crate::broker::resp::Limits;
+use crate::broker::unacked::{Streamed, Tags};
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
 use crate::demand::{Consumer, Share};
@@ -163,6 +165,8 @@ pub struct BrokerState {
     /// Per endpoint: when `notify-keyspace-events` was last asked, and what it said (None: the
     /// user may not ask).
     push_config: Mutex<HashMap<BrokerEndpoint, (Instant, Option<bool>)>>,
+    /// Per endpoint, the unacked messages seen so far (each value is read once).
+    unacked: Mutex<HashMap<BrokerEndpoint, Tags>>,
     /// Per endpoint, what its reads are built from (see `Prepared`).
     prepared: Mutex<HashMap<BrokerEndpoint, Arc<Prepared>>>,
     /// The (broker, prefix) pairs in use, at a targets version.
@@ -174,20 +178,21 @@ pub struct BrokerState {
 
 impl BrokerState {
     pub fn new(timeout: Duration) -> Self {
-        Self::with_metrics(timeout, Arc::default())
+        Self::with_metrics(timeout, Limits::default(), Arc::default())
     }
 
-    pub fn with_metrics(timeout: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(timeout: Duration, limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
             targets: Mutex::default(),
             readings: Mutex::default(),
-            pool: BrokerPool::new(timeout),
+            pool: BrokerPool::with_limits(timeout, limits),
             deadline: timeout,
             readers: Mutex::default(),
             heartbeats: Mutex::default(),
             push_config: Mutex::default(),
             prepared: Mutex::default(),
+            unacked: Mutex::default(),
             wanted_subscriptions: Mutex::default(),
             wake: Notify::new(),
             round_trips: AtomicU64::default(),
@@ -377,6 +382,14 @@ impl BrokerState {
             Err(e) => e.reason(),
         };
         self.metrics.broker_reads.get_or_create(&ResultLabels { result: label.into() }).inc();
+        let result = match result {
+            // A reply over the bounds closed the connection: say what was sent, not that it broke.
+            Err(e) => match self.pool.rejected(endpoint).await {
+                Some(r) => Err(ReadError::rejected(&endpoint.to_string(), &r)),
+                None => Err(e),
+            },
+            ok => ok,
+        };
         if result.is_err() {
             // Dial afresh next time rather than trusting a connection that just failed.
             self.pool.forget(endpoint).await;
@@ -385,9 +398,15 @@ impl BrokerState {
     }
 
     async fn connect_and_read(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
-        let mut conn = self.pool.connection(endpoint).await?;
+        let (mut conn, addr) = self.pool.connection_at(endpoint).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let depths = plan.read(&mut conn, &endpoint.to_string()).await;
+        // One reader per endpoint: its tags are taken for the read and put back after it.
+        let mut tags = self.unacked.lock().expect("lock").remove(endpoint).unwrap_or_default();
+        let mut bodies = Streamed { endpoint: endpoint.clone(), addr, timeout: self.deadline, read: 0 };
+        let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
+        let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
+        self.unacked.lock().expect("lock").insert(endpoint.clone(), tags);
+        self.pool.read_bytes.fetch_add(bodies.read, Ordering::Relaxed);
         // Whether the broker notifies pushes: asked on the same connection, once a minute.
         let due =
             self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);
@@ -448,6 +467,7 @@ impl BrokerState {
             unused
         };
         self.push_config.lock().expect("lock").retain(|e, _| want.contains(e));
+        self.unacked.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
             self.metrics.broker_push.remove(&BrokerLabels { broker: e.to_string() });
             self.pool.forget(&e).await;
@@ -482,6 +502,7 @@ impl BrokerState {
                     workers.clone(),
                     (push.clone(), hook),
                     self.deadline,
+                    self.pool.limits,
                 ));
                 (workers, push, task)
             });

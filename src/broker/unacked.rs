@@ -1,0 +1,404 @@
+//! kombu's in-flight messages, read once each.
+//!
+//! A worker that takes a message writes it into two keys in one transaction (reference §2.1):
+//! `ZADD unacked_index <time> <tag>` and `HSET unacked <tag> [message, exchange, routing_key]`,
+//! and removes both at the ack. A message under a tag never changes while it is there, so each
+//! read lists the tags only (a page of `ZRANGE unacked_index`, about 43 bytes per tag) and reads
+//! the value of a tag it has not seen before, once. Of a value it keeps only what it needs
+//! (exchange, routing key, ETA): a value up to [`WHOLE`] bytes is parsed whole; of a bigger one
+//! (a task carrying a file as an argument) only the first and last [`WINDOW`] bytes are held
+//! while the rest streams past, because kombu's envelope ends with the headers (protocol 2's ETA),
+//! the properties, the exchange and the routing key, and protocol 1's ETA sits at the end of
+//! its body.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use super::dial;
+use super::reader::{parse_eta, ReadError};
+use super::url::BrokerEndpoint;
+
+/// Tags read per tick and prefix: pages of `ZRANGE unacked_index`, each within the reply bound.
+pub const TAG_PAGE: usize = 25_000;
+pub const TAG_PAGES: usize = 4;
+
+/// A value up to this size is read and parsed whole.
+pub const WHOLE: usize = 64 << 10;
+/// Of a bigger value, this much of its start and of its end is kept.
+pub const WINDOW: usize = 64 << 10;
+
+/// What the operator keeps of one unacked message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub exchange: String,
+    pub routing_key: String,
+    /// Milliseconds since the epoch.
+    pub eta: Option<i64>,
+}
+
+/// A tag's value as read: gone (acked between the tag list and the read), not a kombu message
+/// (never counted), or held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetched {
+    Gone,
+    Foreign,
+    Held(Held),
+}
+
+/// The unacked messages seen so far, per key prefix and tag.
+#[derive(Debug, Default)]
+pub struct Tags {
+    by_prefix: HashMap<String, HashMap<Vec<u8>, Option<Held>>>,
+}
+
+impl Tags {
+    /// Keep the tags of `prefix` that are still listed; return the listed ones not known yet.
+    pub fn update(&mut self, prefix: &str, listed: &HashSet<Vec<u8>>) -> Vec<Vec<u8>> {
+        let known = self.by_prefix.entry(prefix.to_string()).or_default();
+        known.retain(|tag, _| listed.contains(tag));
+        listed.iter().filter(|t| !known.contains_key(*t)).cloned().collect()
+    }
+
+    pub fn insert(&mut self, prefix: &str, tag: Vec<u8>, held: Option<Held>) {
+        self.by_prefix.entry(prefix.to_string()).or_default().insert(tag, held);
+    }
+
+    /// Forget the prefixes not in `prefixes`.
+    pub fn retain_prefixes(&mut self, prefixes: &[String]) {
+        self.by_prefix.retain(|p, _| prefixes.contains(p));
+    }
+
+    /// The held messages of `prefix`.
+    pub fn held(&self, prefix: &str) -> impl Iterator<Item = &Held> {
+        self.by_prefix.get(prefix).into_iter().flat_map(|m| m.values().flatten())
+    }
+
+    /// Tags known, all prefixes.
+    pub fn len(&self) -> usize {
+        self.by_prefix.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Held {
+    /// From a whole `[message, exchange, routing_key]` value; None for anything else.
+    pub fn from_value(value: &[u8]) -> Option<Held> {
+        let (_, exchange, routing_key): (serde::de::IgnoredAny, String, String) = serde_json::from_slice(value).ok()?;
+        Some(Held { exchange, routing_key, eta: super::reader::eta_millis(value) })
+    }
+
+    /// From the first and last bytes of a value of `total` bytes (see the module docs).
+    pub fn from_windows(head: &[u8], tail: &[u8], total: u64) -> Option<Held> {
+        if head.len() as u64 == total {
+            return Held::from_value(head);
+        }
+        let (exchange, routing_key) = last_two_strings(tail)?;
+        let eta = headers_eta(tail).unwrap_or_else(|| protocol_1_eta(head, tail, total));
+        Some(Held { exchange, routing_key, eta })
+    }
+}
+
+/// The exchange and routing key at the end of `[message, "exchange", "routing_key"]`.
+fn last_two_strings(tail: &[u8]) -> Option<(String, String)> {
+    let end = trim_end(tail);
+    let end = end.strip_suffix(b"]")?;
+    let (rest, routing_key) = string_before(trim_end(end))?;
+    let rest = trim_end(rest).strip_suffix(b",")?;
+    let (_, exchange) = string_before(trim_end(rest))?;
+    Some((exchange, routing_key))
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let n = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(0, |i| i + 1);
+    &b[..n]
+}
+
+/// The JSON string that ends `b` (which ends with its closing quote), decoded, and what is
+/// before it.
+fn string_before(b: &[u8]) -> Option<(&[u8], String)> {
+    let body = b.strip_suffix(b"\"")?;
+    // The opening quote is the last one not escaped by an odd run of backslashes.
+    let mut i = body.len();
+    while let Some(q) = body[..i].iter().rposition(|&c| c == b'"') {
+        let slashes = body[..q].iter().rev().take_while(|&&c| c == b'\\').count();
+        if slashes % 2 == 0 {
+            let text: String = serde_json::from_slice(&b[q..]).ok()?;
+            return Some((&b[..q], text));
+        }
+        i = q;
+    }
+    None
+}
+
+/// Protocol 2: `headers.eta` of the message whose headers are in `tail`. Some(None): headers
+/// that name a task and carry no ETA; None: no protocol 2 headers found.
+fn headers_eta(tail: &[u8]) -> Option<Option<i64>> {
+    #[derive(serde::Deserialize)]
+    struct Headers<'a> {
+        #[serde(default, borrow)]
+        task: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        eta: Option<Cow<'a, str>>,
+    }
+    const KEY: &[u8] = b"\"headers\"";
+    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let rest = &tail[at + KEY.len()..];
+    let colon = rest.iter().position(|c| !c.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let mut objects = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Headers<'_>>();
+    let headers = objects.next()?.ok()?;
+    headers.task.as_ref()?;
+    Some(headers.eta.and_then(|e| parse_eta(&e)))
+}
+
+/// Protocol 1: the ETA near the end of the base64 body (`{"task", "id", "args", "kwargs", ...,
+/// "eta", "expires", "utc", ...}`), decoded from the body's last bytes in `tail`.
+fn protocol_1_eta(head: &[u8], tail: &[u8], total: u64) -> Option<i64> {
+    const BODY: &[u8] = b"\"body\"";
+    // Where the body string starts, in the value.
+    let key = head.windows(BODY.len()).position(|w| w == BODY)?;
+    let open = key + BODY.len() + head[key + BODY.len()..].iter().position(|&c| c == b'"')? + 1;
+    // Where it ends: base64 holds no quote, so the first quote of the tail (when the tail starts
+    // inside the body).
+    let tail_at = total.checked_sub(tail.len() as u64)?;
+    let close = tail.iter().position(|&c| c == b'"')?;
+    // Decode from a 4-aligned offset of the body inside the tail.
+    let first = tail_at.max(open as u64);
+    let aligned = first + (4 - (first - open as u64) % 4) % 4;
+    let from = usize::try_from(aligned - tail_at).ok()?;
+    let json = base64::engine::general_purpose::STANDARD.decode(tail.get(from..close)?).ok()?;
+    const ETA: &[u8] = b"\"eta\"";
+    let at = json.windows(ETA.len()).rposition(|w| w == ETA)?;
+    let rest = &json[at + ETA.len()..];
+    let colon = rest.iter().position(|c| !c.is_ascii_whitespace())?;
+    let mut values = serde_json::Deserializer::from_slice(rest.get(colon + 1..)?).into_iter::<Option<String>>();
+    values.next()?.ok()?.and_then(|e| parse_eta(&e))
+}
+
+/// Where the values of new tags come from.
+pub trait Bodies: Send {
+    /// `HGET hash tag` for each tag, in order.
+    fn fetch<'a>(&'a mut self, hash: &'a str, tags: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Vec<Fetched>, ReadError>>;
+}
+
+/// Values streamed over a connection of their own, holding only the windows (the operator's
+/// reads and `depth`).
+pub struct Streamed {
+    pub endpoint: BrokerEndpoint,
+    pub addr: (String, u16),
+    pub timeout: Duration,
+    /// Bytes received (values included).
+    pub read: u64,
+}
+
+/// Tags asked for in one pipeline.
+const BATCH: usize = 256;
+
+impl Bodies for Streamed {
+    fn fetch<'a>(&'a mut self, hash: &'a str, tags: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Vec<Fetched>, ReadError>> {
+        Box::pin(async move {
+            let shown = self.endpoint.to_string();
+            let stream = dial::dial(&self.endpoint, &self.addr.0, self.addr.1, self.timeout).await?;
+            let mut conn = BufReader::with_capacity(64 << 10, stream);
+            let io = |e: std::io::Error| ReadError::Unreachable { endpoint: shown.clone(), cause: e.to_string() };
+            let mut hello = Vec::new();
+            if let Some(password) = &self.endpoint.password {
+                let mut auth = redis::cmd("AUTH");
+                if let Some(user) = &self.endpoint.username {
+                    auth.arg(user);
+                }
+                hello.push(auth.arg(password).get_packed_command());
+            }
+            if self.endpoint.db != 0 {
+                hello.push(redis::cmd("SELECT").arg(self.endpoint.db).get_packed_command());
+            }
+            for cmd in &hello {
+                conn.get_mut().write_all(cmd).await.map_err(io)?;
+            }
+            for _ in &hello {
+                let line = read_line(&mut conn, &mut self.read).await.map_err(io)?;
+                if line.first() == Some(&b'-') {
+                    let cause = String::from_utf8_lossy(&line[1..]).trim_end().to_string();
+                    return Err(ReadError::Auth { endpoint: shown, cause });
+                }
+            }
+            let mut out = Vec::with_capacity(tags.len());
+            for batch in tags.chunks(BATCH) {
+                let mut pipe = Vec::new();
+                for tag in batch {
+                    redis::cmd("HGET").arg(hash).arg(tag).write_packed_command(&mut pipe);
+                }
+                write_all(conn.get_mut(), &pipe).await.map_err(io)?;
+                for _ in batch {
+                    out.push(read_value(&mut conn, &mut self.read, &shown, hash).await?);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// One reply line (`+OK`, `-ERR ...`, `$12`), at most 4 KiB.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, read: &mut u64) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let n = r.take(4096).read_until(b'\n', &mut line).await?;
+    *read += n as u64;
+    if !line.ends_with(b"\r\n") {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a reply line without its end"));
+    }
+    line.truncate(line.len() - 2);
+    Ok(line)
+}
+
+/// One `HGET` reply, streamed: only the windows are held.
+async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    read: &mut u64,
+    endpoint: &str,
+    hash: &str,
+) -> Result<Fetched, ReadError> {
+    let io = |e: std::io::Error| ReadError::Unreachable { endpoint: endpoint.to_string(), cause: e.to_string() };
+    let line = read_line(r, read).await.map_err(io)?;
+    let not_resp =
+        || ReadError::rejected(endpoint, &super::resp::Rejected::NotResp { byte: line.first().copied().unwrap_or(0) });
+    match line.first() {
+        Some(b'$') if &line[..] == b"$-1" => return Ok(Fetched::Gone),
+        Some(b'$') => {}
+        Some(b'-') => {
+            let cause = String::from_utf8_lossy(&line[1..]).into_owned();
+            return Err(if cause.starts_with("WRONGTYPE") {
+                ReadError::WrongType { key: hash.to_string(), cause }
+            } else {
+                ReadError::Other { endpoint: endpoint.to_string(), cause }
+            });
+        }
+        _ => return Err(not_resp()),
+    }
+    let total: u64 = std::str::from_utf8(&line[1..]).ok().and_then(|n| n.parse().ok()).ok_or_else(not_resp)?;
+    let mut head = Vec::with_capacity(total.min(WHOLE as u64) as usize);
+    let mut tail: Vec<u8> = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let chunk = r.fill_buf().await.map_err(io)?;
+        if chunk.is_empty() {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let n = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let chunk = &chunk[..n];
+        let to_head = (WHOLE - head.len()).min(n);
+        head.extend_from_slice(&chunk[..to_head]);
+        if total > WHOLE as u64 {
+            tail.extend_from_slice(chunk);
+            if tail.len() > 2 * WINDOW {
+                tail.drain(..tail.len() - WINDOW);
+            }
+        }
+        r.consume(n);
+        *read += n as u64;
+        left -= n as u64;
+    }
+    let mut crlf = [0u8; 2];
+    r.read_exact(&mut crlf).await.map_err(io)?;
+    *read += 2;
+    if tail.len() > WINDOW {
+        tail.drain(..tail.len() - WINDOW);
+    }
+    head.truncate(if total > WHOLE as u64 { WINDOW.min(WHOLE) } else { head.len() });
+    Ok(match Held::from_windows(&head, &tail, total) {
+        Some(h) => Fetched::Held(h),
+        None => Fetched::Foreign,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2(body_len: usize, eta: Option<&str>, exchange: &str, rk: &str) -> Vec<u8> {
+        let body = "QUJD".repeat(body_len / 4);
+        let eta = eta.map_or("null".to_string(), |e| format!("\"{e}\""));
+        format!(
+            r#"[{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"lang": "py", "task": "app.t", "id": "1", "eta": {eta}, "argsrepr": "(\"headers\": {{}})"}}, "properties": {{"delivery_info": {{"exchange": "{exchange}", "routing_key": "{rk}"}}, "body_encoding": "base64", "delivery_tag": "t1"}}}}, "{exchange}", "{rk}"]"#
+        )
+        .into_bytes()
+    }
+
+    fn v1(args_len: usize, eta: Option<&str>) -> Vec<u8> {
+        let eta = eta.map_or("null".to_string(), |e| format!("\"{e}\""));
+        let body = format!(
+            r#"{{"task": "app.t", "id": "1", "args": ["{}"], "kwargs": {{}}, "retries": 0, "eta": {eta}, "expires": null, "utc": true}}"#,
+            "x".repeat(args_len)
+        );
+        let body = base64::engine::general_purpose::STANDARD.encode(body);
+        format!(
+            r#"[{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{}}, "properties": {{"body_encoding": "base64"}}}}, "", "etaq"]"#
+        )
+        .into_bytes()
+    }
+
+    /// What a streamed read keeps of `value`.
+    async fn streamed(value: &[u8]) -> Fetched {
+        let mut reply = format!("${}\r\n", value.len()).into_bytes();
+        reply.extend_from_slice(value);
+        reply.extend_from_slice(b"\r\n");
+        let mut r = BufReader::with_capacity(8 << 10, &reply[..]);
+        let mut read = 0;
+        let got = read_value(&mut r, &mut read, "test", "unacked").await.unwrap();
+        assert_eq!(read, reply.len() as u64);
+        got
+    }
+
+    fn held(exchange: &str, rk: &str, eta: Option<&str>) -> Fetched {
+        let eta = eta.map(|e| e.parse::<jiff::Timestamp>().unwrap().as_millisecond());
+        Fetched::Held(Held { exchange: exchange.into(), routing_key: rk.into(), eta })
+    }
+
+    #[tokio::test]
+    async fn small_and_large_values_give_the_same_answer() {
+        let eta = "2026-12-01T18:03:50.162849+00:00";
+        for size in [10, WHOLE - 1000, WHOLE + 1, 3 * WINDOW + 7, 1 << 22] {
+            assert_eq!(streamed(&v2(size, Some(eta), "", "etaq")).await, held("", "etaq", Some(eta)), "v2 {size}");
+            assert_eq!(streamed(&v2(size, None, "feeds", "feed.import")).await, held("feeds", "feed.import", None));
+            assert_eq!(streamed(&v1(size, Some(eta))).await, held("", "etaq", Some(eta)), "v1 {size}");
+            assert_eq!(streamed(&v1(size, None)).await, held("", "etaq", None), "v1 {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_routing_key_with_quotes_and_an_unreadable_value() {
+        let value = br#"[{"body": "", "headers": {"task": "t"}}, "ex\"", "rk \\\" \\"]"#;
+        assert_eq!(Held::from_value(value).unwrap().routing_key, r#"rk \" \"#);
+        let big = [&br#"[{"body": ""#[..], &vec![b'A'; WHOLE * 2], &br#""}, "ex\"", "rk \\\" \\"]"#[..]].concat();
+        assert_eq!(streamed(&big).await, held("ex\"", r#"rk \" \"#, None));
+        assert_eq!(streamed(b"not json").await, Fetched::Foreign);
+        assert_eq!(streamed(&vec![b'x'; WHOLE * 3]).await, Fetched::Foreign);
+    }
+
+    #[test]
+    fn tags_keep_what_is_listed_and_name_what_is_new() {
+        let mut tags = Tags::default();
+        let set = |t: &[&str]| t.iter().map(|s| s.as_bytes().to_vec()).collect::<HashSet<_>>();
+        let mut new = tags.update("", &set(&["a", "b"]));
+        new.sort();
+        assert_eq!(new, vec![b"a".to_vec(), b"b".to_vec()]);
+        tags.insert("", b"a".to_vec(), None);
+        tags.insert("", b"b".to_vec(), None);
+        assert_eq!(tags.update("", &set(&["b", "c"])), vec![b"c".to_vec()]);
+        assert_eq!(tags.len(), 1, "a is gone");
+    }
+}

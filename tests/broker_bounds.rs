@@ -1,0 +1,254 @@
+//! What a broker can do to the operator (issue: broker cost and safety), against a real
+//! redis-server and a hostile listener written here: replies over the bound are refused with a
+//! message that names the size and the bound while a neighbour broker keeps being read; big
+//! unacked messages are read once and only their ends are held; a quiet read costs the lists
+//! and the tags, not the payloads.
+
+mod support;
+
+use std::io::{Read, Write};
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use kube::runtime::reflector::ObjectRef;
+use support::Redis;
+use taskqueue_operator::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
+use taskqueue_operator::broker::resp::{Limits, DEFAULT_MAX_REPLY};
+use taskqueue_operator::broker::{BrokerEndpoint, DepthQuery};
+use taskqueue_operator::controller::poller::{BrokerState, Target};
+use taskqueue_operator::crd::{TaskQueue, TransportOptions};
+
+/// A listener that answers the first bytes of every connection with `reply`, then holds the
+/// connection open for a while (a broker that announces more than it sends). Returns its port.
+fn hostile(reply: Vec<u8>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(&reply);
+                std::thread::sleep(Duration::from_secs(10));
+            });
+        }
+    });
+    port
+}
+
+fn key(name: &str) -> ObjectRef<TaskQueue> {
+    ObjectRef::<TaskQueue>::new(name).within("ns")
+}
+
+fn target(url: &str, queue: &str) -> Target {
+    Target {
+        endpoint: BrokerEndpoint::parse(url).unwrap(),
+        queries: vec![DepthQuery::new(queue, &TransportOptions::default())],
+        interval: Duration::from_millis(100),
+        weight: 10,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_broker_that_sends_too_much_is_cut_off_and_its_neighbour_keeps_being_read() {
+    let healthy = Redis::start().await;
+    support::lpush(&healthy.url(), "alpha", 3).await;
+    let bound = DEFAULT_MAX_REPLY;
+    let mut endless_line = b"+".to_vec();
+    endless_line.extend(std::iter::repeat_n(b'a', bound + 1024));
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "a 2 GB bulk string",
+            b"$2147483648\r\n".to_vec(),
+            format!("2147483663 bytes or more, over the bound of {bound}"),
+        ),
+        ("an array of 2^31 elements", b"*2147483648\r\n".to_vec(), format!("over the bound of {bound}")),
+        ("100 000 nested arrays", b"*1\r\n".repeat(100_000), "nested more than 8 arrays deep".into()),
+        ("an HTTP server", b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), "not a Redis reply (0x48".into()),
+        ("a line without an end", endless_line, format!("over the bound of {bound}")),
+    ];
+    let state = Arc::new(BrokerState::new(Duration::from_secs(2)));
+    state.register(key("healthy"), target(&healthy.url(), "alpha"));
+    for (what, reply, says) in cases {
+        let port = hostile(reply);
+        let url = format!("redis://127.0.0.1:{port}/0");
+        state.register(key("hostile"), target(&url, "alpha"));
+        let (_, ok) = state.read_endpoint(&BrokerEndpoint::parse(&url).unwrap()).await;
+        assert!(!ok, "{what}: the read fails");
+        let err = state.reading(&key("hostile")).unwrap().depths.unwrap_err();
+        assert_eq!(err.reason(), "BrokerReplyRejected", "{what}: {err}");
+        assert!(err.to_string().contains(&says), "{what}: {err}");
+        // The neighbour on another broker is read as before.
+        let (_, ok) = state.read_endpoint(&BrokerEndpoint::parse(&healthy.url()).unwrap()).await;
+        assert!(ok, "{what}: the healthy broker is still read");
+        let depths = state.reading(&key("healthy")).unwrap().depths.unwrap();
+        assert_eq!(depths[0].as_ref().unwrap().pending, 3, "{what}");
+        state.unregister(&key("hostile"));
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_heartbeat_message_over_the_bound_closes_the_subscription_and_it_comes_back() {
+    let redis = Redis::start().await;
+    let admin = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let workers = SharedWorkers::default();
+    let hook: PushHook = Arc::new(|_: &[u8]| {});
+    let limits = Limits { max_reply: 64 << 10, ..Limits::default() };
+    let sub = tokio::spawn(heartbeat::subscribe(
+        BrokerEndpoint::parse(&redis.url()).unwrap(),
+        vec![String::new()],
+        workers.clone(),
+        (SharedPush::default(), hook),
+        Duration::from_secs(2),
+        limits,
+    ));
+    let beat = |host: &str| {
+        let event = serde_json::json!({"hostname": host, "active": 1, "freq": 2.0, "type": "worker-heartbeat"});
+        serde_json::json!({"body": event.to_string(), "content-type": "application/json", "properties": {}}).to_string()
+    };
+    let publish = |payload: String| {
+        let mut admin = admin.clone();
+        async move {
+            redis::cmd("PUBLISH").arg("/0.celeryev/worker.heartbeat").arg(payload).query_async::<i64>(&mut admin).await
+        }
+    };
+    let seen = |host: &'static str| {
+        let (workers, publish, payload) = (workers.clone(), publish, beat(host));
+        async move {
+            support::wait_for(&format!("the heartbeat of {host}"), Duration::from_secs(30), || {
+                let (workers, publish, payload) = (workers.clone(), publish, payload.clone());
+                async move {
+                    publish(payload).await.ok()?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    workers.lock().unwrap().active(host, Instant::now())
+                }
+            })
+            .await
+        }
+    };
+    seen("w@before").await;
+    let subscriber = pubsub_client_ids(&mut admin.clone()).await;
+    assert_eq!(subscriber.len(), 1, "one subscription: {subscriber:?}");
+    // 1 MiB on the channel, 16 times the bound: the subscription drops it, and the connection.
+    let receivers = publish("x".repeat(1 << 20)).await.unwrap();
+    assert_eq!(receivers, 1, "the operator was subscribed when the big message came");
+    // The subscription comes back on a new connection (after its 1 s backoff) and hears
+    // heartbeats again.
+    seen("w@after").await;
+    let again = pubsub_client_ids(&mut admin.clone()).await;
+    assert!(again.len() == 1 && again != subscriber, "a new subscription replaced {subscriber:?}: {again:?}");
+    sub.abort();
+}
+
+/// The ids of the clients subscribed to something (`CLIENT LIST TYPE pubsub`).
+async fn pubsub_client_ids(admin: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub").query_async(admin).await.unwrap();
+    list.lines().filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")).map(String::from)).collect()
+}
+
+/// kombu's `unacked` value for a protocol 2 task carrying `file_mb` MB of base64 argument.
+fn big_message(tag: &str, queue: &str, file_mb: usize, eta: Option<&str>) -> String {
+    let file = base64::engine::general_purpose::STANDARD.encode(vec![7u8; file_mb << 20]);
+    let body = base64::engine::general_purpose::STANDARD.encode(format!(r#"[["{file}"], {{}}, {{}}]"#));
+    let eta = eta.map_or("null".into(), |e| format!("\"{e}\""));
+    format!(
+        r#"[{{"body": "{body}", "content-encoding": "utf-8", "content-type": "application/json", "headers": {{"lang": "py", "task": "app.upload", "id": "{tag}", "eta": {eta}, "retries": 0}}, "properties": {{"delivery_info": {{"exchange": "", "routing_key": "{queue}"}}, "priority": 0, "body_encoding": "base64", "delivery_tag": "{tag}"}}}}, "", "{queue}"]"#
+    )
+}
+
+async fn net_output(c: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(c).await.unwrap();
+    let out = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    (out, info.len() as u64)
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_the_payloads() {
+    let redis = Redis::start().await;
+    let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    // 8 tasks each carrying a 20 MB file (27 MB messages), 3 of them with an ETA an hour away.
+    let eta = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)).to_string();
+    for i in 0..8 {
+        let tag = format!("tag-{i}");
+        let value = big_message(&tag, "big", 20, (i < 3).then_some(eta.as_str()));
+        let _: () = redis::pipe()
+            .zadd("unacked_index", &tag, i as f64)
+            .hset("unacked", &tag, value)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    support::lpush(&redis.url(), "big", 2).await;
+
+    // `depth`, as a user runs it: its peak RSS holds the ends of each message, not the messages.
+    let bin = env!("CARGO_BIN_EXE_taskqueue-operator");
+    let (status, out, peak_kib) =
+        peak_rss(&[bin, "depth", "--broker-url", &redis.url(), "--queue", "big", "--eta-horizon", "30s"]);
+    assert!(status.success(), "depth exited {status}: {out}");
+    let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (line["pending"].as_i64(), line["inFlight"].as_i64(), line["scheduled"].as_i64()),
+        (Some(2), Some(5), Some(3)),
+        "{out}"
+    );
+    println!("depth over 8 x 27 MB in flight: peak RSS {} MiB", peak_kib / 1024);
+    // The issue's target is 96 MiB; reading each value whole, one at a time, already peaks at 98.
+    assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+
+    // The operator's reader: the first read streams each message once ...
+    let state = BrokerState::new(Duration::from_secs(10));
+    state.register(key("big"), target(&redis.url(), "big"));
+    let ep = BrokerEndpoint::parse(&redis.url()).unwrap();
+    let (before, _) = net_output(&mut c).await;
+    assert!(state.read_endpoint(&ep).await.1);
+    let (after_first, info_len) = net_output(&mut c).await;
+    let first = after_first - before - info_len;
+    assert!(first > 8 * 27_000_000, "the first read streamed the messages ({first} bytes)");
+    let depth = state.reading(&key("big")).unwrap().depths.unwrap()[0].clone().unwrap();
+    assert_eq!((depth.pending, depth.in_flight, depth.etas.len()), (2, 8, 3));
+    // ... and a quiet read sends 4 LLENs and 8 tags: at most 64 bytes each, plus the ZCARD.
+    let (before, _) = net_output(&mut c).await;
+    assert!(state.read_endpoint(&ep).await.1);
+    let (after, info_len) = net_output(&mut c).await;
+    let quiet = after - before - info_len;
+    println!("first read {first} bytes, quiet read {quiet} bytes");
+    assert!(quiet <= 64 * 4 + 64 * 8 + 64, "a quiet read cost {quiet} bytes");
+    // A tag acked since is dropped; a new one is read.
+    let _: () =
+        redis::pipe().zrem("unacked_index", "tag-0").hdel("unacked", "tag-0").query_async(&mut c).await.unwrap();
+    let _: () = redis::pipe()
+        .zadd("unacked_index", "tag-new", 9.0)
+        .hset("unacked", "tag-new", big_message("tag-new", "big", 1, None))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(state.read_endpoint(&ep).await.1);
+    let depth = state.reading(&key("big")).unwrap().depths.unwrap()[0].clone().unwrap();
+    assert_eq!((depth.in_flight, depth.etas.len()), (8, 2), "tag-0 (with an ETA) gone, tag-new in");
+}
+
+/// Run `cmd`; its exit status, its standard output and its peak resident set in KiB. A small
+/// Python parent forks it and reads wait4's figure: the test process cannot, because a child's
+/// peak counts the memory of the process it was forked from (this one holds the messages).
+fn peak_rss(cmd: &[&str]) -> (std::process::ExitStatus, String, i64) {
+    const WRAP: &str = "import resource, subprocess, sys\n\
+        r = subprocess.run(sys.argv[1:])\n\
+        print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n\
+        sys.exit(r.returncode)";
+    let out = std::process::Command::new("python3").arg("-c").arg(WRAP).args(cmd).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let peak = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{stderr}"));
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), peak)
+}

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub broker_reads: Family<ResultLabels, Counter>,
     pub broker_read_seconds: Histogram,
+    /// Bytes received from brokers (reads, unacked messages, heartbeats).
+    pub broker_received_bytes: Counter,
     pub api_writes: Family<WriteLabels, Counter>,
     pub live_workers: Gauge,
     /// 1 on the replica holding the leader Lease, 0 on a standby.
@@ -110,6 +112,7 @@ impl Metrics {
             broker_reads: Family::default(),
             // 0.5 ms .. about 4 s.
             broker_read_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            broker_received_bytes: Counter::default(),
             api_writes: Family::default(),
             live_workers: Gauge::default(),
             leader: Gauge::default(),
@@ -147,6 +150,11 @@ impl Metrics {
         registry.register("reconciles", "Reconciles by result", m.reconciles.clone());
         registry.register("broker_reads", "Pipelined broker reads (one per broker per tick)", m.broker_reads.clone());
         registry.register("broker_read_seconds", "Time of one pipelined broker read", m.broker_read_seconds.clone());
+        registry.register(
+            "broker_received_bytes",
+            "Bytes received from brokers: list lengths, delivery tags, each unacked message once, heartbeats",
+            m.broker_received_bytes.clone(),
+        );
         registry.register("api_writes", "Kubernetes API writes by kind of object", m.api_writes.clone());
         registry.register(
             "live_workers",
@@ -175,6 +183,7 @@ impl Metrics {
         m.reconciles.get_or_create(&ResultLabels { result: "ok".into() }).inc();
         m.broker_reads.get_or_create(&ResultLabels { result: "ok".into() }).inc();
         m.broker_read_seconds.observe(0.002);
+        m.broker_received_bytes.inc_by(100);
         m.write("status");
         m.live_workers.set(1);
         m.leader.set(1);

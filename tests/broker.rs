@@ -345,10 +345,10 @@ async fn eta_tasks_held_by_a_real_worker_are_in_flight_not_pending() {
 }
 
 /// The ACL rule of a broker user that can do exactly what the operator does: depth reads
-/// (LLEN; ZCARD and ZRANGE of the delivery tags, HGET of a new tag's message; SELECT for a
-/// non-zero db) and the heartbeat subscription (SUBSCRIBE). Documented in the README; keep the
-/// two in step.
-const READ_ONLY_ACL: &str = "on >PASSWORD ~* &* -@all +llen +zcard +zrange +hget +select +subscribe";
+/// (LLEN; ZCARD and ZRANGE of the delivery tags, HGET of a new tag's message, SMEMBERS of a
+/// named exchange's bindings; SELECT for a non-zero db) and the heartbeat subscription
+/// (SUBSCRIBE). Documented in the README; keep the two in step.
+const READ_ONLY_ACL: &str = "on >PASSWORD ~* &* -@all +llen +zcard +zrange +hget +smembers +select +subscribe";
 
 #[tokio::test]
 #[ignore = "needs redis-server: make test"]
@@ -394,7 +394,7 @@ async fn a_read_only_acl_user_is_enough_and_cannot_write() {
         workers.clone(),
         (push.clone(), hook),
         Duration::from_secs(2),
-        Limits::default(),
+        (Limits::default(), Default::default()),
     ));
     let event = serde_json::json!({"hostname": "w@pod-1", "active": 2, "freq": 2.0, "type": "worker-heartbeat"});
     let envelope = serde_json::json!({"body": event.to_string(), "content-type": "application/json", "properties": {}});
@@ -597,4 +597,80 @@ async fn a_broker_no_taskqueue_uses_any_more_loses_its_connections() {
         (clients(&cb).await == 1).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_reading_that_lands_after_its_taskqueue_was_unregistered_is_not_kept() {
+    let redis = Redis::start().await;
+    let mut admin = raw(&redis.url()).await;
+    lpush(&mut admin, b"alpha", 2).await;
+    let state = Arc::new(BrokerState::new(Duration::from_secs(5)));
+    let key = ObjectRef::<TaskQueue>::new("late").within("ns");
+    let target = Target {
+        endpoint: endpoint(&redis.url()),
+        queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
+        interval: Duration::from_secs(1),
+        weight: 10,
+    };
+    state.register(key.clone(), target);
+    // The broker holds every command for a second: the read is under way when the TaskQueue
+    // goes (its Lease lost, its spec made invalid, or deleted).
+    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).query_async(&mut admin).await.unwrap();
+    let read = tokio::spawn({
+        let state = state.clone();
+        let ep = endpoint(&redis.url());
+        async move { state.read_endpoint(&ep).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "the read waits for the paused broker");
+    state.unregister(&key);
+    let (changed, ok) = read.await.unwrap();
+    assert!(ok, "the read itself worked");
+    assert!(changed.is_empty(), "nobody is woken for it: {changed:?}");
+    assert!(state.reading(&key).is_none(), "no reading is kept for an unregistered TaskQueue");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn messages_sent_through_a_topic_exchange_are_in_flight_on_the_bound_queue() {
+    let redis = Redis::start().await;
+    let python = |args: &[&str]| {
+        let mut c = support::python(&redis.url());
+        c.env("PYTHONPATH", support::repo().join("tests")).args(args);
+        c
+    };
+    // The worker declares the queue and its binding; tasks sent with routing key
+    // 'feed.import' reach it through the topic exchange and wait for their countdown.
+    let mut worker = python(&["-m", "celery", "-A", "celery_topic", "worker", "-Q", "feeds", "-c", "1"]);
+    let _worker = support::ChildGuard(
+        worker.args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"]).spawn().unwrap(),
+    );
+    let mut admin = raw(&redis.url()).await;
+    support::wait_for("the worker to bind feeds to its exchange", Duration::from_secs(60), || {
+        let mut admin = admin.clone();
+        async move {
+            let n: i64 = redis::cmd("SCARD").arg("_kombu.binding.feeds").query_async(&mut admin).await.ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+    let out = python(&["tests/celery_topic.py", "send", "4", "300"]).current_dir(support::repo()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let queries = vec![
+        DepthQuery::new("feeds", &TransportOptions::default()),
+        DepthQuery::new("feed.import", &TransportOptions::default()),
+    ];
+    let pool = BrokerPool::default();
+    let got = support::wait_for("the worker to hold the 4 tasks", Duration::from_secs(60), || async {
+        let mut conn = pool.connection(&endpoint(&redis.url())).await.ok()?;
+        let d = read_depths(&mut conn, "test", &queries).await.ok()?;
+        let got: Vec<i64> = d.into_iter().map(|d| d.unwrap().in_flight).collect();
+        (got.iter().sum::<i64>() == 4).then_some(got)
+    })
+    .await;
+    assert_eq!(got, [4, 0], "in flight on the bound queue, not under the routing key");
+    let held: Vec<String> = redis::cmd("HVALS").arg("unacked").query_async(&mut admin).await.unwrap();
+    assert!(held.iter().all(|v| v.ends_with(r#""feeds", "feed.import"]"#)), "what kombu holds: {held:?}");
 }

@@ -107,7 +107,7 @@ async fn a_heartbeat_message_over_the_bound_closes_the_subscription_and_it_comes
         workers.clone(),
         (SharedPush::default(), hook),
         Duration::from_secs(2),
-        limits,
+        (limits, Default::default()),
     ));
     let beat = |host: &str| {
         let event = serde_json::json!({"hostname": host, "active": 1, "freq": 2.0, "type": "worker-heartbeat"});

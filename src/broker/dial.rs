@@ -6,11 +6,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -33,11 +33,11 @@ pub struct Bounded<S> {
     inner: S,
     framer: Framer,
     rejected: RejectSlot,
-    read: Arc<AtomicU64>,
+    read: Counter,
 }
 
 impl<S> Bounded<S> {
-    pub fn new(inner: S, limits: Limits, rejected: RejectSlot, read: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: S, limits: Limits, rejected: RejectSlot, read: Counter) -> Self {
         Self { inner, framer: Framer::new(limits), rejected, read }
     }
 }
@@ -51,7 +51,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bounded<S> {
             other => return other,
         }
         let new = &buf.filled()[before..];
-        this.read.fetch_add(new.len() as u64, Ordering::Relaxed);
+        this.read.inc_by(new.len() as u64);
         if let Err(rejected) = this.framer.feed(new) {
             // Nothing of the refused reply reaches redis-rs.
             buf.set_filled(before);
@@ -228,7 +228,7 @@ pub async fn dial_bounded(
     (host, port): (&str, u16),
     timeout: Duration,
     limits: Limits,
-    read: Arc<AtomicU64>,
+    read: Counter,
 ) -> Result<Dialled, ReadError> {
     let stream = dial(endpoint, host, port, timeout).await?;
     let rejected = RejectSlot::default();
@@ -243,7 +243,7 @@ pub async fn connect(
     addr: (&str, u16),
     timeout: Duration,
     limits: Limits,
-    read: Arc<AtomicU64>,
+    read: Counter,
 ) -> Result<(redis::aio::MultiplexedConnection, RejectSlot), ReadError> {
     let shown = endpoint.to_string();
     let d = dial_bounded(endpoint, addr, timeout, limits, read).await?;

@@ -14,12 +14,12 @@
 //! configuration is never changed.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, warn};
 
 use super::dial::{dial_bounded, rejected_or};
@@ -154,12 +154,12 @@ pub async fn subscribe(
     workers: SharedWorkers,
     push: (SharedPush, PushHook),
     timeout: Duration,
-    limits: Limits,
+    (limits, received): (Limits, Counter),
 ) {
     const FIRST: Duration = Duration::from_secs(1);
     let mut backoff = FIRST;
     loop {
-        match listen(&endpoint, &prefixes, &workers, &push, timeout, limits).await {
+        match listen(&endpoint, &prefixes, &workers, &push, timeout, (limits, &received)).await {
             Ok(()) => {
                 debug!(broker = %endpoint, "heartbeat subscription ended; resubscribing");
                 backoff = FIRST;
@@ -177,11 +177,12 @@ async fn listen(
     workers: &SharedWorkers,
     (state, on_push): &(SharedPush, PushHook),
     timeout: Duration,
-    limits: Limits,
+    (limits, received): (Limits, &Counter),
 ) -> Result<(), String> {
     let addr = address(endpoint, timeout, limits).await.map_err(|e| e.to_string())?;
-    let read = Arc::new(AtomicU64::new(0));
-    let d = dial_bounded(endpoint, (&addr.0, addr.1), timeout, limits, read).await.map_err(|e| e.to_string())?;
+    let d = dial_bounded(endpoint, (&addr.0, addr.1), timeout, limits, received.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let rejected = d.rejected.clone();
     let shown = endpoint.to_string();
     let mut pubsub = tokio::time::timeout(timeout, redis::aio::PubSub::new(&d.info, d.stream))

@@ -2,10 +2,9 @@
 //! bounded (see `dial` and `resp`).
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
@@ -28,7 +27,7 @@ pub struct BrokerPool {
     pub timeout: Option<Duration>,
     pub limits: Limits,
     /// Bytes received from every broker so far (for metrics and benchmarks).
-    pub read_bytes: Arc<AtomicU64>,
+    pub read_bytes: Counter,
 }
 
 impl BrokerPool {
@@ -36,8 +35,9 @@ impl BrokerPool {
         Self { timeout: Some(timeout), ..Self::default() }
     }
 
-    pub fn with_limits(timeout: Duration, limits: Limits) -> Self {
-        Self { timeout: Some(timeout), limits, ..Self::default() }
+    /// Bytes received are added to `read_bytes` (the operator's metric).
+    pub fn with_limits(timeout: Duration, limits: Limits, read_bytes: Counter) -> Self {
+        Self { timeout: Some(timeout), limits, read_bytes, ..Self::default() }
     }
 
     fn timeout(&self) -> Duration {
@@ -124,8 +124,7 @@ async fn master_addr(
     for (host, port) in &endpoint.sentinels {
         let at = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let ask = async {
-            let read = Arc::new(AtomicU64::new(0));
-            let (mut conn, _) = dial::connect(&sentinel, (host, *port), timeout, limits, read)
+            let (mut conn, _) = dial::connect(&sentinel, (host, *port), timeout, limits, Counter::default())
                 .await
                 .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "dial", e.to_string())))?;
             redis::cmd("SENTINEL")

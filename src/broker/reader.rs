@@ -10,7 +10,7 @@ use base64::Engine;
 use tracing::warn;
 
 use super::keys::DepthQuery;
-use super::unacked::{Bodies, Fetched, Held, Tags, TAG_PAGE, TAG_PAGES};
+use super::unacked::{Bindings, Bodies, Entry, Fetched, Held, Tags, TAG_PAGE, TAG_PAGES};
 
 /// Pending messages of one queue: kombu's own count (`Channel._size`), per priority step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -207,18 +207,31 @@ impl ReadPlan {
                     None => hget_each(conn, endpoint, &hash, &new).await,
                 }
             };
-            match tokio::time::timeout_at(deadline, fetch).await {
-                Ok(Ok(values)) => {
-                    for (tag, value) in new.into_iter().zip(values) {
-                        match value {
-                            Fetched::Gone => {}
-                            Fetched::Foreign => tags.insert(prefix, tag, None),
-                            Fetched::Held(h) => tags.insert(prefix, tag, Some(h)),
-                        }
+            let values = match tokio::time::timeout_at(deadline, fetch).await {
+                Ok(Ok(values)) => values,
+                Ok(Err(e)) => {
+                    warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len());
+                    continue;
+                }
+                Err(_) => {
+                    warn!(broker = endpoint, "{} new unacked messages not read within {budget:?}", new.len());
+                    continue;
+                }
+            };
+            let sep = queries.iter().find(|q| &q.prefix == prefix).map_or("", |q| q.sep.as_str());
+            let bindings = bindings_of(conn, prefix, sep, &values).await.map_err(redis_err)?;
+            for (tag, value) in new.into_iter().zip(values) {
+                match value {
+                    Fetched::Gone => {}
+                    Fetched::Foreign => tags.insert(prefix, tag, None),
+                    Fetched::Held(h) => {
+                        let queues = match bindings.get(&h.exchange) {
+                            Some(b) => b.queues(&h.routing_key),
+                            None => vec![h.routing_key],
+                        };
+                        tags.insert(prefix, tag, Some(Entry { queues, eta: h.eta }));
                     }
                 }
-                Ok(Err(e)) => warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len()),
-                Err(_) => warn!(broker = endpoint, "{} new unacked messages not read within {budget:?}", new.len()),
             }
         }
         count_in_flight(queries, &mut out, tags);
@@ -226,15 +239,43 @@ impl ReadPlan {
     }
 }
 
-/// Count each queue's held messages and collect their ETAs. A message belongs to its routing
-/// key's queue (Celery's default publishing: exchange "", routing key = queue).
+/// The bindings of every named exchange among `values` (Celery's default publishing uses the
+/// unnamed one: routing key = queue, no lookup).
+async fn bindings_of<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    prefix: &str,
+    sep: &str,
+    values: &[Fetched],
+) -> redis::RedisResult<HashMap<String, Bindings>> {
+    let exchanges: BTreeSet<&str> = values
+        .iter()
+        .filter_map(|v| match v {
+            Fetched::Held(h) if !h.exchange.is_empty() => Some(h.exchange.as_str()),
+            _ => None,
+        })
+        .collect();
+    if exchanges.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut pipe = redis::pipe();
+    for e in &exchanges {
+        pipe.cmd("SMEMBERS").arg(format!("{prefix}_kombu.binding.{e}"));
+    }
+    let members: Vec<Vec<Vec<u8>>> = pipe.query_async(conn).await?;
+    Ok(exchanges.into_iter().zip(members).map(|(e, m)| (e.to_string(), Bindings::parse(&m, sep))).collect())
+}
+
+/// Count each queue's held messages and collect their ETAs. A message belongs to the queues
+/// kombu would restore it to (see `unacked::Bindings`).
 fn count_in_flight(queries: &[DepthQuery], out: &mut [Result<QueueDepth, ReadError>], tags: &Tags) {
     let mut by_queue: HashMap<(&str, &str), (i64, Vec<i64>)> = HashMap::new();
     for prefix in queries.iter().map(|q| q.prefix.as_str()).collect::<BTreeSet<_>>() {
         for held in tags.held(prefix) {
-            let (count, etas) = by_queue.entry((prefix, held.routing_key.as_str())).or_default();
-            *count += 1;
-            etas.extend(held.eta);
+            for queue in &held.queues {
+                let (count, etas) = by_queue.entry((prefix, queue.as_str())).or_default();
+                *count += 1;
+                etas.extend(held.eta);
+            }
         }
     }
     for (q, d) in queries.iter().zip(out.iter_mut()) {
@@ -385,6 +426,120 @@ pub(crate) fn parse_eta(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// kombu's keys as a model: lists, `unacked_index` and `unacked`, answering the commands a
+    /// read sends. A tag in `racing` is acked by a worker between the tag list and its HGET.
+    #[derive(Default)]
+    struct Model {
+        lists: HashMap<Vec<u8>, i64>,
+        index: Vec<Vec<u8>>,
+        hash: HashMap<Vec<u8>, Vec<u8>>,
+        racing: HashSet<Vec<u8>>,
+        hgets: HashMap<Vec<u8>, usize>,
+    }
+
+    impl Model {
+        fn answer(&mut self, cmd: &redis::Cmd) -> redis::Value {
+            use redis::Value::{Array, BulkString, Int, Nil};
+            let args: Vec<Vec<u8>> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => b.to_vec(),
+                    _ => b"0".to_vec(),
+                })
+                .collect();
+            let num = |i: usize| String::from_utf8_lossy(&args[i]).parse::<usize>().unwrap();
+            match &args[0][..] {
+                b"LLEN" => Int(self.lists.get(&args[1]).copied().unwrap_or(0)),
+                b"ZCARD" => Int(self.index.len() as i64),
+                b"ZRANGE" => {
+                    let (from, to) = (num(2), num(3));
+                    Array(self.index.iter().skip(from).take(to + 1 - from).cloned().map(BulkString).collect())
+                }
+                b"HGET" => {
+                    let tag = &args[2];
+                    *self.hgets.entry(tag.clone()).or_default() += 1;
+                    if self.racing.remove(tag) {
+                        self.ack(tag);
+                    }
+                    self.hash.get(tag).cloned().map_or(Nil, BulkString)
+                }
+                b"SMEMBERS" => Array(Vec::new()),
+                other => panic!("the model does not know {}", String::from_utf8_lossy(other)),
+            }
+        }
+
+        fn ack(&mut self, tag: &[u8]) {
+            self.index.retain(|t| t != tag);
+            self.hash.remove(tag);
+        }
+
+        /// What Redis holds for `queue`, counted by hand.
+        fn held(&self, queue: &str) -> i64 {
+            self.hash.values().filter(|v| Held::from_value(v).is_some_and(|h| h.routing_key == queue)).count() as i64
+        }
+    }
+
+    impl redis::aio::ConnectionLike for Model {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+            let v = self.answer(cmd);
+            Box::pin(async move { Ok(v) })
+        }
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            pipeline: &'a redis::Pipeline,
+            offset: usize,
+            count: usize,
+        ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+            let v: Vec<redis::Value> = pipeline.cmd_iter().map(|c| self.answer(c)).skip(offset).take(count).collect();
+            Box::pin(async move { Ok(v) })
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    /// Tags added and acked between reads, some acked between a read's tag list and its HGET:
+    /// every read counts exactly what the hash holds, and reads each value once.
+    #[tokio::test]
+    async fn counts_follow_a_changing_unacked_hash_and_each_value_is_read_once() {
+        let mut rand = crate::xorshift(0xacced);
+        let queues = ["alpha", "beta", "gamma"];
+        let opts = crate::crd::TransportOptions::default();
+        let plan = ReadPlan::new(queues.iter().map(|q| DepthQuery::new(q, &opts)).collect());
+        let (mut model, mut tags) = (Model::default(), Tags::default());
+        let mut next_tag = 0;
+        for round in 0..300 {
+            for _ in 0..rand(8) {
+                let tag = format!("tag-{next_tag}").into_bytes();
+                next_tag += 1;
+                let queue = queues[rand(3) as usize];
+                let value = if rand(10) == 0 {
+                    b"not a kombu message".to_vec()
+                } else {
+                    serde_json::json!([{"body": "", "headers": {"task": "t"}}, "", queue]).to_string().into_bytes()
+                };
+                model.index.push(tag.clone());
+                model.hash.insert(tag.clone(), value);
+                if rand(6) == 0 {
+                    model.racing.insert(tag);
+                }
+            }
+            for _ in 0..rand(6) {
+                if !model.index.is_empty() {
+                    let tag = model.index[rand(model.index.len() as u64) as usize].clone();
+                    model.ack(&tag);
+                }
+            }
+            let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(1) };
+            let got = plan.read(&mut model, "model", in_flight).await.unwrap();
+            for (q, d) in queues.iter().zip(got) {
+                assert_eq!(d.unwrap().in_flight, model.held(q), "round {round}, queue {q}");
+            }
+            assert!(model.hgets.values().all(|&n| n == 1), "round {round}: a value was read twice");
+        }
+        assert!(next_tag > 500, "the rounds made {next_tag} messages");
+    }
 
     /// Real messages from Celery 5.7 (`apply_async(countdown=3600)` and a plain one), with
     /// `task_protocol` 2 and 1, as a worker stores them in `unacked`.

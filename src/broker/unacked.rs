@@ -50,10 +50,17 @@ pub enum Fetched {
     Held(Held),
 }
 
-/// The unacked messages seen so far, per key prefix and tag.
+/// A held message as counted: the queues kombu would restore it to, and its ETA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub queues: Vec<String>,
+    pub eta: Option<i64>,
+}
+
+/// The unacked messages seen so far, per key prefix and tag (None: not a kombu message).
 #[derive(Debug, Default)]
 pub struct Tags {
-    by_prefix: HashMap<String, HashMap<Vec<u8>, Option<Held>>>,
+    by_prefix: HashMap<String, HashMap<Vec<u8>, Option<Entry>>>,
 }
 
 impl Tags {
@@ -64,8 +71,8 @@ impl Tags {
         listed.iter().filter(|t| !known.contains_key(*t)).cloned().collect()
     }
 
-    pub fn insert(&mut self, prefix: &str, tag: Vec<u8>, held: Option<Held>) {
-        self.by_prefix.entry(prefix.to_string()).or_default().insert(tag, held);
+    pub fn insert(&mut self, prefix: &str, tag: Vec<u8>, entry: Option<Entry>) {
+        self.by_prefix.entry(prefix.to_string()).or_default().insert(tag, entry);
     }
 
     /// Forget the prefixes not in `prefixes`.
@@ -74,7 +81,7 @@ impl Tags {
     }
 
     /// The held messages of `prefix`.
-    pub fn held(&self, prefix: &str) -> impl Iterator<Item = &Held> {
+    pub fn held(&self, prefix: &str) -> impl Iterator<Item = &Entry> {
         self.by_prefix.get(prefix).into_iter().flat_map(|m| m.values().flatten())
     }
 
@@ -183,6 +190,53 @@ fn protocol_1_eta(head: &[u8], tail: &[u8], total: u64) -> Option<i64> {
     let colon = rest.iter().position(|c| !c.is_ascii_whitespace())?;
     let mut values = serde_json::Deserializer::from_slice(rest.get(colon + 1..)?).into_iter::<Option<String>>();
     values.next()?.ok()?.and_then(|e| parse_eta(&e))
+}
+
+/// One exchange's bindings as kombu keeps them: the members of `_kombu.binding.<exchange>`,
+/// each `routing_key + sep + pattern + sep + queue` (reference §2.2). A topic exchange's
+/// bindings carry the regex kombu compiled from the binding key; a direct exchange's have none.
+#[derive(Debug, Default)]
+pub struct Bindings(Vec<(String, Option<regex::Regex>, String)>);
+
+/// kombu's queue for messages no binding takes (`Channel.deadletter_queue`).
+pub const UNDELIVERABLE: &str = "ae.undeliver";
+
+impl Bindings {
+    pub fn parse(members: &[Vec<u8>], sep: &str) -> Self {
+        let mut out = Vec::new();
+        for m in members {
+            let m = String::from_utf8_lossy(m);
+            let parts: Vec<&str> = m.splitn(3, sep).collect();
+            let [key, pattern, queue] = parts[..] else { continue };
+            // kombu's patterns are small (`^feed\..*?$`); a bound keeps a hostile one cheap.
+            let regex = (!pattern.is_empty()).then(|| regex::RegexBuilder::new(pattern).size_limit(1 << 16).build());
+            match regex {
+                Some(Err(_)) => continue,
+                regex => out.push((key.to_string(), regex.and_then(Result::ok), queue.to_string())),
+            }
+        }
+        Self(out)
+    }
+
+    /// The queues a message sent with `routing_key` went to, as kombu's `_lookup` finds them
+    /// when it restores it: the direct bindings with an equal key, the topic bindings whose
+    /// pattern matches (`re.match`); none: kombu's dead-letter queue.
+    pub fn queues(&self, routing_key: &str) -> Vec<String> {
+        let mut queues: Vec<String> = Vec::new();
+        for (key, pattern, queue) in &self.0 {
+            let hit = match pattern {
+                Some(re) => re.find(routing_key).is_some_and(|m| m.start() == 0),
+                None => key == routing_key,
+            };
+            if hit && !queues.contains(queue) {
+                queues.push(queue.clone());
+            }
+        }
+        if queues.is_empty() {
+            queues.push(UNDELIVERABLE.to_string());
+        }
+        queues
+    }
 }
 
 /// Where the values of new tags come from.
@@ -387,6 +441,26 @@ mod tests {
         assert_eq!(streamed(&big).await, held("ex\"", r#"rk \" \"#, None));
         assert_eq!(streamed(b"not json").await, Fetched::Foreign);
         assert_eq!(streamed(&vec![b'x'; WHOLE * 3]).await, Fetched::Foreign);
+    }
+
+    #[test]
+    fn bindings_route_as_kombu_restores() {
+        let sep = "\x06\x16";
+        let member = |key: &str, pattern: &str, queue: &str| format!("{key}{sep}{pattern}{sep}{queue}").into_bytes();
+        // What kombu 5.7 writes for Queue('feeds', Exchange('feeds', type='topic'), routing_key='feed.#'),
+        // Queue('one', ..., routing_key='feed.*.x') and a direct binding.
+        let topic = Bindings::parse(
+            &[member("feed.#", r"^feed\..*?$", "feeds"), member("feed.*.x", r"^feed\.[^\.]+\.x$", "one")],
+            sep,
+        );
+        assert_eq!(topic.queues("feed.import"), ["feeds"]);
+        assert_eq!(topic.queues("feed.a.x"), ["feeds", "one"]);
+        assert_eq!(topic.queues("feed.a.b.x"), ["feeds"], "* is one word");
+        assert_eq!(topic.queues("other"), [UNDELIVERABLE]);
+        let direct = Bindings::parse(&[member("rk", "", "q1"), member("rk", "", "q2"), member("x", "", "q3")], sep);
+        assert_eq!(direct.queues("rk"), ["q1", "q2"]);
+        let broken = Bindings::parse(&[member("k", "(", "q"), b"no separators".to_vec()], sep);
+        assert_eq!(broken.queues("k"), [UNDELIVERABLE], "an unusable member routes nothing");
     }
 
     #[test]

@@ -183,10 +183,10 @@ impl BrokerState {
 
     pub fn with_metrics(timeout: Duration, limits: Limits, metrics: Arc<Metrics>) -> Self {
         Self {
+            pool: BrokerPool::with_limits(timeout, limits, metrics.broker_received_bytes.clone()),
             metrics,
             targets: Mutex::default(),
             readings: Mutex::default(),
-            pool: BrokerPool::with_limits(timeout, limits),
             deadline: timeout,
             readers: Mutex::default(),
             heartbeats: Mutex::default(),
@@ -319,8 +319,14 @@ impl BrokerState {
     /// whose reading changed.
     fn store_readings(&self, prepared: &Prepared, result: &Depths, push: bool, at: Instant) -> Vec<Key> {
         let mut changed = Vec::new();
+        // Held while storing: a TaskQueue unregistered while the read was under way (lease
+        // lost, spec invalid, deleted) gets no reading that nobody would ever prune.
+        let targets = self.targets.lock().expect("lock");
         let mut readings = self.readings.lock().expect("lock");
         for (((key, target), index), shares) in prepared.members.iter().zip(&prepared.index).zip(&prepared.shares) {
+            if !targets.target_of.get(key).is_some_and(|t| Arc::ptr_eq(t, target)) {
+                continue;
+            }
             match readings.get_mut(key) {
                 // This member's part did not move.
                 Some(old)
@@ -406,7 +412,7 @@ impl BrokerState {
         let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
         let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
         self.unacked.lock().expect("lock").insert(endpoint.clone(), tags);
-        self.pool.read_bytes.fetch_add(bodies.read, Ordering::Relaxed);
+        self.pool.read_bytes.inc_by(bodies.read);
         // Whether the broker notifies pushes: asked on the same connection, once a minute.
         let due =
             self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);
@@ -502,7 +508,7 @@ impl BrokerState {
                     workers.clone(),
                     (push.clone(), hook),
                     self.deadline,
-                    self.pool.limits,
+                    (self.pool.limits, self.pool.read_bytes.clone()),
                 ));
                 (workers, push, task)
             });

@@ -644,7 +644,12 @@ async fn messages_sent_through_a_topic_exchange_are_in_flight_on_the_bound_queue
     // 'feed.import' reach it through the topic exchange and wait for their countdown.
     let mut worker = python(&["-m", "celery", "-A", "celery_topic", "worker", "-Q", "feeds", "-c", "1"]);
     let _worker = support::ChildGuard(
-        worker.args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"]).spawn().unwrap(),
+        worker
+            .args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     let mut admin = raw(&redis.url()).await;
     support::wait_for("the worker to bind feeds to its exchange", Duration::from_secs(60), || {

@@ -679,3 +679,35 @@ async fn messages_sent_through_a_topic_exchange_are_in_flight_on_the_bound_queue
     let held: Vec<String> = redis::cmd("HVALS").arg("unacked").query_async(&mut admin).await.unwrap();
     assert!(held.iter().all(|v| v.ends_with(r#""feeds", "feed.import"]"#)), "what kombu holds: {held:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn a_broker_user_without_a_needed_command_is_told_which_acl_to_give() {
+    let redis = Redis::start().await;
+    let mut admin = raw(&redis.url()).await;
+    // The ACL this README documented before in-flight messages were read by tag.
+    let old = "on >pw ~* &* -@all +llen +hscan +select +subscribe";
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("op")
+        .arg(old.split(' ').collect::<Vec<_>>())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://op:pw@127.0.0.1:{}/0", redis.port);
+    let state = BrokerState::new(Duration::from_secs(2));
+    let key = ObjectRef::<TaskQueue>::new("acl").within("ns");
+    let target = Target {
+        endpoint: endpoint(&url),
+        queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
+        interval: Duration::from_secs(1),
+        weight: 10,
+    };
+    state.register(key.clone(), target);
+    let (_, ok) = state.read_endpoint(&endpoint(&url)).await;
+    assert!(!ok);
+    let err = state.reading(&key).unwrap().depths.unwrap_err();
+    assert_eq!(err.reason(), "BrokerPermissionDenied", "{err}");
+    assert!(err.to_string().contains("+zcard +zrange +hget"), "names the ACL to give: {err}");
+    assert!(!err.to_string().contains("pw@"), "{err}");
+}

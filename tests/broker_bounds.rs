@@ -75,6 +75,7 @@ async fn a_broker_that_sends_too_much_is_cut_off_and_its_neighbour_keeps_being_r
     ];
     let state = Arc::new(BrokerState::new(Duration::from_secs(2)));
     state.register(key("healthy"), target(&healthy.url(), "alpha"));
+    let mut table = String::from("| the broker sends | reason | message | the neighbour broker |\n|---|---|---|---|\n");
     for (what, reply, says) in cases {
         let port = hostile(reply);
         let url = format!("redis://127.0.0.1:{port}/0");
@@ -90,7 +91,10 @@ async fn a_broker_that_sends_too_much_is_cut_off_and_its_neighbour_keeps_being_r
         let depths = state.reading(&key("healthy")).unwrap().depths.unwrap();
         assert_eq!(depths[0].as_ref().unwrap().pending, 3, "{what}");
         state.unregister(&key("hostile"));
+        let shown = err.to_string().replace(&format!("127.0.0.1:{port}"), "127.0.0.1:PORT");
+        table += &format!("| {what} | `{}` | {shown} | read: pending 3 |\n", err.reason());
     }
+    support::write_doc_in("docs/broker-reads.md", "hostile-replies", &table);
 }
 
 #[tokio::test]
@@ -224,6 +228,17 @@ async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_
     let (after, info_len) = net_output(&mut c).await;
     let quiet = after - before - info_len;
     println!("first read {first} bytes, quiet read {quiet} bytes");
+    support::write_doc_in(
+        "docs/broker-reads.md",
+        "big-messages",
+        &format!(
+            "| 8 held messages of 36 MB (20 MB files), 2 pending | measured |\n|---|---|\n\
+             | `taskqueue-operator depth --queue big`: peak RSS | {} MiB |\n\
+             | the poller's first read: Redis output | {first} bytes |\n\
+             | a quiet read after it: Redis output | {quiet} bytes |\n",
+            peak_kib / 1024
+        ),
+    );
     assert!(quiet <= 64 * 4 + 64 * 8 + 64, "a quiet read cost {quiet} bytes");
     // A tag acked since is dropped; a new one is read.
     let _: () =

@@ -17,6 +17,8 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use taskqueue_operator::broker::heartbeat::{parse_event, Workers};
 use taskqueue_operator::broker::reader::{eta_millis, routing_key};
+use taskqueue_operator::broker::resp::{Framer, Limits};
+use taskqueue_operator::broker::unacked::{Bindings, Held};
 use taskqueue_operator::broker::BrokerEndpoint;
 use taskqueue_operator::broker::QueueDepth;
 use taskqueue_operator::controller::deployment;
@@ -284,6 +286,14 @@ proptest! {
         }
         let _ = routing_key(&bytes);
         let _ = routing_key(s.as_bytes());
+        // What a broker sends: the framer and the ends of a value of any claimed size.
+        let _ = Framer::new(Limits { max_reply: 64, max_depth: 4 }).feed(&bytes);
+        let _ = Framer::new(Limits::default()).feed(s.as_bytes());
+        let total = bytes.len() as u64 * 1000;
+        let _ = Held::from_windows(&bytes, s.as_bytes(), total);
+        let _ = Held::from_windows(s.as_bytes(), &bytes, bytes.len() as u64);
+        let _ = Bindings::parse(&[bytes.clone(), s.as_bytes().to_vec()], "\u{6}\u{16}").queues(&s);
+        let _ = Bindings::parse(std::slice::from_ref(&bytes), "").queues(&s);
         let _ = eta_millis(&bytes);
         let _ = eta_millis(s.as_bytes());
         let mut w = Workers::default();

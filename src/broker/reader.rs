@@ -40,6 +40,11 @@ pub enum ReadError {
     #[error("reading {endpoint} failed: {cause}")]
     Other { endpoint: String, cause: String },
     #[error(
+        "the broker user of {endpoint} may not run a command the operator needs ({cause}); give it the read-only \
+         ACL in the README (+llen +zcard +zrange +hget +smembers +select +subscribe)"
+    )]
+    NoPermission { endpoint: String, cause: String },
+    #[error(
         "{endpoint} sent {cause}; the connection was closed. A Redis broker's replies to the operator's reads are \
          small: check that the broker URL names the Celery broker (raise --max-broker-reply only if it does)"
     )]
@@ -56,6 +61,7 @@ impl ReadError {
             ReadError::WrongType { .. } => "WrongKeyType",
             ReadError::Other { .. } => "BrokerReadFailed",
             ReadError::Rejected { .. } => "BrokerReplyRejected",
+            ReadError::NoPermission { .. } => "BrokerPermissionDenied",
         }
     }
 
@@ -68,7 +74,9 @@ impl ReadError {
         let code = e.code().unwrap_or("");
         let cause = e.to_string();
         let endpoint = endpoint.to_string();
-        if matches!(code, "NOAUTH" | "WRONGPASS" | "NOPERM") || e.kind() == redis::ErrorKind::AuthenticationFailed {
+        if code == "NOPERM" {
+            ReadError::NoPermission { endpoint, cause }
+        } else if matches!(code, "NOAUTH" | "WRONGPASS") || e.kind() == redis::ErrorKind::AuthenticationFailed {
             ReadError::Auth { endpoint, cause }
         } else if e.is_connection_refusal() || e.is_timeout() || e.is_io_error() || e.is_connection_dropped() {
             ReadError::Unreachable { endpoint, cause }
@@ -209,6 +217,8 @@ impl ReadPlan {
             };
             let values = match tokio::time::timeout_at(deadline, fetch).await {
                 Ok(Ok(values)) => values,
+                // The user may not read them: say so in the TaskQueues' condition.
+                Ok(Err(e @ (ReadError::NoPermission { .. } | ReadError::Auth { .. }))) => return Err(e),
                 Ok(Err(e)) => {
                     warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len());
                     continue;

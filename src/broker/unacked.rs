@@ -283,7 +283,11 @@ impl Bodies for Streamed {
                 let line = read_line(&mut conn, &mut self.read).await.map_err(io)?;
                 if line.first() == Some(&b'-') {
                     let cause = String::from_utf8_lossy(&line[1..]).trim_end().to_string();
-                    return Err(ReadError::Auth { endpoint: shown, cause });
+                    return Err(if cause.starts_with("NOPERM") {
+                        ReadError::NoPermission { endpoint: shown, cause }
+                    } else {
+                        ReadError::Auth { endpoint: shown, cause }
+                    });
                 }
             }
             let mut out = Vec::with_capacity(tags.len());
@@ -337,6 +341,8 @@ async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
             let cause = String::from_utf8_lossy(&line[1..]).into_owned();
             return Err(if cause.starts_with("WRONGTYPE") {
                 ReadError::WrongType { key: hash.to_string(), cause }
+            } else if cause.starts_with("NOPERM") {
+                ReadError::NoPermission { endpoint: endpoint.to_string(), cause }
             } else {
                 ReadError::Other { endpoint: endpoint.to_string(), cause }
             });

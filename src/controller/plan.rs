@@ -586,6 +586,8 @@ fn event_reason(reason: &str) -> &'static str {
         "BrokerAuthFailed",
         "WrongKeyType",
         "BrokerReadFailed",
+        "BrokerReplyRejected",
+        "BrokerPermissionDenied",
     ];
     KNOWN.iter().copied().find(|k| *k == reason).unwrap_or("Warning")
 }

@@ -267,3 +267,61 @@ fn peak_rss(cmd: &[&str]) -> (std::process::ExitStatus, String, i64) {
     let peak = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{stderr}"));
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), peak)
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn real_celery_tasks_with_big_arguments_held_by_a_worker_are_counted_in_bounded_memory() {
+    for protocol in ["2", "1"] {
+        let redis = Redis::start().await;
+        let python = |args: &[&str]| {
+            let mut c = support::python(&redis.url());
+            c.env("PYTHONPATH", support::repo().join("tests")).env("TASK_PROTOCOL", protocol).args(args);
+            c
+        };
+        let worker = python(&["-m", "celery", "-A", "celery_big", "worker", "-Q", "big", "-c", "1"])
+            .args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let _worker = support::ChildGuard(worker);
+        // 4 tasks with a 20 MB file each (27 MB as base64 in the arguments), due in 300 s: the
+        // worker fetches them at once and holds them in `unacked` until then.
+        let out =
+            python(&["tests/celery_big.py", "send", "4", "20", "300"]).current_dir(support::repo()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        support::wait_for("the worker to hold the 4 tasks", Duration::from_secs(60), || {
+            let mut c = c.clone();
+            async move {
+                let n: i64 = redis::cmd("ZCARD").arg("unacked_index").query_async(&mut c).await.ok()?;
+                (n == 4).then_some(())
+            }
+        })
+        .await;
+        let bin = env!("CARGO_BIN_EXE_taskqueue-operator");
+        let (status, out, peak_kib) =
+            peak_rss(&[bin, "depth", "--broker-url", &redis.url(), "--queue", "big", "--eta-horizon", "30s"]);
+        assert!(status.success(), "protocol {protocol}: depth exited {status}: {out}");
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            (line["pending"].as_i64(), line["inFlight"].as_i64(), line["scheduled"].as_i64()),
+            (Some(0), Some(0), Some(4)),
+            "protocol {protocol}: held until due in 300 s, so scheduled: {out}"
+        );
+        assert!(peak_kib < 64 * 1024, "protocol {protocol}: peak RSS {peak_kib} KiB");
+        // The poller: after the first read, a quiet read costs the lists and the 4 tags.
+        let state = BrokerState::new(Duration::from_secs(10));
+        state.register(key("big"), target(&redis.url(), "big"));
+        let ep = BrokerEndpoint::parse(&redis.url()).unwrap();
+        assert!(state.read_endpoint(&ep).await.1);
+        let (before, _) = net_output(&mut c).await;
+        assert!(state.read_endpoint(&ep).await.1);
+        let (after, info_len) = net_output(&mut c).await;
+        let quiet = after - before - info_len;
+        assert!(quiet <= 64 * 4 + 64 * 4 + 64, "protocol {protocol}: a quiet read cost {quiet} bytes");
+        let depth = state.reading(&key("big")).unwrap().depths.unwrap()[0].clone().unwrap();
+        assert_eq!((depth.in_flight, depth.etas.len()), (4, 4), "protocol {protocol}");
+        println!("protocol {protocol}: depth peak RSS {} MiB, quiet read {quiet} bytes", peak_kib / 1024);
+    }
+}

@@ -4,6 +4,7 @@
 pub mod dial;
 pub mod heartbeat;
 pub mod keys;
+pub mod message;
 pub mod pool;
 pub mod reader;
 pub mod resp;

@@ -2,15 +2,15 @@
 //! delivery tags in kombu's `unacked_index` per key prefix (in-flight messages). Only tags not
 //! seen before cost more: their values are read once (see `unacked`).
 
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use base64::Engine;
 use tracing::warn;
 
 use super::keys::DepthQuery;
-use super::unacked::{Bindings, Bodies, Entry, Fetched, Held, Tags, TAG_PAGE, TAG_PAGES};
+use super::message::Held;
+pub use super::message::{eta_millis, routing_key};
+use super::unacked::{Bindings, Bodies, Entry, Fetched, Tags, TAG_PAGE, TAG_PAGES};
 
 /// Pending messages of one queue: kombu's own count (`Channel._size`), per priority step.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -347,92 +347,6 @@ async fn hget_each<C: redis::aio::ConnectionLike + Send>(
         .collect())
 }
 
-/// The routing key of one `unacked` value, `[message, exchange, routing_key]` (kombu's layout);
-/// None for a value in another format.
-pub fn routing_key(value: &[u8]) -> Option<String> {
-    let (_, _, rk): (serde::de::IgnoredAny, serde::de::IgnoredAny, String) = serde_json::from_slice(value).ok()?;
-    Some(rk)
-}
-
-/// The ETA of one `unacked` value, in milliseconds since the epoch; None when the task has none
-/// or the value is not a Celery task message we can read. Celery protocol 2 carries it in
-/// `headers.eta`; protocol 1 in the JSON body (base64-encoded by kombu's Redis transport). A
-/// timestamp without an offset is read as UTC (Celery's default `enable_utc`). Bodies in other
-/// serializers (pickle, msgpack, yaml) are not decoded: such tasks count as in flight.
-pub fn eta_millis(value: &[u8]) -> Option<i64> {
-    let (message, _, _): (Message<'_>, serde::de::IgnoredAny, serde::de::IgnoredAny) =
-        serde_json::from_slice(value).ok()?;
-    let eta = match &message.headers {
-        // Protocol 2: the headers name the task.
-        Some(h) if h.task.is_some() => h.eta.clone()?,
-        _ => message.protocol_1_eta()?,
-    };
-    parse_eta(&eta)
-}
-
-/// The parts of kombu's message envelope that can hold an ETA.
-#[derive(serde::Deserialize)]
-struct Message<'a> {
-    #[serde(default, borrow)]
-    headers: Option<Headers<'a>>,
-    #[serde(default, borrow)]
-    body: Option<Cow<'a, str>>,
-    #[serde(default, borrow, rename = "content-type")]
-    content_type: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    properties: Option<Properties<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct Headers<'a> {
-    #[serde(default, borrow)]
-    task: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    eta: Option<Cow<'a, str>>,
-}
-
-#[derive(serde::Deserialize)]
-struct Properties<'a> {
-    #[serde(default, borrow)]
-    body_encoding: Option<Cow<'a, str>>,
-}
-
-/// Protocol 1's task body: `{"task": ..., "id": ..., "eta": ...}`.
-#[derive(serde::Deserialize)]
-struct BodyV1 {
-    #[allow(dead_code)]
-    task: String,
-    #[serde(default)]
-    eta: Option<String>,
-}
-
-impl Message<'_> {
-    fn protocol_1_eta(&self) -> Option<Cow<'_, str>> {
-        if self.content_type.as_deref() != Some("application/json") {
-            return None;
-        }
-        let body = self.body.as_deref()?;
-        let encoding = self.properties.as_ref().and_then(|p| p.body_encoding.as_deref());
-        let json: Vec<u8> = match encoding {
-            Some("base64") => base64::engine::general_purpose::STANDARD.decode(body).ok()?,
-            None => body.as_bytes().to_vec(),
-            Some(_) => return None,
-        };
-        let body: BodyV1 = serde_json::from_slice(&json).ok()?;
-        body.eta.map(Cow::Owned)
-    }
-}
-
-/// An ISO 8601 timestamp as Celery writes it (`2026-12-01T18:03:50.162849+00:00`); without an
-/// offset, UTC.
-pub(crate) fn parse_eta(text: &str) -> Option<i64> {
-    if let Ok(t) = text.parse::<jiff::Timestamp>() {
-        return Some(t.as_millisecond());
-    }
-    let civil: jiff::civil::DateTime = text.parse().ok()?;
-    civil.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp().as_millisecond())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,54 +463,5 @@ mod tests {
             assert!(model.hgets.values().all(|&n| n == 1), "round {round}: a value was read twice");
         }
         assert!(next_tag > 500, "the rounds made {next_tag} messages");
-    }
-
-    /// Real messages from Celery 5.7 (`apply_async(countdown=3600)` and a plain one), with
-    /// `task_protocol` 2 and 1, as a worker stores them in `unacked`.
-    const V2_ETA: &str = r#"{"body": "W1sxXSwge30sIHsiY2FsbGJhY2tzIjogbnVsbCwgImVycmJhY2tzIjogbnVsbCwgImNoYWluIjogbnVsbCwgImNob3JkIjogbnVsbH1d", "content-encoding": "utf-8", "content-type": "application/json", "headers": {"lang": "py", "task": "app.worker.tasks.urgent.page_oncall", "id": "73d2681b-49a3-4db9-b085-33e05af98f2d", "shadow": null, "eta": "2026-12-01T18:03:50.162849+00:00", "expires": null, "retries": 0}, "properties": {"delivery_info": {"exchange": "", "routing_key": "etaq"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "634e389c"}}"#;
-    const V2_NOW: &str = r#"{"body": "W1syXSwge30sIHt9XQ==", "content-type": "application/json", "headers": {"lang": "py", "task": "t", "id": "d76a", "eta": null}, "properties": {"body_encoding": "base64"}}"#;
-    const V1_ETA: &str = r#"{"body": "eyJ0YXNrIjogImFwcC53b3JrZXIudGFza3MudXJnZW50LnBhZ2Vfb25jYWxsIiwgImlkIjogIjE2YmRlZjU0LTM1ZjAtNDE2Yy05NGE2LTM0MDliYjVlNjJiMSIsICJhcmdzIjogWzFdLCAia3dhcmdzIjoge30sICJncm91cCI6IG51bGwsICJncm91cF9pbmRleCI6IG51bGwsICJyZXRyaWVzIjogMCwgImV0YSI6ICIyMDI2LTEyLTAxVDE4OjAzOjUwLjM0Njg4NyswMDowMCIsICJleHBpcmVzIjogbnVsbCwgInV0YyI6IHRydWUsICJjYWxsYmFja3MiOiBudWxsLCAiZXJyYmFja3MiOiBudWxsLCAidGltZWxpbWl0IjogW251bGwsIG51bGxdLCAidGFza3NldCI6IG51bGwsICJjaG9yZCI6IG51bGx9", "content-encoding": "utf-8", "content-type": "application/json", "headers": {}, "properties": {"delivery_info": {"exchange": "", "routing_key": "etaq"}, "priority": 0, "body_encoding": "base64", "delivery_tag": "f522469d"}}"#;
-    const V1_NOW: &str = r#"{"body": "eyJ0YXNrIjogImFwcC53b3JrZXIudGFza3MudXJnZW50LnBhZ2Vfb25jYWxsIiwgImlkIjogIjExYWI4Y2M4LTRlMzQtNGFmYS04MTliLTM1NWNhZjhmOTU0MyIsICJhcmdzIjogWzJdLCAia3dhcmdzIjoge30sICJncm91cCI6IG51bGwsICJncm91cF9pbmRleCI6IG51bGwsICJyZXRyaWVzIjogMCwgImV0YSI6IG51bGwsICJleHBpcmVzIjogbnVsbCwgInV0YyI6IHRydWUsICJjYWxsYmFja3MiOiBudWxsLCAiZXJyYmFja3MiOiBudWxsLCAidGltZWxpbWl0IjogW251bGwsIG51bGxdLCAidGFza3NldCI6IG51bGwsICJjaG9yZCI6IG51bGx9", "content-type": "application/json", "headers": {}, "properties": {"body_encoding": "base64"}}"#;
-
-    fn entry(message: &str) -> Vec<u8> {
-        format!(r#"[{message}, "", "etaq"]"#).into_bytes()
-    }
-
-    fn ms(text: &str) -> i64 {
-        text.parse::<jiff::Timestamp>().unwrap().as_millisecond()
-    }
-
-    #[test]
-    fn etas_of_both_celery_protocols_are_read() {
-        assert_eq!(eta_millis(&entry(V2_ETA)), Some(ms("2026-12-01T18:03:50.162Z")));
-        assert_eq!(eta_millis(&entry(V1_ETA)), Some(ms("2026-12-01T18:03:50.346Z")));
-        assert_eq!(eta_millis(&entry(V2_NOW)), None, "protocol 2, no ETA");
-        assert_eq!(eta_millis(&entry(V1_NOW)), None, "protocol 1, no ETA");
-        assert_eq!(routing_key(&entry(V2_ETA)).as_deref(), Some("etaq"));
-    }
-
-    #[test]
-    fn other_messages_have_no_eta() {
-        let cases = [
-            r#"{"body": "x", "content-type": "application/x-python-serialize", "headers": {}, "properties": {"body_encoding": "base64"}}"#,
-            r#"{"body": "not base64!", "content-type": "application/json", "headers": {}, "properties": {"body_encoding": "base64"}}"#,
-            r#"{"body": "{\"eta\": \"2026-12-01T18:00:00Z\"}", "content-type": "application/json"}"#,
-            r#"{"headers": {"task": "t", "eta": "tomorrow"}}"#,
-            r#"{"headers": {"task": "t", "eta": 17}}"#,
-            r#"{"headers": "weird"}"#,
-            r#""a string""#,
-        ];
-        for message in cases {
-            assert_eq!(eta_millis(&entry(message)), None, "{message}");
-        }
-        assert_eq!(eta_millis(b"not json"), None);
-    }
-
-    #[test]
-    fn an_eta_without_offset_is_utc_and_an_unencoded_v1_body_is_read() {
-        let naive = r#"{"headers": {"task": "t", "eta": "2026-12-01T18:00:00.5"}}"#;
-        assert_eq!(eta_millis(&entry(naive)), Some(ms("2026-12-01T18:00:00.5Z")));
-        let plain = r#"{"body": "{\"task\": \"t\", \"eta\": \"2026-12-01T19:00:00+01:00\"}", "content-type": "application/json"}"#;
-        assert_eq!(eta_millis(&entry(plain)), Some(ms("2026-12-01T18:00:00Z")));
     }
 }

@@ -11,16 +11,15 @@
 //! the properties, the exchange and the routing key, and protocol 1's ETA sits at the end of
 //! its body.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use base64::Engine;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::dial;
-use super::reader::{parse_eta, ReadError};
+use super::message::Held;
+use super::reader::ReadError;
 use super::url::BrokerEndpoint;
 
 /// Tags read per tick and prefix: pages of `ZRANGE unacked_index`, each within the reply bound.
@@ -31,15 +30,6 @@ pub const TAG_PAGES: usize = 4;
 pub const WHOLE: usize = 64 << 10;
 /// Of a bigger value, this much of its start and of its end is kept.
 pub const WINDOW: usize = 64 << 10;
-
-/// What the operator keeps of one unacked message.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Held {
-    pub exchange: String,
-    pub routing_key: String,
-    /// Milliseconds since the epoch.
-    pub eta: Option<i64>,
-}
 
 /// A tag's value as read: gone (acked between the tag list and the read), not a kombu message
 /// (never counted), or held.
@@ -93,103 +83,6 @@ impl Tags {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-impl Held {
-    /// From a whole `[message, exchange, routing_key]` value; None for anything else.
-    pub fn from_value(value: &[u8]) -> Option<Held> {
-        let (_, exchange, routing_key): (serde::de::IgnoredAny, String, String) = serde_json::from_slice(value).ok()?;
-        Some(Held { exchange, routing_key, eta: super::reader::eta_millis(value) })
-    }
-
-    /// From the first and last bytes of a value of `total` bytes (see the module docs).
-    pub fn from_windows(head: &[u8], tail: &[u8], total: u64) -> Option<Held> {
-        if head.len() as u64 == total {
-            return Held::from_value(head);
-        }
-        let (exchange, routing_key) = last_two_strings(tail)?;
-        let eta = headers_eta(tail).unwrap_or_else(|| protocol_1_eta(head, tail, total));
-        Some(Held { exchange, routing_key, eta })
-    }
-}
-
-/// The exchange and routing key at the end of `[message, "exchange", "routing_key"]`.
-fn last_two_strings(tail: &[u8]) -> Option<(String, String)> {
-    let end = trim_end(tail);
-    let end = end.strip_suffix(b"]")?;
-    let (rest, routing_key) = string_before(trim_end(end))?;
-    let rest = trim_end(rest).strip_suffix(b",")?;
-    let (_, exchange) = string_before(trim_end(rest))?;
-    Some((exchange, routing_key))
-}
-
-fn trim_end(b: &[u8]) -> &[u8] {
-    let n = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(0, |i| i + 1);
-    &b[..n]
-}
-
-/// The JSON string that ends `b` (which ends with its closing quote), decoded, and what is
-/// before it.
-fn string_before(b: &[u8]) -> Option<(&[u8], String)> {
-    let body = b.strip_suffix(b"\"")?;
-    // The opening quote is the last one not escaped by an odd run of backslashes.
-    let mut i = body.len();
-    while let Some(q) = body[..i].iter().rposition(|&c| c == b'"') {
-        let slashes = body[..q].iter().rev().take_while(|&&c| c == b'\\').count();
-        if slashes % 2 == 0 {
-            let text: String = serde_json::from_slice(&b[q..]).ok()?;
-            return Some((&b[..q], text));
-        }
-        i = q;
-    }
-    None
-}
-
-/// Protocol 2: `headers.eta` of the message whose headers are in `tail`. Some(None): headers
-/// that name a task and carry no ETA; None: no protocol 2 headers found.
-fn headers_eta(tail: &[u8]) -> Option<Option<i64>> {
-    #[derive(serde::Deserialize)]
-    struct Headers<'a> {
-        #[serde(default, borrow)]
-        task: Option<Cow<'a, str>>,
-        #[serde(default, borrow)]
-        eta: Option<Cow<'a, str>>,
-    }
-    const KEY: &[u8] = b"\"headers\"";
-    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let rest = &tail[at + KEY.len()..];
-    let colon = rest.iter().position(|c| !c.is_ascii_whitespace())?;
-    if rest[colon] != b':' {
-        return None;
-    }
-    let mut objects = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Headers<'_>>();
-    let headers = objects.next()?.ok()?;
-    headers.task.as_ref()?;
-    Some(headers.eta.and_then(|e| parse_eta(&e)))
-}
-
-/// Protocol 1: the ETA near the end of the base64 body (`{"task", "id", "args", "kwargs", ...,
-/// "eta", "expires", "utc", ...}`), decoded from the body's last bytes in `tail`.
-fn protocol_1_eta(head: &[u8], tail: &[u8], total: u64) -> Option<i64> {
-    const BODY: &[u8] = b"\"body\"";
-    // Where the body string starts, in the value.
-    let key = head.windows(BODY.len()).position(|w| w == BODY)?;
-    let open = key + BODY.len() + head[key + BODY.len()..].iter().position(|&c| c == b'"')? + 1;
-    // Where it ends: base64 holds no quote, so the first quote of the tail (when the tail starts
-    // inside the body).
-    let tail_at = total.checked_sub(tail.len() as u64)?;
-    let close = tail.iter().position(|&c| c == b'"')?;
-    // Decode from a 4-aligned offset of the body inside the tail.
-    let first = tail_at.max(open as u64);
-    let aligned = first + (4 - (first - open as u64) % 4) % 4;
-    let from = usize::try_from(aligned - tail_at).ok()?;
-    let json = base64::engine::general_purpose::STANDARD.decode(tail.get(from..close)?).ok()?;
-    const ETA: &[u8] = b"\"eta\"";
-    let at = json.windows(ETA.len()).rposition(|w| w == ETA)?;
-    let rest = &json[at + ETA.len()..];
-    let colon = rest.iter().position(|c| !c.is_ascii_whitespace())?;
-    let mut values = serde_json::Deserializer::from_slice(rest.get(colon + 1..)?).into_iter::<Option<String>>();
-    values.next()?.ok()?.and_then(|e| parse_eta(&e))
 }
 
 /// One exchange's bindings as kombu keeps them: the members of `_kombu.binding.<exchange>`,
@@ -388,6 +281,7 @@ async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     fn v2(body_len: usize, eta: Option<&str>, exchange: &str, rk: &str) -> Vec<u8> {
         let body = "QUJD".repeat(body_len / 4);

@@ -187,16 +187,11 @@ async fn main() {
 
         // The first poll reads every value once; the polls after it are quiet.
         let mut tags = Tags::default();
+        let mut bodies = Streamed::new(endpoint.clone(), addr.clone(), Duration::from_secs(60));
         let mut costs = Vec::new();
         for n in [1, polls] {
             let probe = Probe::start(&mut admin).await;
             for _ in 0..n {
-                let mut bodies = Streamed {
-                    endpoint: endpoint.clone(),
-                    addr: addr.clone(),
-                    timeout: Duration::from_secs(60),
-                    read: 0,
-                };
                 let f = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(600) };
                 plan.read(&mut conn, "bench", f).await.unwrap();
             }

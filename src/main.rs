@@ -409,7 +409,7 @@ async fn depth(
     let (mut conn, addr) = pool.connection_at(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
     // Values of unacked messages stream past; only their ends are kept (see broker::unacked).
-    let (mut tags, mut bodies) = (Tags::default(), Streamed { endpoint: endpoint.clone(), addr, timeout, read: 0 });
+    let (mut tags, mut bodies) = (Tags::default(), Streamed::new(endpoint.clone(), addr, timeout));
     let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(60) };
     let shown = endpoint.to_string();
     let read = ReadPlan::new(queries).read(&mut conn, &shown, in_flight).await;

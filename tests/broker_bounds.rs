@@ -151,6 +151,15 @@ async fn a_heartbeat_message_over_the_bound_closes_the_subscription_and_it_comes
     sub.abort();
 }
 
+/// Connections the server has accepted so far (`INFO stats`).
+async fn connections_received(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(c).await.unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
 /// The ids of the clients subscribed to something (`CLIENT LIST TYPE pubsub`).
 async fn pubsub_client_ids(admin: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     let list: String = redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub").query_async(admin).await.unwrap();
@@ -249,9 +258,11 @@ async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_
         .query_async(&mut c)
         .await
         .unwrap();
+    let dialled = connections_received(&mut c).await;
     assert!(state.read_endpoint(&ep).await.1);
     let depth = state.reading(&key("big")).unwrap().depths.unwrap()[0].clone().unwrap();
     assert_eq!((depth.in_flight, depth.etas.len()), (8, 2), "tag-0 (with an ETA) gone, tag-new in");
+    assert_eq!(connections_received(&mut c).await, dialled, "the new value is read on the kept connection");
 }
 
 /// Run `cmd`; its exit status, its standard output and its peak resident set in KiB. A small

@@ -146,43 +146,61 @@ pub struct Streamed {
     pub timeout: Duration,
     /// Bytes received (values included).
     pub read: u64,
+    /// Kept between reads when the last fetch finished; a fetch cut short (its deadline, an
+    /// error) drops it, since its replies may still be on the way.
+    conn: Option<BufReader<dial::Stream>>,
 }
 
 /// Tags asked for in one pipeline.
 const BATCH: usize = 256;
 
+impl Streamed {
+    pub fn new(endpoint: BrokerEndpoint, addr: (String, u16), timeout: Duration) -> Self {
+        Self { endpoint, addr, timeout, read: 0, conn: None }
+    }
+
+    /// A connection authenticated and on the endpoint's database.
+    async fn open(&mut self) -> Result<BufReader<dial::Stream>, ReadError> {
+        let shown = self.endpoint.to_string();
+        let stream = dial::dial(&self.endpoint, &self.addr.0, self.addr.1, self.timeout).await?;
+        let mut conn = BufReader::with_capacity(64 << 10, stream);
+        let io = |e: std::io::Error| ReadError::Unreachable { endpoint: shown.clone(), cause: e.to_string() };
+        let mut hello = Vec::new();
+        if let Some(password) = &self.endpoint.password {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = &self.endpoint.username {
+                auth.arg(user);
+            }
+            hello.push(auth.arg(password).get_packed_command());
+        }
+        if self.endpoint.db != 0 {
+            hello.push(redis::cmd("SELECT").arg(self.endpoint.db).get_packed_command());
+        }
+        write_all(conn.get_mut(), &hello.concat()).await.map_err(io)?;
+        for _ in &hello {
+            let line = read_line(&mut conn, &mut self.read).await.map_err(io)?;
+            if line.first() == Some(&b'-') {
+                let cause = String::from_utf8_lossy(&line[1..]).trim_end().to_string();
+                return Err(if cause.starts_with("NOPERM") {
+                    ReadError::NoPermission { endpoint: shown, cause }
+                } else {
+                    ReadError::Auth { endpoint: shown, cause }
+                });
+            }
+        }
+        Ok(conn)
+    }
+}
+
 impl Bodies for Streamed {
     fn fetch<'a>(&'a mut self, hash: &'a str, tags: &'a [Vec<u8>]) -> BoxFuture<'a, Result<Vec<Fetched>, ReadError>> {
         Box::pin(async move {
             let shown = self.endpoint.to_string();
-            let stream = dial::dial(&self.endpoint, &self.addr.0, self.addr.1, self.timeout).await?;
-            let mut conn = BufReader::with_capacity(64 << 10, stream);
+            let mut conn = match self.conn.take() {
+                Some(c) => c,
+                None => self.open().await?,
+            };
             let io = |e: std::io::Error| ReadError::Unreachable { endpoint: shown.clone(), cause: e.to_string() };
-            let mut hello = Vec::new();
-            if let Some(password) = &self.endpoint.password {
-                let mut auth = redis::cmd("AUTH");
-                if let Some(user) = &self.endpoint.username {
-                    auth.arg(user);
-                }
-                hello.push(auth.arg(password).get_packed_command());
-            }
-            if self.endpoint.db != 0 {
-                hello.push(redis::cmd("SELECT").arg(self.endpoint.db).get_packed_command());
-            }
-            for cmd in &hello {
-                conn.get_mut().write_all(cmd).await.map_err(io)?;
-            }
-            for _ in &hello {
-                let line = read_line(&mut conn, &mut self.read).await.map_err(io)?;
-                if line.first() == Some(&b'-') {
-                    let cause = String::from_utf8_lossy(&line[1..]).trim_end().to_string();
-                    return Err(if cause.starts_with("NOPERM") {
-                        ReadError::NoPermission { endpoint: shown, cause }
-                    } else {
-                        ReadError::Auth { endpoint: shown, cause }
-                    });
-                }
-            }
             let mut out = Vec::with_capacity(tags.len());
             for batch in tags.chunks(BATCH) {
                 let mut pipe = Vec::new();
@@ -194,6 +212,7 @@ impl Bodies for Streamed {
                     out.push(read_value(&mut conn, &mut self.read, &shown, hash).await?);
                 }
             }
+            self.conn = Some(conn);
             Ok(out)
         })
     }

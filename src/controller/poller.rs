@@ -165,8 +165,9 @@ pub struct BrokerState {
     /// Per endpoint: when `notify-keyspace-events` was last asked, and what it said (None: the
     /// user may not ask).
     push_config: Mutex<HashMap<BrokerEndpoint, (Instant, Option<bool>)>>,
-    /// Per endpoint, the unacked messages seen so far (each value is read once).
-    unacked: Mutex<HashMap<BrokerEndpoint, Tags>>,
+    /// Per endpoint, the unacked messages seen so far (each value is read once) and the
+    /// connection their values are read on.
+    unacked: Mutex<HashMap<BrokerEndpoint, (Tags, Streamed)>>,
     /// Per endpoint, what its reads are built from (see `Prepared`).
     prepared: Mutex<HashMap<BrokerEndpoint, Arc<Prepared>>>,
     /// The (broker, prefix) pairs in use, at a targets version.
@@ -406,13 +407,18 @@ impl BrokerState {
     async fn connect_and_read(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
         let (mut conn, addr) = self.pool.connection_at(endpoint).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        // One reader per endpoint: its tags are taken for the read and put back after it.
-        let mut tags = self.unacked.lock().expect("lock").remove(endpoint).unwrap_or_default();
-        let mut bodies = Streamed { endpoint: endpoint.clone(), addr, timeout: self.deadline, read: 0 };
+        // One reader per endpoint: its tags and value connection are taken for the read and put
+        // back after it (a read cut short by its deadline loses them: the next one starts over).
+        let kept = self.unacked.lock().expect("lock").remove(endpoint);
+        let (mut tags, mut bodies) = match kept {
+            Some((tags, bodies)) if bodies.addr == addr => (tags, bodies),
+            kept => (kept.map(|(t, _)| t).unwrap_or_default(), Streamed::new(endpoint.clone(), addr, self.deadline)),
+        };
+        bodies.read = 0;
         let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
         let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
-        self.unacked.lock().expect("lock").insert(endpoint.clone(), tags);
         self.pool.read_bytes.inc_by(bodies.read);
+        self.unacked.lock().expect("lock").insert(endpoint.clone(), (tags, bodies));
         // Whether the broker notifies pushes: asked on the same connection, once a minute.
         let due =
             self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub broker_read_seconds: Histogram,
     /// Bytes received from brokers (reads, unacked messages, heartbeats).
     pub broker_received_bytes: Counter,
+    /// Held messages beyond the tags a poll reads (100 000 per broker and key prefix).
+    pub unacked_unlisted: Gauge,
     pub api_writes: Family<WriteLabels, Counter>,
     pub live_workers: Gauge,
     /// 1 on the replica holding the leader Lease, 0 on a standby.
@@ -113,6 +115,7 @@ impl Metrics {
             // 0.5 ms .. about 4 s.
             broker_read_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             broker_received_bytes: Counter::default(),
+            unacked_unlisted: Gauge::default(),
             api_writes: Family::default(),
             live_workers: Gauge::default(),
             leader: Gauge::default(),
@@ -154,6 +157,11 @@ impl Metrics {
             "broker_received_bytes",
             "Bytes received from brokers: list lengths, delivery tags, each unacked message once, heartbeats",
             m.broker_received_bytes.clone(),
+        );
+        registry.register(
+            "unacked_unlisted",
+            "Held (unacked) messages beyond the 100 000 delivery tags a poll reads per broker and key prefix: in no inFlight",
+            m.unacked_unlisted.clone(),
         );
         registry.register("api_writes", "Kubernetes API writes by kind of object", m.api_writes.clone());
         registry.register(

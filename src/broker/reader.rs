@@ -196,10 +196,12 @@ impl ReadPlan {
                 TagsError::Redis(e) => redis_err(e),
                 TagsError::WrongType(cause) => ReadError::WrongType { key: index.clone(), cause },
             })?;
-            if listed.total > listed.tags.len() as i64 {
+            // Said once when it starts; the figure is in taskqueue_broker_unacked_unlisted.
+            let unlisted = (listed.total - listed.tags.len() as i64).max(0);
+            if tags.set_unlisted(prefix, unlisted) == 0 && unlisted > 0 {
                 warn!(
                     broker = endpoint,
-                    "{index} holds {} tags; only the first {} are read each tick",
+                    "{index} holds {} tags; a poll reads {}: {unlisted} held messages are not counted",
                     listed.total,
                     listed.tags.len()
                 );
@@ -421,6 +423,22 @@ mod tests {
         fn get_db(&self) -> i64 {
             0
         }
+    }
+
+    #[tokio::test]
+    async fn held_messages_beyond_the_pages_read_are_counted_as_unlisted() {
+        let plan = ReadPlan::new(vec![DepthQuery::new("alpha", &crate::crd::TransportOptions::default())]);
+        let (mut model, mut tags) = (Model::default(), Tags::default());
+        let (pages, extra) = (TAG_PAGE * TAG_PAGES, 5);
+        for i in 0..pages + extra {
+            let tag = format!("t{i}").into_bytes();
+            model.index.push(tag.clone());
+            model.hash.insert(tag, br#"[{}, "", "alpha"]"#.to_vec());
+        }
+        let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(60) };
+        let got = plan.read(&mut model, "model", in_flight).await.unwrap();
+        assert_eq!(got[0].as_ref().unwrap().in_flight, pages as i64, "what the pages list is counted");
+        assert_eq!(tags.unlisted(), extra as i64, "the rest is said, not counted");
     }
 
     /// Tags added and acked between reads, some acked between a read's tag list and its HGET:

@@ -12,7 +12,8 @@
 pub struct Limits {
     /// Bytes of one reply (a pipeline's replies count one by one; a pub/sub message is one).
     pub max_reply: usize,
-    /// Nesting of arrays (Celery's replies nest two deep: HSCAN, pub/sub messages).
+    /// Nesting of arrays (the operator's replies nest at most two deep: a pipeline's ZRANGE
+    /// pages, pub/sub messages).
     pub max_depth: usize,
 }
 

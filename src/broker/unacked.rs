@@ -51,6 +51,8 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Tags {
     by_prefix: HashMap<String, HashMap<Vec<u8>, Option<Entry>>>,
+    /// Per prefix, tags beyond the pages a poll reads: held messages counted nowhere.
+    unlisted: HashMap<String, i64>,
 }
 
 impl Tags {
@@ -68,6 +70,7 @@ impl Tags {
     /// Forget the prefixes not in `prefixes`.
     pub fn retain_prefixes(&mut self, prefixes: &[String]) {
         self.by_prefix.retain(|p, _| prefixes.contains(p));
+        self.unlisted.retain(|p, _| prefixes.contains(p));
     }
 
     /// The held messages of `prefix`.
@@ -82,6 +85,16 @@ impl Tags {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Note how many of `prefix`'s tags the last poll could not list; the previous figure.
+    pub fn set_unlisted(&mut self, prefix: &str, n: i64) -> i64 {
+        self.unlisted.insert(prefix.to_string(), n).unwrap_or(0)
+    }
+
+    /// Held messages not listed by the last poll, all prefixes.
+    pub fn unlisted(&self) -> i64 {
+        self.unlisted.values().sum()
     }
 }
 

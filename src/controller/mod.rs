@@ -36,7 +36,8 @@ pub use secrets::SecretCache;
 pub struct Settings {
     /// Watch one namespace instead of all.
     pub namespace: Option<String>,
-    /// Deadline of one whole broker read (connect, Sentinel discovery, LLENs, HSCAN pages).
+    /// Deadline of one whole broker read (connect, Sentinel discovery, LLENs, delivery tags,
+    /// new unacked messages).
     pub broker_timeout: Duration,
     /// What a broker's replies may be (`--max-broker-reply`).
     pub broker_limits: crate::broker::resp::Limits,

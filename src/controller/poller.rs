@@ -5,7 +5,8 @@
 //! an endpoint nobody uses any more loses its task, its subscription and its connection. Each
 //! reader reads its broker once per the shortest poll interval of its TaskQueues (backing off
 //! while it fails) in one pipelined round trip, with one deadline over everything the read does
-//! (connecting, Sentinel discovery, the LLENs, the HSCAN pages). It stores a [`Reading`] per
+//! (connecting, Sentinel discovery, the LLENs, the delivery tags, the values of new unacked
+//! messages within half of it). It stores a [`Reading`] per
 //! TaskQueue as soon as its own read is done and wakes the reconciles whose reading changed. A
 //! slow or blackholed broker therefore only ever delays its own TaskQueues.
 
@@ -418,7 +419,12 @@ impl BrokerState {
         let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
         let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
         self.pool.read_bytes.inc_by(bodies.read);
-        self.unacked.lock().expect("lock").insert(endpoint.clone(), (tags, bodies));
+        let unlisted = {
+            let mut unacked = self.unacked.lock().expect("lock");
+            unacked.insert(endpoint.clone(), (tags, bodies));
+            unacked.values().map(|(t, _)| t.unlisted()).sum()
+        };
+        self.metrics.unacked_unlisted.set(unlisted);
         // Whether the broker notifies pushes: asked on the same connection, once a minute.
         let due =
             self.push_config.lock().expect("lock").get(endpoint).is_none_or(|(at, _)| at.elapsed() >= CONFIG_EVERY);

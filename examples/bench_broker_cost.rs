@@ -187,7 +187,7 @@ async fn main() {
 
         // The first poll reads every value once; the polls after it are quiet.
         let mut tags = Tags::default();
-        let mut bodies = Streamed::new(endpoint.clone(), addr.clone(), Duration::from_secs(60));
+        let mut bodies = Streamed::new(endpoint.clone(), addr.clone(), Duration::from_secs(60), Default::default());
         let mut costs = Vec::new();
         for n in [1, polls] {
             let probe = Probe::start(&mut admin).await;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use taskqueue_operator::broker::reader::{InFlight, ReadError, ReadPlan};
+use taskqueue_operator::broker::reader::{InFlight, ReadPlan};
 use taskqueue_operator::broker::resp::Limits;
 use taskqueue_operator::broker::unacked::{Streamed, Tags};
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery};
@@ -409,13 +409,13 @@ async fn depth(
     let (mut conn, addr) = pool.connection_at(&endpoint).await.map_err(|e| e.to_string())?;
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
     // Values of unacked messages stream past; only their ends are kept (see broker::unacked).
-    let (mut tags, mut bodies) = (Tags::default(), Streamed::new(endpoint.clone(), addr, timeout));
+    let (mut tags, mut bodies) = (Tags::default(), Streamed::new(endpoint.clone(), addr, timeout, Default::default()));
     let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(60) };
     let shown = endpoint.to_string();
     let read = ReadPlan::new(queries).read(&mut conn, &shown, in_flight).await;
-    let depths = match (read, pool.rejected(&endpoint).await) {
-        (Err(_), Some(r)) => return Err(ReadError::rejected(&shown, &r).to_string()),
-        (read, _) => read.map_err(|e| e.to_string())?,
+    let depths = match read {
+        Ok(depths) => depths,
+        Err(e) => return Err(pool.explain(&endpoint, e).await.to_string()),
     };
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let mut failed = None;

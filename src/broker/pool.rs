@@ -70,6 +70,15 @@ impl BrokerPool {
         self.conns.lock().await.get(endpoint).and_then(|c| c.rejected.lock().expect("lock").clone())
     }
 
+    /// The error of a failed read on the endpoint's connection: what the broker sent when a
+    /// reply over the bounds closed it (redis-rs only sees the connection break), else `err`.
+    pub async fn explain(&self, endpoint: &BrokerEndpoint, err: ReadError) -> ReadError {
+        match self.rejected(endpoint).await {
+            Some(r) => ReadError::rejected(&endpoint.to_string(), &r),
+            None => err,
+        }
+    }
+
     /// Open connections.
     pub async fn len(&self) -> usize {
         self.conns.lock().await.len()

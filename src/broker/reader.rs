@@ -207,48 +207,63 @@ impl ReadPlan {
                 );
             }
             let new = tags.update(prefix, &listed.tags);
-            if new.is_empty() {
-                continue;
-            }
-            let hash = format!("{prefix}unacked");
-            let fetch = async {
-                match bodies.as_deref_mut() {
-                    Some(b) => b.fetch(&hash, &new).await,
-                    None => hget_each(conn, endpoint, &hash, &new).await,
-                }
-            };
-            let values = match tokio::time::timeout_at(deadline, fetch).await {
-                Ok(Ok(values)) => values,
-                // The user may not read them: say so in the TaskQueues' condition.
-                Ok(Err(e @ (ReadError::NoPermission { .. } | ReadError::Auth { .. }))) => return Err(e),
-                Ok(Err(e)) => {
-                    warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len());
-                    continue;
-                }
-                Err(_) => {
-                    warn!(broker = endpoint, "{} new unacked messages not read within {budget:?}", new.len());
-                    continue;
-                }
-            };
-            let sep = queries.iter().find(|q| &q.prefix == prefix).map_or("", |q| q.sep.as_str());
-            let bindings = bindings_of(conn, prefix, sep, &values).await.map_err(redis_err)?;
-            for (tag, value) in new.into_iter().zip(values) {
-                match value {
-                    Fetched::Gone => {}
-                    Fetched::Foreign => tags.insert(prefix, tag, None),
-                    Fetched::Held(h) => {
-                        let queues = match bindings.get(&h.exchange) {
-                            Some(b) => b.queues(&h.routing_key),
-                            None => vec![h.routing_key],
-                        };
-                        tags.insert(prefix, tag, Some(Entry { queues, eta: h.eta }));
-                    }
-                }
+            if !new.is_empty() {
+                let sep = queries.iter().find(|q| &q.prefix == prefix).map_or("", |q| q.sep.as_str());
+                learn(conn, endpoint, (prefix, sep), new, tags, bodies.as_deref_mut(), (deadline, budget)).await?;
             }
         }
         count_in_flight(queries, &mut out, tags);
         Ok(out)
     }
+}
+
+/// Read the values of `prefix`'s new tags (from `bodies`, else over `conn`) and note where each
+/// message belongs. Past `deadline` or on a failure of the read the tags stay new, to be read
+/// next time (a warning says so); a broker user that may not read them fails the read.
+async fn learn<'b, C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    endpoint: &str,
+    (prefix, sep): (&str, &str),
+    new: Vec<Vec<u8>>,
+    tags: &mut Tags,
+    bodies: Option<&mut (dyn Bodies + 'b)>,
+    (deadline, budget): (tokio::time::Instant, Duration),
+) -> Result<(), ReadError> {
+    let hash = format!("{prefix}unacked");
+    let fetch = async {
+        match bodies {
+            Some(b) => b.fetch(&hash, &new).await,
+            None => hget_each(conn, endpoint, &hash, &new).await,
+        }
+    };
+    let values = match tokio::time::timeout_at(deadline, fetch).await {
+        Ok(Ok(values)) => values,
+        // The user may not read them: say so in the TaskQueues' condition.
+        Ok(Err(e @ (ReadError::NoPermission { .. } | ReadError::Auth { .. }))) => return Err(e),
+        Ok(Err(e)) => {
+            warn!(broker = endpoint, error = %e, "{} new unacked messages not read yet", new.len());
+            return Ok(());
+        }
+        Err(_) => {
+            warn!(broker = endpoint, "{} new unacked messages not read within {budget:?}", new.len());
+            return Ok(());
+        }
+    };
+    let bindings = bindings_of(conn, prefix, sep, &values).await.map_err(|e| ReadError::from_redis(endpoint, &e))?;
+    for (tag, value) in new.into_iter().zip(values) {
+        match value {
+            Fetched::Gone => {}
+            Fetched::Foreign => tags.insert(prefix, tag, None),
+            Fetched::Held(h) => {
+                let queues = match bindings.get(&h.exchange) {
+                    Some(b) => b.queues(&h.routing_key),
+                    None => vec![h.routing_key],
+                };
+                tags.insert(prefix, tag, Some(Entry { queues, eta: h.eta }));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The bindings of every named exchange among `values` (Celery's default publishing uses the

@@ -6,7 +6,7 @@
 //! read lists the tags only (a page of `ZRANGE unacked_index`, about 43 bytes per tag) and reads
 //! the value of a tag it has not seen before, once. Of a value it keeps only what it needs
 //! (exchange, routing key, ETA): a value up to [`WHOLE`] bytes is parsed whole; of a bigger one
-//! (a task carrying a file as an argument) only the first and last [`WINDOW`] bytes are held
+//! (a task carrying a file as an argument) only its first [`WHOLE`] and last [`WINDOW`] bytes are held
 //! while the rest streams past, because kombu's envelope ends with the headers (protocol 2's ETA),
 //! the properties, the exchange and the routing key, and protocol 1's ETA sits at the end of
 //! its body.
@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::dial;
@@ -26,9 +27,10 @@ use super::url::BrokerEndpoint;
 pub const TAG_PAGE: usize = 25_000;
 pub const TAG_PAGES: usize = 4;
 
-/// A value up to this size is read and parsed whole.
+/// A value up to this size is read and parsed whole; of a bigger one, this much of its start is
+/// kept (where protocol 1's body starts).
 pub const WHOLE: usize = 64 << 10;
-/// Of a bigger value, this much of its start and of its end is kept.
+/// Of a value bigger than [`WHOLE`], this much of its end is kept.
 pub const WINDOW: usize = 64 << 10;
 
 /// A tag's value as read: gone (acked between the tag list and the read), not a kombu message
@@ -157,8 +159,8 @@ pub struct Streamed {
     pub endpoint: BrokerEndpoint,
     pub addr: (String, u16),
     pub timeout: Duration,
-    /// Bytes received (values included).
-    pub read: u64,
+    /// Bytes received are added here (the operator's `broker_received_bytes`).
+    read: Counter,
     /// Kept between reads when the last fetch finished; a fetch cut short (its deadline, an
     /// error) drops it, since its replies may still be on the way.
     conn: Option<BufReader<dial::Stream>>,
@@ -168,8 +170,8 @@ pub struct Streamed {
 const BATCH: usize = 256;
 
 impl Streamed {
-    pub fn new(endpoint: BrokerEndpoint, addr: (String, u16), timeout: Duration) -> Self {
-        Self { endpoint, addr, timeout, read: 0, conn: None }
+    pub fn new(endpoint: BrokerEndpoint, addr: (String, u16), timeout: Duration, read: Counter) -> Self {
+        Self { endpoint, addr, timeout, read, conn: None }
     }
 
     /// A connection authenticated and on the endpoint's database.
@@ -191,14 +193,9 @@ impl Streamed {
         }
         write_all(conn.get_mut(), &hello.concat()).await.map_err(io)?;
         for _ in &hello {
-            let line = read_line(&mut conn, &mut self.read).await.map_err(io)?;
+            let line = read_line(&mut conn, &self.read).await.map_err(io)?;
             if line.first() == Some(&b'-') {
-                let cause = String::from_utf8_lossy(&line[1..]).trim_end().to_string();
-                return Err(if cause.starts_with("NOPERM") {
-                    ReadError::NoPermission { endpoint: shown, cause }
-                } else {
-                    ReadError::Auth { endpoint: shown, cause }
-                });
+                return Err(error_reply(&shown, &line));
             }
         }
         Ok(conn)
@@ -222,7 +219,7 @@ impl Bodies for Streamed {
                 }
                 write_all(conn.get_mut(), &pipe).await.map_err(io)?;
                 for _ in batch {
-                    out.push(read_value(&mut conn, &mut self.read, &shown, hash).await?);
+                    out.push(read_value(&mut conn, &self.read, &shown, hash).await?);
                 }
             }
             self.conn = Some(conn);
@@ -236,11 +233,20 @@ async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::R
     w.flush().await
 }
 
+/// An error reply line (`-NOPERM ...`), classified as the replies redis-rs reads are.
+fn error_reply(endpoint: &str, line: &[u8]) -> ReadError {
+    let reply = [line, b"\r\n"].concat();
+    match redis::parse_redis_value(&reply) {
+        Ok(redis::Value::ServerError(e)) => ReadError::from_redis(endpoint, &e.into()),
+        _ => ReadError::Other { endpoint: endpoint.to_string(), cause: String::from_utf8_lossy(line).into_owned() },
+    }
+}
+
 /// One reply line (`+OK`, `-ERR ...`, `$12`), at most 4 KiB.
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, read: &mut u64) -> std::io::Result<Vec<u8>> {
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, read: &Counter) -> std::io::Result<Vec<u8>> {
     let mut line = Vec::new();
     let n = r.take(4096).read_until(b'\n', &mut line).await?;
-    *read += n as u64;
+    read.inc_by(n as u64);
     if !line.ends_with(b"\r\n") {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "a reply line without its end"));
     }
@@ -251,7 +257,7 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R, read: &mut u64
 /// One `HGET` reply, streamed: only the windows are held.
 async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
-    read: &mut u64,
+    read: &Counter,
     endpoint: &str,
     hash: &str,
 ) -> Result<Fetched, ReadError> {
@@ -262,19 +268,16 @@ async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
     match line.first() {
         Some(b'$') if &line[..] == b"$-1" => return Ok(Fetched::Gone),
         Some(b'$') => {}
-        Some(b'-') => {
+        Some(b'-') if line.starts_with(b"-WRONGTYPE") => {
             let cause = String::from_utf8_lossy(&line[1..]).into_owned();
-            return Err(if cause.starts_with("WRONGTYPE") {
-                ReadError::WrongType { key: hash.to_string(), cause }
-            } else if cause.starts_with("NOPERM") {
-                ReadError::NoPermission { endpoint: endpoint.to_string(), cause }
-            } else {
-                ReadError::Other { endpoint: endpoint.to_string(), cause }
-            });
+            return Err(ReadError::WrongType { key: hash.to_string(), cause });
         }
+        Some(b'-') => return Err(error_reply(endpoint, &line)),
         _ => return Err(not_resp()),
     }
     let total: u64 = std::str::from_utf8(&line[1..]).ok().and_then(|n| n.parse().ok()).ok_or_else(not_resp)?;
+    // The first WHOLE bytes (all of a small value), and a tail of at most 2 * WINDOW bytes
+    // trimmed to WINDOW at the end.
     let mut head = Vec::with_capacity(total.min(WHOLE as u64) as usize);
     let mut tail: Vec<u8> = Vec::new();
     let mut left = total;
@@ -294,16 +297,15 @@ async fn read_value<R: tokio::io::AsyncBufRead + Unpin>(
             }
         }
         r.consume(n);
-        *read += n as u64;
+        read.inc_by(n as u64);
         left -= n as u64;
     }
     let mut crlf = [0u8; 2];
     r.read_exact(&mut crlf).await.map_err(io)?;
-    *read += 2;
+    read.inc_by(2);
     if tail.len() > WINDOW {
         tail.drain(..tail.len() - WINDOW);
     }
-    head.truncate(if total > WHOLE as u64 { WINDOW.min(WHOLE) } else { head.len() });
     Ok(match Held::from_windows(&head, &tail, total) {
         Some(h) => Fetched::Held(h),
         None => Fetched::Foreign,
@@ -343,9 +345,9 @@ mod tests {
         reply.extend_from_slice(value);
         reply.extend_from_slice(b"\r\n");
         let mut r = BufReader::with_capacity(8 << 10, &reply[..]);
-        let mut read = 0;
-        let got = read_value(&mut r, &mut read, "test", "unacked").await.unwrap();
-        assert_eq!(read, reply.len() as u64);
+        let read = Counter::default();
+        let got = read_value(&mut r, &read, "test", "unacked").await.unwrap();
+        assert_eq!(read.get(), reply.len() as u64);
         got
     }
 

@@ -384,20 +384,16 @@ impl BrokerState {
                 cause: format!("no reply within {:?}", self.deadline),
             }),
         };
+        let result = match result {
+            Err(e) => Err(self.pool.explain(endpoint, e).await),
+            ok => ok,
+        };
         self.metrics.broker_read_seconds.observe(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         };
         self.metrics.broker_reads.get_or_create(&ResultLabels { result: label.into() }).inc();
-        let result = match result {
-            // A reply over the bounds closed the connection: say what was sent, not that it broke.
-            Err(e) => match self.pool.rejected(endpoint).await {
-                Some(r) => Err(ReadError::rejected(&endpoint.to_string(), &r)),
-                None => Err(e),
-            },
-            ok => ok,
-        };
         if result.is_err() {
             // Dial afresh next time rather than trusting a connection that just failed.
             self.pool.forget(endpoint).await;
@@ -413,12 +409,13 @@ impl BrokerState {
         let kept = self.unacked.lock().expect("lock").remove(endpoint);
         let (mut tags, mut bodies) = match kept {
             Some((tags, bodies)) if bodies.addr == addr => (tags, bodies),
-            kept => (kept.map(|(t, _)| t).unwrap_or_default(), Streamed::new(endpoint.clone(), addr, self.deadline)),
+            kept => {
+                let bodies = Streamed::new(endpoint.clone(), addr, self.deadline, self.pool.read_bytes.clone());
+                (kept.map(|(t, _)| t).unwrap_or_default(), bodies)
+            }
         };
-        bodies.read = 0;
         let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
         let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
-        self.pool.read_bytes.inc_by(bodies.read);
         let unlisted = {
             let mut unacked = self.unacked.lock().expect("lock");
             unacked.insert(endpoint.clone(), (tags, bodies));

@@ -41,6 +41,13 @@ fn hostile(reply: Vec<u8>) -> u16 {
     port
 }
 
+/// A connection for the test's own writes and INFO reads, with no reply timeout: writing a 36 MB
+/// value on a loaded 2-core machine can take longer than redis-rs's default (CI saw it time out).
+async fn admin(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.unwrap()
+}
+
 fn key(name: &str) -> ObjectRef<TaskQueue> {
     ObjectRef::<TaskQueue>::new(name).within("ns")
 }
@@ -101,7 +108,7 @@ async fn a_broker_that_sends_too_much_is_cut_off_and_its_neighbour_keeps_being_r
 #[ignore = "needs redis-server: make test"]
 async fn a_heartbeat_message_over_the_bound_closes_the_subscription_and_it_comes_back() {
     let redis = Redis::start().await;
-    let admin = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let admin = admin(&redis.url()).await;
     let workers = SharedWorkers::default();
     let hook: PushHook = Arc::new(|_: &[u8]| {});
     let limits = Limits { max_reply: 64 << 10, ..Limits::default() };
@@ -190,7 +197,7 @@ async fn net_output(c: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
 #[ignore = "needs redis-server: make test"]
 async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_the_payloads() {
     let redis = Redis::start().await;
-    let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut c = admin(&redis.url()).await;
     // 8 tasks each carrying a 20 MB file (27 MB messages), 3 of them with an ETA an hour away.
     let eta = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)).to_string();
     for i in 0..8 {
@@ -221,7 +228,7 @@ async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
 
     // The operator's reader: the first read streams each message once ...
-    let state = BrokerState::new(Duration::from_secs(10));
+    let state = BrokerState::new(Duration::from_secs(60));
     state.register(key("big"), target(&redis.url(), "big"));
     let ep = BrokerEndpoint::parse(&redis.url()).unwrap();
     let (before, _) = net_output(&mut c).await;
@@ -301,7 +308,7 @@ async fn real_celery_tasks_with_big_arguments_held_by_a_worker_are_counted_in_bo
         let out =
             python(&["tests/celery_big.py", "send", "4", "20", "300"]).current_dir(support::repo()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut c = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let mut c = admin(&redis.url()).await;
         support::wait_for("the worker to hold the 4 tasks", Duration::from_secs(60), || {
             let mut c = c.clone();
             async move {
@@ -322,7 +329,7 @@ async fn real_celery_tasks_with_big_arguments_held_by_a_worker_are_counted_in_bo
         );
         assert!(peak_kib < 64 * 1024, "protocol {protocol}: peak RSS {peak_kib} KiB");
         // The poller: after the first read, a quiet read costs the lists and the 4 tags.
-        let state = BrokerState::new(Duration::from_secs(10));
+        let state = BrokerState::new(Duration::from_secs(60));
         state.register(key("big"), target(&redis.url(), "big"));
         let ep = BrokerEndpoint::parse(&redis.url()).unwrap();
         assert!(state.read_endpoint(&ep).await.1);

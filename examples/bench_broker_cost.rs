@@ -192,7 +192,12 @@ async fn main() {
         for n in [1, polls] {
             let probe = Probe::start(&mut admin).await;
             for _ in 0..n {
-                let f = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(600) };
+                let f = InFlight {
+                    tags: &mut tags,
+                    bodies: Some(&mut bodies),
+                    budget: Duration::from_secs(600),
+                    holders: None,
+                };
                 plan.read(&mut conn, "bench", f).await.unwrap();
             }
             costs.push(probe.finish(&mut admin, n).await);

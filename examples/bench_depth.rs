@@ -96,7 +96,8 @@ async fn main() {
                 let mut tags = Tags::default();
                 for _ in 0..reads {
                     tokio::time::sleep(spacing).await;
-                    let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(10) };
+                    let in_flight =
+                        InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(10), holders: None };
                     plan.read(&mut conn, "bench", in_flight).await.unwrap();
                 }
                 (cpu_seconds() - c0) * 1000.0 / reads as f64

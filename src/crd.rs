@@ -390,6 +390,11 @@ pub struct TaskQueueStatus {
     /// demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled: Option<i64>,
+    /// Unacknowledged messages that no live worker can be holding: delivered before every live
+    /// worker of the pools consuming their queue started (their worker died: SIGKILL, OOM, a
+    /// lost node). Not demand; kombu restores them after the transport's `visibility_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphaned: Option<i64>,
     /// Pending messages per queue (whole queues, shared or not).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pending_by_queue: BTreeMap<String, i64>,

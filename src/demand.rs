@@ -196,6 +196,7 @@ pub fn demand(queues: &[QueueReading], now_ms: i64, horizon: Duration) -> Demand
         out.load.pending = out.load.pending.saturating_add(pending);
         out.load.in_flight = out.load.in_flight.saturating_add(due);
         out.load.scheduled = out.load.scheduled.saturating_add(scheduled);
+        out.load.orphaned = out.load.orphaned.saturating_add(q.share.part(q.depth.orphaned));
         out.pending_by_queue.insert(q.queue.clone(), q.depth.pending);
         if let Some(ms) = f.next_due_ms {
             let d = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
@@ -286,7 +287,7 @@ mod tests {
             share: Share::alone(consumer("a", true, 40)),
         };
         let d = demand(&[q], 0, Duration::from_secs(30));
-        assert_eq!(d.load, Load { pending: 7, in_flight: 2, scheduled: 1 });
+        assert_eq!(d.load, Load { pending: 7, in_flight: 2, scheduled: 1, orphaned: 0 });
         assert_eq!(d.shared_note, None);
         assert_eq!(d.next_due, Some(Duration::from_millis(5_000_000 - 30_000)));
     }

@@ -410,7 +410,8 @@ async fn depth(
     let queries: Vec<DepthQuery> = queues.iter().map(|q| DepthQuery::new(q, opts)).collect();
     // Values of unacked messages stream past; only their ends are kept (see broker::unacked).
     let (mut tags, mut bodies) = (Tags::default(), Streamed::new(endpoint.clone(), addr, timeout, Default::default()));
-    let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(60) };
+    let in_flight =
+        InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: Duration::from_secs(60), holders: None };
     let shown = endpoint.to_string();
     let read = ReadPlan::new(queries).read(&mut conn, &shown, in_flight).await;
     let depths = match read {

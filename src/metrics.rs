@@ -60,6 +60,7 @@ pub struct Metrics {
     pub pending: Family<TaskQueueLabels, Gauge>,
     pub in_flight: Family<TaskQueueLabels, Gauge>,
     pub scheduled: Family<TaskQueueLabels, Gauge>,
+    pub orphaned: Family<TaskQueueLabels, Gauge>,
     pub desired_replicas: Family<TaskQueueLabels, Gauge>,
     pub broker_up: Family<TaskQueueLabels, Gauge>,
     /// Per broker: 1 when it reacts by push (list-push notifications), 0 when it is polled.
@@ -105,6 +106,7 @@ impl Metrics {
             pending: Family::default(),
             in_flight: Family::default(),
             scheduled: Family::default(),
+            orphaned: Family::default(),
             desired_replicas: Family::default(),
             broker_up: Family::default(),
             broker_push: Family::default(),
@@ -135,6 +137,11 @@ impl Metrics {
             "scheduled",
             "Unacked ETA/countdown messages due beyond etaHorizon (not demand)",
             m.scheduled.clone(),
+        );
+        registry.register(
+            "orphaned",
+            "Unacked messages no live worker can be holding (their worker died; restored after visibility_timeout)",
+            m.orphaned.clone(),
         );
         registry.register("desired_replicas", "Replicas the operator decided", m.desired_replicas.clone());
         registry.register("broker_up", "1 when the pool's broker was read at the last poll", m.broker_up.clone());
@@ -180,7 +187,7 @@ impl Metrics {
     pub fn example() -> Self {
         let m = Self::new();
         let tq = TaskQueueLabels { namespace: "prod".into(), name: "ai".into() };
-        for family in [&m.pending, &m.in_flight, &m.scheduled, &m.desired_replicas, &m.broker_up, &m.paused] {
+        for family in m.per_taskqueue() {
             family.get_or_create(&tq).set(1);
         }
         m.broker_push.get_or_create(&BrokerLabels { broker: "redis://redis:6379/0".into() }).set(1);
@@ -245,13 +252,23 @@ impl Metrics {
         }
     }
 
-    /// Drop the series of a TaskQueue that no longer exists.
+    /// The gauges with one series per TaskQueue.
+    fn per_taskqueue(&self) -> [&Family<TaskQueueLabels, Gauge>; 7] {
+        [
+            &self.pending,
+            &self.in_flight,
+            &self.scheduled,
+            &self.orphaned,
+            &self.desired_replicas,
+            &self.broker_up,
+            &self.paused,
+        ]
+    }
+
     /// Drop every per-TaskQueue and per-broker series: a standby reports nothing it no longer
     /// keeps current (a former leader's stale `taskqueue_not_ok` would hold an alert up).
     pub fn forget_all(&self) {
-        for family in
-            [&self.pending, &self.in_flight, &self.scheduled, &self.desired_replicas, &self.broker_up, &self.paused]
-        {
+        for family in self.per_taskqueue() {
             family.clear();
         }
         self.scale_events.clear();
@@ -263,9 +280,7 @@ impl Metrics {
     pub fn forget(&self, namespace: &str, name: &str) {
         self.set_not_ok(namespace, name, &[]);
         let l = TaskQueueLabels { namespace: namespace.into(), name: name.into() };
-        for family in
-            [&self.pending, &self.in_flight, &self.scheduled, &self.desired_replicas, &self.broker_up, &self.paused]
-        {
+        for family in self.per_taskqueue() {
             family.remove(&l);
         }
         for direction in ["up", "down"] {

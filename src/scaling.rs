@@ -5,13 +5,14 @@
 //!    `fallbackReplicas` is set and the broker has been unreadable for `fallbackAfter`.
 //! 2. demand = pending (+ in flight with `countInFlight`); raw = ceil(demand / tasksPerReplica);
 //!    at zero replicas, only leave zero once pending >= activationThreshold. Tasks scheduled
-//!    beyond `etaHorizon` are not demand (see `demand`).
+//!    beyond `etaHorizon` are not demand (see `demand`), nor are orphans, messages whose
+//!    worker is gone (see `broker::workers`).
 //! 3. Clamp to [minReplicas, maxReplicas].
 //! 4. Scale-up is immediate; scale-down goes only to the highest recommendation seen within the
 //!    stabilization window, so a short lull does not stop workers needed a moment later.
 //! 5. `scaleUp.maxStep` / `scaleDown.maxStep` bound the change per decision.
-//! 6. Never zero replicas while messages are unacked (scheduled ones included): a worker must
-//!    hold them until due, and only a running worker restores them.
+//! 6. Never zero replicas while messages are unacked (scheduled ones and orphans included): a
+//!    worker must hold them until due, and only a running worker restores them.
 //!
 //! A paused pool (annotation) keeps its count whatever the broker says.
 
@@ -109,6 +110,8 @@ pub struct Load {
     pub pending: i64,
     pub in_flight: i64,
     pub scheduled: i64,
+    /// Unacked messages whose worker is gone (see `broker::workers`): not demand.
+    pub orphaned: i64,
 }
 
 /// This tick's view of the broker.
@@ -171,7 +174,7 @@ pub fn decide(
             at_max: false,
         };
     }
-    let Load { pending, in_flight, scheduled } = match observation {
+    let Load { pending, in_flight, scheduled, orphaned } = match observation {
         Observation::Known(load) => load,
         Observation::Unknown { for_ } => {
             // Forget the window: when data returns it starts afresh from what runs then, rather
@@ -230,6 +233,9 @@ pub fn decide(
     if scheduled > 0 {
         why = format!("{why} ({scheduled} scheduled beyond etaHorizon, not counted)");
     }
+    if orphaned > 0 {
+        why = format!("{why} ({orphaned} orphaned by a worker that is gone, not counted)");
+    }
     let recommended = raw.clamp(bounds.min_replicas, bounds.max_replicas);
     let mut limited = recommended != raw;
     if recommended != raw {
@@ -275,7 +281,7 @@ pub fn decide(
     // Nothing but a running worker restores unacked messages (kombu's visibility-timeout sweep
     // runs inside workers) or runs a scheduled one when due, so never leave zero workers while
     // any exist.
-    let unacked = in_flight.saturating_add(scheduled);
+    let unacked = in_flight.saturating_add(scheduled).saturating_add(orphaned);
     if replicas == 0 && unacked > 0 && bounds.max_replicas > 0 {
         why = format!(
             "{why}; holding 1 replica: {unacked} unacked message(s) need a running worker to hold or restore them"
@@ -410,13 +416,13 @@ mod tests {
     #[test]
     fn in_flight_counts_as_demand_and_blocks_scale_to_zero() {
         let b = bounds(0, 10, 4, 1, 0);
-        let busy = Observation::Known(Load { pending: 2, in_flight: 10, scheduled: 0 });
+        let busy = Observation::Known(Load { pending: 2, in_flight: 10, scheduled: 0, ..Load::default() });
         let d = decide(&b, Some(2), busy, &mut History::default(), Instant::now());
         assert_eq!(d.replicas, 3, "ceil((2 + 10) / 4)");
         assert!(d.reason.contains("2 pending + 10 in flight / 4 per replica"), "{}", d.reason);
         let ignore = Bounds { count_in_flight: false, ..b };
         let (mut h, t0) = (History::default(), Instant::now());
-        let drained = Observation::Known(Load { pending: 0, in_flight: 2, scheduled: 0 });
+        let drained = Observation::Known(Load { pending: 0, in_flight: 2, scheduled: 0, ..Load::default() });
         decide(&ignore, Some(3), drained, &mut h, t0);
         let d = decide(&ignore, Some(3), drained, &mut h, t0 + Duration::from_secs(1));
         assert_eq!(d.replicas, 1, "queue drained but unacked entries remain: {}", d.reason);
@@ -424,7 +430,7 @@ mod tests {
         let d = decide(
             &ignore,
             Some(0),
-            Observation::Known(Load { pending: 0, in_flight: 1, scheduled: 0 }),
+            Observation::Known(Load { pending: 0, in_flight: 1, scheduled: 0, ..Load::default() }),
             &mut History::default(),
             Instant::now(),
         );
@@ -435,7 +441,7 @@ mod tests {
     fn scheduled_tasks_hold_one_worker_but_add_none() {
         let b = bounds(0, 10, 2, 1, 0);
         // 20 countdown tasks held by one worker, nothing else: one replica, not ceil(20 / 2).
-        let held = Observation::Known(Load { pending: 0, in_flight: 0, scheduled: 20 });
+        let held = Observation::Known(Load { pending: 0, in_flight: 0, scheduled: 20, ..Load::default() });
         let (t0, mut h) = (Instant::now(), History::default());
         let d = decide(&b, Some(0), held, &mut h, t0);
         assert_eq!(
@@ -446,7 +452,22 @@ mod tests {
         let d = decide(&b, Some(1), held, &mut h, t0 + Duration::from_secs(60));
         assert_eq!(d.replicas, 1, "{}", d.reason);
         // With real demand next to them, only the demand counts.
-        let busy = Observation::Known(Load { pending: 6, in_flight: 2, scheduled: 20 });
+        let busy = Observation::Known(Load { pending: 6, in_flight: 2, scheduled: 20, ..Load::default() });
+        assert_eq!(decide(&b, Some(1), busy, &mut History::default(), Instant::now()).replicas, 4);
+    }
+
+    #[test]
+    fn orphans_of_a_dead_worker_hold_one_worker_but_add_none() {
+        let b = bounds(0, 10, 2, 1, 0);
+        // A killed worker left 12 prefetched messages: one replica restores them, not six.
+        let left = Observation::Known(Load { pending: 0, orphaned: 12, ..Load::default() });
+        let d = decide(&b, Some(0), left, &mut History::default(), Instant::now());
+        assert_eq!(
+            d.reason,
+            "scaled up 0 -> 1: 0 pending, below activationThreshold 1 (12 orphaned by a worker that is gone, not \
+             counted); holding 1 replica: 12 unacked message(s) need a running worker to hold or restore them"
+        );
+        let busy = Observation::Known(Load { pending: 6, in_flight: 2, orphaned: 12, ..Load::default() });
         assert_eq!(decide(&b, Some(1), busy, &mut History::default(), Instant::now()).replicas, 4);
     }
 
@@ -601,6 +622,7 @@ mod tests {
                         pending: rnd(100),
                         in_flight: rnd(3) * rnd(10),
                         scheduled: rnd(2) * rnd(30),
+                        orphaned: rnd(2) * rnd(20),
                     })
                 } else {
                     unknown(rnd(6) as u64)
@@ -613,16 +635,20 @@ mod tests {
                     },
                     Observation::Known(l) => {
                         assert!(d.replicas <= b.max_replicas && d.replicas >= b.min_replicas, "{b:?} {l:?} -> {d:?}");
-                        if l.in_flight + l.scheduled > 0 && b.max_replicas > 0 {
+                        if l.in_flight + l.scheduled + l.orphaned > 0 && b.max_replicas > 0 {
                             assert!(d.replicas >= 1, "never zero with unacked work: {d:?}");
                         }
-                        // Scheduled tasks never add replicas: the same load without them
-                        // recommends the same count.
-                        let without = Observation::Known(Load { scheduled: 0, ..l });
+                        // Scheduled tasks and orphans never add replicas: the same load without
+                        // them recommends the same count.
+                        let without = Observation::Known(Load { scheduled: 0, orphaned: 0, ..l });
                         let mut h2 = History::default();
                         let base = decide(&b, current, without, &mut h2, t0).recommended;
                         let mut h3 = History::default();
-                        assert_eq!(decide(&b, current, obs, &mut h3, t0).recommended, base, "scheduled is not demand");
+                        assert_eq!(
+                            decide(&b, current, obs, &mut h3, t0).recommended,
+                            base,
+                            "scheduled and orphaned are not demand"
+                        );
                         if let (Some(c), Some(up)) = (current, b.scale_up_max_step) {
                             if c >= b.min_replicas {
                                 assert!(d.replicas <= c + up, "scaleUp.maxStep: {c} -> {d:?}");

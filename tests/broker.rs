@@ -12,6 +12,7 @@ use taskqueue_operator::broker::pool::open_client;
 use taskqueue_operator::broker::reader::read_depths;
 use taskqueue_operator::broker::resp::Limits;
 use taskqueue_operator::broker::{BrokerEndpoint, BrokerPool, DepthQuery, ReadError};
+use taskqueue_operator::controller::orphans::ORPHAN_GRACE;
 use taskqueue_operator::controller::poller::{BrokerState, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
 
@@ -108,6 +109,7 @@ async fn one_round_trip_per_broker_per_tick_on_one_reused_connection() {
         queries: queues.iter().map(|q| DepthQuery::new(q, &opts)).collect(),
         interval: Duration::from_millis(100),
         weight: 10,
+        pool: String::new(),
     };
     // Three TaskQueues on broker a (two share a queue), one on broker b.
     state.register(key("ai"), target(&a.url(), &["ai_processing"]));
@@ -566,6 +568,7 @@ async fn a_broker_no_taskqueue_uses_any_more_loses_its_connections() {
         queries: vec![DepthQuery::new("q", &opts)],
         interval: Duration::from_secs(3600),
         weight: 10,
+        pool: String::new(),
     };
     let (trigger, _rx) = futures::channel::mpsc::unbounded();
     state.register(key("a"), target(&a.url()));
@@ -612,6 +615,7 @@ async fn a_reading_that_lands_after_its_taskqueue_was_unregistered_is_not_kept()
         queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
         interval: Duration::from_secs(1),
         weight: 10,
+        pool: String::new(),
     };
     state.register(key.clone(), target);
     // The broker holds every command for a second: the read is under way when the TaskQueue
@@ -702,6 +706,7 @@ async fn a_broker_user_without_a_needed_command_is_told_which_acl_to_give() {
         queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
         interval: Duration::from_secs(1),
         weight: 10,
+        pool: String::new(),
     };
     state.register(key.clone(), target);
     let (_, ok) = state.read_endpoint(&endpoint(&url)).await;
@@ -710,4 +715,71 @@ async fn a_broker_user_without_a_needed_command_is_told_which_acl_to_give() {
     assert_eq!(err.reason(), "BrokerPermissionDenied", "{err}");
     assert!(err.to_string().contains("+zcard +zrange +hget"), "names the ACL to give: {err}");
     assert!(!err.to_string().contains("pw@"), "{err}");
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn messages_of_a_killed_worker_are_orphans_once_no_live_worker_can_hold_them() {
+    let redis = Redis::start().await;
+    let url = redis.url();
+    let worker = |pod: &str| {
+        let command = ["celery", "-A", "app.worker", "worker", "-Q", "orph", "--pool", "solo", "-n"];
+        let mut command: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+        command.push(format!("orph@{pod}")); // as the Deployment `orph` names its pods' workers
+        support::Worker::start(&url, &command)
+    };
+    let old = worker("orph-5d9f8b6c5d-aaaaa");
+    let state = Arc::new(BrokerState::new(Duration::from_secs(5)));
+    let key = ObjectRef::<TaskQueue>::new("orph").within("ns");
+    let target = Target {
+        endpoint: endpoint(&url),
+        queries: vec![DepthQuery::new("orph", &TransportOptions::default())],
+        interval: Duration::from_secs(1),
+        weight: 10,
+        pool: "orph@orph".into(),
+    };
+    state.register(key.clone(), target);
+    state.sync_heartbeats();
+    let live = |state: Arc<BrokerState>| {
+        let key = key.clone();
+        async move { state.workers(&key).map_or(0, |w| w.lock().unwrap().live(std::time::Instant::now())) }
+    };
+    support::wait_for("the worker's heartbeat", Duration::from_secs(60), || {
+        let live = live(state.clone());
+        async move { (live.await == 1).then_some(()) }
+    })
+    .await;
+    // 6 countdown tasks: the worker fetches them at once and holds them for an hour.
+    support::celery(&url, &["later", "orph", "6", "3600"]);
+    let read = |state: Arc<BrokerState>| {
+        let key = key.clone();
+        let ep = endpoint(&url);
+        async move {
+            state.read_endpoint(&ep).await;
+            let d = state.reading(&key)?.depths.ok()?[0].clone().ok()?;
+            Some((d.in_flight, d.orphaned))
+        }
+    };
+    support::wait_for("the worker to hold the 6 tasks", Duration::from_secs(60), || {
+        let read = read(state.clone());
+        async move { (read.await? == (6, 0)).then_some(()) }
+    })
+    .await;
+    // Past the grace, held by a live worker that was there when they were delivered: held.
+    tokio::time::sleep(ORPHAN_GRACE + Duration::from_secs(2)).await;
+    assert_eq!(read(state.clone()).await, Some((6, 0)), "a live holder keeps them in flight");
+
+    // The worker is SIGKILLed (no warm shutdown restores them) and its pod replaced.
+    drop(old);
+    let _new = worker("orph-5d9f8b6c5d-bbbbb");
+    let got = support::wait_for("the 6 tasks to be orphans", Duration::from_secs(60), || {
+        let read = read(state.clone());
+        async move { read.await.filter(|r| r.1 == 6) }
+    })
+    .await;
+    assert_eq!(got, (0, 6), "not in flight: only the replacement runs, and it started after them");
+    assert_eq!(live(state.clone()).await, 1, "the replacement is alive");
+    let mut admin = raw(&url).await;
+    let held: i64 = redis::cmd("ZCARD").arg("unacked_index").query_async(&mut admin).await.unwrap();
+    assert_eq!(held, 6, "kombu still holds them (restored after visibility_timeout)");
 }

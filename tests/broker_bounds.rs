@@ -58,6 +58,7 @@ fn target(url: &str, queue: &str) -> Target {
         queries: vec![DepthQuery::new(queue, &TransportOptions::default())],
         interval: Duration::from_millis(100),
         weight: 10,
+        pool: String::new(),
     }
 }
 

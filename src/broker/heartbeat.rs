@@ -4,7 +4,7 @@
 //! default, even without `-E`), and `worker-offline` at a warm shutdown, on the channels
 //! `<prefix>/<db>.celeryev/worker.{online,heartbeat,offline}`. Each event carries the worker's
 //! `hostname` (`<nodeName>@<pod name>` for our Deployments) and `active`, its running tasks.
-//! Like Celery's own `events.State`, a worker is gone once two heartbeats are missed.
+//! What they say of each worker is kept in `workers`.
 //!
 //! The same subscription carries the broker's keyevent notifications for list pushes
 //! (`__keyevent@<db>__:lpush` / `rpush`, sent when `notify-keyspace-events` contains `E` and
@@ -13,7 +13,6 @@
 //! Subscribing is a read: nothing is published and no key is written, and the broker's
 //! configuration is never changed.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,24 +25,11 @@ use super::dial::{dial_bounded, rejected_or};
 use super::pool::address;
 use super::resp::Limits;
 use super::url::BrokerEndpoint;
+pub use super::workers::{SharedWorkers, WorkerEvent, Workers};
 
 /// The three worker event channels for a key prefix and database.
 pub fn channels(prefix: &str, db: i64) -> Vec<String> {
     ["online", "heartbeat", "offline"].iter().map(|e| format!("{prefix}/{db}.celeryev/worker.{e}")).collect()
-}
-
-/// One decoded worker event.
-#[derive(Clone, Debug, PartialEq)]
-pub enum WorkerEvent {
-    /// `worker-online` or `worker-heartbeat`.
-    Alive {
-        hostname: String,
-        active: i64,
-        freq: Duration,
-    },
-    Offline {
-        hostname: String,
-    },
 }
 
 /// Decode a kombu message envelope carrying a worker event (JSON, body base64 or inline).
@@ -66,64 +52,15 @@ pub fn parse_event(payload: &[u8]) -> Option<WorkerEvent> {
         "worker-online" | "worker-heartbeat" => {
             let active = event.get("active").and_then(|a| a.as_i64()).unwrap_or(0);
             let freq = event.get("freq").and_then(|f| f.as_f64()).filter(|f| f.is_finite() && *f > 0.0).unwrap_or(2.0);
-            Some(WorkerEvent::Alive { hostname, active, freq: Duration::from_secs_f64(freq.min(3600.0)) })
+            let freq = Duration::from_secs_f64(freq.min(3600.0));
+            let pid = event.get("pid").and_then(|p| p.as_i64());
+            let online = event.get("type").and_then(|t| t.as_str()) == Some("worker-online");
+            Some(WorkerEvent::Alive { hostname, active, freq, pid, online })
         }
         "worker-offline" => Some(WorkerEvent::Offline { hostname }),
         _ => None,
     }
 }
-
-#[derive(Clone, Copy, Debug)]
-struct Beat {
-    at: Instant,
-    freq: Duration,
-    active: i64,
-}
-
-/// Live workers of one broker, by hostname.
-#[derive(Debug, Default)]
-pub struct Workers {
-    beats: HashMap<String, Beat>,
-}
-
-impl Workers {
-    pub fn apply(&mut self, event: WorkerEvent, now: Instant) {
-        match event {
-            WorkerEvent::Alive { hostname, active, freq } => {
-                self.beats.insert(hostname, Beat { at: now, freq, active });
-            }
-            WorkerEvent::Offline { hostname } => {
-                self.beats.remove(&hostname);
-            }
-        }
-        // Keep the map bounded by the live workers.
-        self.beats.retain(|_, b| alive(b, now));
-    }
-
-    /// Running tasks of a live worker; None when it is unknown or missed two heartbeats.
-    pub fn active(&self, hostname: &str, now: Instant) -> Option<i64> {
-        self.beats.get(hostname).filter(|b| alive(b, now)).map(|b| b.active)
-    }
-
-    /// Workers alive at `now`.
-    pub fn live(&self, now: Instant) -> usize {
-        self.beats.values().filter(|b| alive(b, now)).count()
-    }
-
-    pub fn len(&self) -> usize {
-        self.beats.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.beats.is_empty()
-    }
-}
-
-fn alive(b: &Beat, now: Instant) -> bool {
-    now.saturating_duration_since(b.at) <= b.freq * 2
-}
-
-pub type SharedWorkers = Arc<Mutex<Workers>>;
 
 /// The keyevent channels of list pushes in database `db` (kombu publishes with LPUSH; restores
 /// of unacked messages use RPUSH/LPUSH too).
@@ -198,6 +135,8 @@ async fn listen(
     for channel in &pushes {
         pubsub.subscribe(channel).await.map_err(|e| e.to_string())?;
     }
+    // Workers first heard from now on, within two heartbeats, may have been running all along.
+    workers.lock().expect("lock").listening(Instant::now());
     let mut messages = pubsub.on_message();
     // A silent minute: no worker is publishing, or the connection died without a reset (a
     // blackholed broker). Either way a fresh subscription is cheap and rules out the latter.
@@ -272,27 +211,17 @@ mod tests {
         }));
         assert_eq!(
             parse_event(&hb),
-            Some(WorkerEvent::Alive { hostname: "demo@pod-a".into(), active: 3, freq: Duration::from_secs(2) })
+            Some(WorkerEvent::Alive {
+                hostname: "demo@pod-a".into(),
+                active: 3,
+                freq: Duration::from_secs(2),
+                pid: Some(12),
+                online: false
+            })
         );
         let off = envelope(serde_json::json!({"hostname": "demo@pod-a", "type": "worker-offline", "freq": 2.0}));
         assert_eq!(parse_event(&off), Some(WorkerEvent::Offline { hostname: "demo@pod-a".into() }));
         assert_eq!(parse_event(b"not json"), None);
         assert_eq!(parse_event(&envelope(serde_json::json!({"hostname": "x", "type": "task-sent"}))), None);
-    }
-
-    #[test]
-    fn a_worker_is_gone_after_two_missed_heartbeats_or_offline() {
-        let t0 = Instant::now();
-        let mut w = Workers::default();
-        let beat = |h: &str, active| WorkerEvent::Alive { hostname: h.into(), active, freq: Duration::from_secs(2) };
-        w.apply(beat("a@p1", 0), t0);
-        w.apply(beat("b@p2", 2), t0);
-        assert_eq!(w.active("a@p1", t0 + Duration::from_secs(4)), Some(0));
-        assert_eq!(w.active("b@p2", t0 + Duration::from_secs(4)), Some(2));
-        assert_eq!(w.active("a@p1", t0 + Duration::from_millis(4001)), None, "two heartbeats missed");
-        w.apply(WorkerEvent::Offline { hostname: "b@p2".into() }, t0 + Duration::from_secs(1));
-        assert_eq!(w.active("b@p2", t0 + Duration::from_secs(1)), None);
-        w.apply(beat("c@p3", 1), t0 + Duration::from_secs(10));
-        assert_eq!(w.len(), 1, "expired workers are dropped");
     }
 }

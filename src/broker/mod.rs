@@ -10,6 +10,7 @@ pub mod reader;
 pub mod resp;
 pub mod unacked;
 pub mod url;
+pub mod workers;
 
 pub use self::url::{BrokerEndpoint, UrlError};
 pub use keys::DepthQuery;

@@ -3,7 +3,7 @@
 //! seen before cost more: their values are read once (see `unacked`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -24,6 +24,9 @@ pub struct QueueDepth {
     /// The ETAs (milliseconds since the epoch, ascending) of the `in_flight` entries that carry
     /// one: whether each is demand or scheduled for later depends on the time of the decision.
     pub etas: Vec<i64>,
+    /// Entries for this queue that no live worker can be holding (see `workers`): not counted
+    /// in `in_flight`; kombu restores them after the transport's `visibility_timeout`.
+    pub orphaned: i64,
 }
 
 /// Why the broker could not be read; the text is safe to publish (no credentials).
@@ -94,7 +97,7 @@ pub async fn read_depths<C: redis::aio::ConnectionLike + Send>(
     queries: &[DepthQuery],
 ) -> Result<Vec<Result<QueueDepth, ReadError>>, ReadError> {
     let mut tags = Tags::default();
-    let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(3600) };
+    let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(3600), holders: None };
     ReadPlan::new(queries.to_vec()).read(conn, endpoint, in_flight).await
 }
 
@@ -105,6 +108,14 @@ pub struct InFlight<'a> {
     pub tags: &'a mut Tags,
     pub bodies: Option<&'a mut dyn Bodies>,
     pub budget: Duration,
+    /// Who may be holding an entry (None: every entry is held, as without heartbeats).
+    pub holders: Option<&'a dyn Holders>,
+}
+
+/// Whether an entry of `queue` under `prefix`, first seen at `seen`, may still be held by a live
+/// worker; false makes it an orphan.
+pub trait Holders: Sync {
+    fn may_hold(&self, prefix: &str, queue: &str, seen: Instant) -> bool;
 }
 
 /// One read of a fixed set of queries, built once and sent as often as the set stays the same:
@@ -187,7 +198,7 @@ impl ReadPlan {
         }
 
         // In flight: the tags listed now, the values of the new ones read once.
-        let InFlight { tags, mut bodies, budget } = in_flight;
+        let InFlight { tags, mut bodies, budget, holders } = in_flight;
         let deadline = tokio::time::Instant::now() + budget;
         tags.retain_prefixes(prefixes);
         for prefix in prefixes {
@@ -212,7 +223,7 @@ impl ReadPlan {
                 learn(conn, endpoint, (prefix, sep), new, tags, bodies.as_deref_mut(), (deadline, budget)).await?;
             }
         }
-        count_in_flight(queries, &mut out, tags);
+        count_in_flight(queries, &mut out, tags, holders);
         Ok(out)
     }
 }
@@ -250,6 +261,7 @@ async fn learn<'b, C: redis::aio::ConnectionLike + Send>(
         }
     };
     let bindings = bindings_of(conn, prefix, sep, &values).await.map_err(|e| ReadError::from_redis(endpoint, &e))?;
+    let seen = Instant::now();
     for (tag, value) in new.into_iter().zip(values) {
         match value {
             Fetched::Gone => {}
@@ -259,7 +271,7 @@ async fn learn<'b, C: redis::aio::ConnectionLike + Send>(
                     Some(b) => b.queues(&h.routing_key),
                     None => vec![h.routing_key],
                 };
-                tags.insert(prefix, tag, Some(Entry { queues, eta: h.eta }));
+                tags.insert(prefix, tag, Some(Entry { queues, eta: h.eta, seen }));
             }
         }
     }
@@ -294,21 +306,37 @@ async fn bindings_of<C: redis::aio::ConnectionLike + Send>(
 
 /// Count each queue's held messages and collect their ETAs. A message belongs to the queues
 /// kombu would restore it to (see `unacked::Bindings`).
-fn count_in_flight(queries: &[DepthQuery], out: &mut [Result<QueueDepth, ReadError>], tags: &Tags) {
-    let mut by_queue: HashMap<(&str, &str), (i64, Vec<i64>)> = HashMap::new();
+fn count_in_flight(
+    queries: &[DepthQuery],
+    out: &mut [Result<QueueDepth, ReadError>],
+    tags: &Tags,
+    holders: Option<&dyn Holders>,
+) {
+    #[derive(Default)]
+    struct Count {
+        held: i64,
+        etas: Vec<i64>,
+        orphaned: i64,
+    }
+    let mut by_queue: HashMap<(&str, &str), Count> = HashMap::new();
     for prefix in queries.iter().map(|q| q.prefix.as_str()).collect::<BTreeSet<_>>() {
         for held in tags.held(prefix) {
             for queue in &held.queues {
-                let (count, etas) = by_queue.entry((prefix, queue.as_str())).or_default();
-                *count += 1;
-                etas.extend(held.eta);
+                let count = by_queue.entry((prefix, queue.as_str())).or_default();
+                if holders.is_none_or(|h| h.may_hold(prefix, queue, held.seen)) {
+                    count.held += 1;
+                    count.etas.extend(held.eta);
+                } else {
+                    count.orphaned += 1;
+                }
             }
         }
     }
     for (q, d) in queries.iter().zip(out.iter_mut()) {
-        if let (Ok(d), Some((count, etas))) = (d, by_queue.get(&(q.prefix.as_str(), q.queue.as_str()))) {
-            d.in_flight = *count;
-            d.etas.clone_from(etas);
+        if let (Ok(d), Some(count)) = (d, by_queue.get(&(q.prefix.as_str(), q.queue.as_str()))) {
+            d.in_flight = count.held;
+            d.orphaned = count.orphaned;
+            d.etas.clone_from(&count.etas);
             d.etas.sort_unstable();
         }
     }
@@ -450,7 +478,7 @@ mod tests {
             model.index.push(tag.clone());
             model.hash.insert(tag, br#"[{}, "", "alpha"]"#.to_vec());
         }
-        let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(60) };
+        let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(60), holders: None };
         let got = plan.read(&mut model, "model", in_flight).await.unwrap();
         assert_eq!(got[0].as_ref().unwrap().in_flight, pages as i64, "what the pages list is counted");
         assert_eq!(tags.unlisted(), extra as i64, "the rest is said, not counted");
@@ -488,7 +516,7 @@ mod tests {
                     model.ack(&tag);
                 }
             }
-            let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(1) };
+            let in_flight = InFlight { tags: &mut tags, bodies: None, budget: Duration::from_secs(1), holders: None };
             let got = plan.read(&mut model, "model", in_flight).await.unwrap();
             for (q, d) in queues.iter().zip(got) {
                 assert_eq!(d.unwrap().in_flight, model.held(q), "round {round}, queue {q}");

@@ -12,7 +12,7 @@
 //! its body.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
@@ -47,6 +47,8 @@ pub enum Fetched {
 pub struct Entry {
     pub queues: Vec<String>,
     pub eta: Option<i64>,
+    /// When this operator first read it: kombu's delivery time or later (see `workers`).
+    pub seen: Instant,
 }
 
 /// The unacked messages seen so far, per key prefix and tag (None: not a kombu message).

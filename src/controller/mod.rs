@@ -6,6 +6,7 @@ pub mod deletion_cost;
 pub mod deployment;
 pub mod events;
 pub mod memory;
+pub mod orphans;
 pub mod plan;
 pub mod poller;
 pub mod reconcile;

@@ -287,6 +287,7 @@ impl Draft<'_> {
                 self.status.pending = Some(demand.load.pending);
                 self.status.in_flight = Some(demand.load.in_flight);
                 self.status.scheduled = Some(demand.load.scheduled);
+                self.status.orphaned = Some(demand.load.orphaned);
                 self.status.pending_by_queue = demand.pending_by_queue.clone();
                 self.sharing(queues);
                 Some(demand)

@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::error;
 
+use super::orphans::{Consumers, Judge};
 use crate::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
 use crate::broker::reader::{InFlight, ReadPlan};
 use crate::broker::resp::Limits;
@@ -42,6 +43,9 @@ pub struct Target {
     pub interval: Duration,
     /// Capacity (`maxReplicas × tasksPerReplica`): how a shared queue's demand is split.
     pub weight: i64,
+    /// Its workers' pool as their heartbeats name it, `<nodeName>@<Deployment>` (see
+    /// `broker::workers`); empty: not judged for orphans.
+    pub pool: String,
 }
 
 /// The latest read for one TaskQueue: one entry per query of its target, in order.
@@ -298,7 +302,7 @@ impl BrokerState {
     /// `read_endpoint` with the plan at hand (the reader also needs its poll interval).
     async fn read_prepared(&self, endpoint: &BrokerEndpoint, prepared: &Prepared) -> (Vec<Key>, bool) {
         let at = Instant::now();
-        let result = self.read_one(endpoint, &prepared.plan).await;
+        let result = self.read_one(endpoint, prepared).await;
         let ok = result.is_ok();
         let push = self.push_mode(endpoint);
         let mut last = prepared.last.lock().expect("lock");
@@ -375,9 +379,9 @@ impl BrokerState {
         Some(p)
     }
 
-    async fn read_one(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
+    async fn read_one(&self, endpoint: &BrokerEndpoint, prepared: &Prepared) -> Depths {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.deadline, self.connect_and_read(endpoint, plan)).await {
+        let result = match tokio::time::timeout(self.deadline, self.connect_and_read(endpoint, prepared)).await {
             Ok(r) => r,
             Err(_) => Err(ReadError::Unreachable {
                 endpoint: endpoint.to_string(),
@@ -401,7 +405,7 @@ impl BrokerState {
         result
     }
 
-    async fn connect_and_read(&self, endpoint: &BrokerEndpoint, plan: &ReadPlan) -> Depths {
+    async fn connect_and_read(&self, endpoint: &BrokerEndpoint, prepared: &Prepared) -> Depths {
         let (mut conn, addr) = self.pool.connection_at(endpoint).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         // One reader per endpoint: its tags and value connection are taken for the read and put
@@ -414,8 +418,10 @@ impl BrokerState {
                 (kept.map(|(t, _)| t).unwrap_or_default(), bodies)
             }
         };
-        let in_flight = InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2 };
-        let depths = plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
+        let judge = self.judge(endpoint, &prepared.consumers);
+        let in_flight =
+            InFlight { tags: &mut tags, bodies: Some(&mut bodies), budget: self.deadline / 2, holders: Some(&judge) };
+        let depths = prepared.plan.read(&mut conn, &endpoint.to_string(), in_flight).await;
         let unlisted = {
             let mut unacked = self.unacked.lock().expect("lock");
             unacked.insert(endpoint.clone(), (tags, bodies));
@@ -430,6 +436,13 @@ impl BrokerState {
             self.push_config.lock().expect("lock").insert(endpoint.clone(), (Instant::now(), configured));
         }
         depths
+    }
+
+    /// Who may hold the messages of `endpoint`'s queues: its consumers and live workers now.
+    fn judge<'a>(&self, endpoint: &BrokerEndpoint, consumers: &'a Consumers) -> Judge<'a> {
+        let subs = self.heartbeats.lock().expect("lock");
+        let workers = subs.iter().filter(|((e, _), _)| e == endpoint).map(|((_, p), (w, _, _))| (p.clone(), w.clone()));
+        Judge { consumers, workers: workers.collect(), now: Instant::now() }
     }
 
     /// The targets' version (see `Targets::version`).
@@ -573,6 +586,8 @@ struct Prepared {
     /// Per member, the position in the plan's queries of each of its queries.
     index: Vec<Vec<usize>>,
     shares: Vec<Arc<[Share]>>,
+    /// Whose workers consume each queue (see `orphans`).
+    consumers: Consumers,
     /// The shortest poll interval among the members: how often the endpoint is read.
     poll: Duration,
     /// The last read of these members: a read with the same answers wakes nobody and touches
@@ -591,7 +606,13 @@ impl Prepared {
         let shares = shares(&members).into_iter().map(Arc::from).collect();
         let poll = members.iter().map(|(_, t)| t.interval).min().unwrap_or(Duration::MAX);
         let plan = ReadPlan::new(queries);
-        Self { version, members, plan, index, shares, poll, last: Mutex::default() }
+        let mut consumers = Consumers::default();
+        for (_, t) in &members {
+            for q in &t.queries {
+                consumers.add(&q.prefix, &q.queue, &t.pool);
+            }
+        }
+        Self { version, members, plan, index, shares, consumers, poll, last: Mutex::default() }
     }
 }
 
@@ -766,6 +787,7 @@ mod tests {
             queries: vec![DepthQuery::new("ai", &opts)],
             interval: Duration::from_secs(1),
             weight: 1,
+            pool: String::new(),
         };
         let mut targets = Targets::default();
         targets.insert(ObjectRef::<TaskQueue>::new("a").within("ns"), t.clone());
@@ -785,7 +807,13 @@ mod tests {
     #[test]
     fn targets_move_between_endpoints() {
         let e = |port| BrokerEndpoint::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap();
-        let t = |port| Target { endpoint: e(port), queries: Vec::new(), interval: Duration::from_secs(1), weight: 1 };
+        let t = |port| Target {
+            endpoint: e(port),
+            queries: Vec::new(),
+            interval: Duration::from_secs(1),
+            weight: 1,
+            pool: String::new(),
+        };
         let key = ObjectRef::<TaskQueue>::new("a").within("ns");
         let mut targets = Targets::default();
         assert!(targets.insert(key.clone(), t(1)));

@@ -30,6 +30,7 @@ use super::plan::{self, Announcement, BrokerView, Plan, RoutesView, Seen};
 use super::poller::{BrokerState, Key, Target};
 use super::routes::{RouteInput, SharedVerdicts};
 use super::secrets::SecretCache;
+use crate::broker::workers::pool_name;
 use crate::broker::{BrokerEndpoint, DepthQuery, ReadError};
 use crate::crd::{TaskQueue, TaskQueueStatus};
 use crate::dashboard::{now_millis, Dashboard, Mark, Sample};
@@ -235,6 +236,7 @@ async fn resolve_target(
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),
         interval: valid.poll_interval,
         weight: i64::from(valid.max_replicas).saturating_mul(valid.tasks_per_replica),
+        pool: pool_name(&valid.node_name, &tq.name_any()),
     })
 }
 
@@ -397,6 +399,7 @@ fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused
         m.pending.get_or_create(&labels).set(p);
         m.in_flight.get_or_create(&labels).set(f);
         m.scheduled.get_or_create(&labels).set(status.scheduled.unwrap_or(0));
+        m.orphaned.get_or_create(&labels).set(status.orphaned.unwrap_or(0));
     }
     if let Some(d) = status.desired_replicas {
         m.desired_replicas.get_or_create(&labels).set(i64::from(d));

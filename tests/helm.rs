@@ -107,7 +107,15 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     let c = &pod["containers"][0];
     assert_eq!(
         c["args"],
-        json!(["run", "--metrics-addr", "0.0.0.0:8080", "--leader-election=true", "--concurrency=32"])
+        json!([
+            "run",
+            "--metrics-addr",
+            "0.0.0.0:8080",
+            "--leader-election=true",
+            "--concurrency=32",
+            "--broker-timeout=2s",
+            "--max-broker-reply=4Mi"
+        ])
     );
     let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert!(env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"), "{env:?}");
@@ -164,7 +172,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(!k.iter().any(|k| k.starts_with("Cluster")), "{k:?}");
     assert!(k.contains(&"Role/prod".to_string()) && k.contains(&"RoleBinding/prod".to_string()), "{k:?}");
     let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
-    assert_eq!(args.as_array().unwrap()[4..], [json!("--concurrency=32"), json!("--namespace"), json!("prod")]);
+    assert_eq!(args.as_array().unwrap()[7..], [json!("--namespace"), json!("prod")]);
     // Without leader election: one writer at a time, so no overlap on updates.
     let docs = render(&["leaderElection=false", "replicaCount=1"]);
     assert_eq!(find(&docs, "Deployment")["spec"]["strategy"]["type"], "Recreate");
@@ -178,6 +186,8 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         ("resources.limits.memroy=1Gi", "memroy"),
         ("logFormat=xml", "logFormat"),
         ("concurrency=0", "concurrency"),
+        ("maxBrokerReply=4MB", "maxBrokerReply"),
+        ("brokerTimeout=2", "brokerTimeout"),
         ("leaderElection=false", "replicaCount > 1 needs leaderElection"),
     ] {
         let out = helm_out(&["template", "tq", &chart(), "--set", set]);

@@ -27,6 +27,9 @@ pub struct QueueDepth {
     /// Entries for this queue that no live worker can be holding (see `workers`): not counted
     /// in `in_flight`; kombu restores them after the transport's `visibility_timeout`.
     pub orphaned: i64,
+    /// Held messages under this queue's key prefix beyond the tags a poll lists (counted nowhere,
+    /// see `unacked::TAG_PAGES`).
+    pub unlisted: i64,
 }
 
 /// Why the broker could not be read; the text is safe to publish (no credentials).
@@ -333,6 +336,9 @@ fn count_in_flight(
         }
     }
     for (q, d) in queries.iter().zip(out.iter_mut()) {
+        if let Ok(d) = d {
+            d.unlisted = tags.unlisted_of(&q.prefix);
+        }
         if let (Ok(d), Some(count)) = (d, by_queue.get(&(q.prefix.as_str(), q.queue.as_str()))) {
             d.in_flight = count.held;
             d.orphaned = count.orphaned;
@@ -482,6 +488,7 @@ mod tests {
         let got = plan.read(&mut model, "model", in_flight).await.unwrap();
         assert_eq!(got[0].as_ref().unwrap().in_flight, pages as i64, "what the pages list is counted");
         assert_eq!(tags.unlisted(), extra as i64, "the rest is said, not counted");
+        assert_eq!(got[0].as_ref().unwrap().unlisted, extra as i64, "and reaches the queue's reading");
     }
 
     /// Tags added and acked between reads, some acked between a read's tag list and its HGET:

@@ -96,6 +96,11 @@ impl Tags {
         self.unlisted.insert(prefix.to_string(), n).unwrap_or(0)
     }
 
+    /// Held messages of `prefix` not listed by the last poll.
+    pub fn unlisted_of(&self, prefix: &str) -> i64 {
+        self.unlisted.get(prefix).copied().unwrap_or(0)
+    }
+
     /// Held messages not listed by the last poll, all prefixes.
     pub fn unlisted(&self) -> i64 {
         self.unlisted.values().sum()

@@ -19,6 +19,7 @@ use super::conditions::{
 };
 use super::deployment::{self, owned_by, selector_string};
 use super::memory::{Applied, Memory};
+use crate::broker::unacked::{TAG_PAGE, TAG_PAGES};
 use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
 use crate::demand::{self, Demand, QueueReading};
 use crate::scaling::{decide, Bounds, Decision, History, Load, Observation};
@@ -281,7 +282,19 @@ impl Draft<'_> {
                 None
             }
             BrokerView::Read { queues, message } => {
-                self.conds.set(BROKER_REACHABLE, true, "Read", message.clone());
+                // Held messages beyond what a poll lists are counted nowhere: say so.
+                match queues.iter().map(|q| q.depth.unlisted).max().filter(|n| *n > 0) {
+                    Some(n) => self.conds.set(
+                        BROKER_REACHABLE,
+                        true,
+                        "ReadPartly",
+                        format!(
+                            "{message}; {n} held messages beyond the {} unacked tags a poll lists are not counted",
+                            TAG_PAGE * TAG_PAGES
+                        ),
+                    ),
+                    None => self.conds.set(BROKER_REACHABLE, true, "Read", message.clone()),
+                }
                 let now_ms = self.seen.now.0.as_millisecond();
                 let demand = demand::demand(queues, now_ms, valid.eta_horizon);
                 self.status.pending = Some(demand.load.pending);
@@ -830,6 +843,27 @@ mod tests {
         assert_eq!(p.status.desired_replicas, Some(1), "ceil(1 / 4), not ceil(23 / 4)");
         // The two due in 40 s come within the 30 s horizon in 10 s: look again then.
         assert_eq!(p.requeue, Some(Duration::from_secs(11)));
+    }
+
+    #[test]
+    fn orphans_and_unlisted_messages_are_said() {
+        let tq = plain();
+        let depth = crate::broker::QueueDepth { pending: 0, orphaned: 6, unlisted: 250, ..Default::default() };
+        let share = Share::alone(Consumer { name: "ai".into(), primary: true, weight: 40 });
+        let view = BrokerView::Read {
+            queues: vec![QueueReading { queue: "ai_processing".into(), depth, share }],
+            message: "read".into(),
+        };
+        let at_3 = ours(&tq, 3, 3);
+        let p = plan(&tq, &seen(&tq, view, Some(at_3.clone()), wrote(&at_3, 3)));
+        assert_eq!((p.status.in_flight, p.status.orphaned), (Some(0), Some(6)));
+        let reachable = find(&p.status.conditions, BROKER_REACHABLE).unwrap();
+        assert_eq!((reachable.status.as_str(), reachable.reason.as_str()), ("True", "ReadPartly"));
+        assert_eq!(
+            reachable.message,
+            "read; 250 held messages beyond the 100000 unacked tags a poll lists are not counted"
+        );
+        assert_eq!(plan(&tq, &seen(&tq, read(0), None, Memory::default())).status.orphaned, Some(0));
     }
 
     #[test]

@@ -783,3 +783,45 @@ async fn messages_of_a_killed_worker_are_orphans_once_no_live_worker_can_hold_th
     let held: i64 = redis::cmd("ZCARD").arg("unacked_index").query_async(&mut admin).await.unwrap();
     assert_eq!(held, 6, "kombu still holds them (restored after visibility_timeout)");
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn two_urls_for_one_redis_share_a_queue_once() {
+    let redis = Redis::start().await;
+    let mut admin = raw(&redis.url()).await;
+    lpush(&mut admin, b"shared_q", 8).await;
+    // One server, two names: as a Service's short name and its FQDN would be.
+    let (by_ip, by_name) =
+        (format!("redis://127.0.0.1:{}/0", redis.port), format!("redis://localhost:{}/0", redis.port));
+    let state = BrokerState::new(Duration::from_secs(2));
+    let key = |n: &str| ObjectRef::<TaskQueue>::new(n).within("ns");
+    let target = |url: &str| Target {
+        endpoint: endpoint(url),
+        queries: vec![DepthQuery::new("shared_q", &TransportOptions::default())],
+        interval: Duration::from_secs(1),
+        weight: 10,
+        pool: String::new(),
+    };
+    state.register(key("a"), target(&by_ip));
+    state.register(key("b"), target(&by_name));
+    // The first reads learn which server each URL reaches; the next ones count the queue once.
+    for _ in 0..2 {
+        for url in [&by_ip, &by_name] {
+            assert!(state.read_endpoint(&endpoint(url)).await.1);
+        }
+    }
+    let (a, b) = (state.reading(&key("a")).unwrap(), state.reading(&key("b")).unwrap());
+    assert_eq!(a.shares[0].others(), "b (spec.queue)");
+    let pending =
+        |r: &taskqueue_operator::controller::poller::Reading| r.depths.as_ref().unwrap()[0].as_ref().unwrap().pending;
+    assert_eq!((pending(&a), pending(&b)), (8, 8), "each reads the whole queue");
+    assert_eq!(a.shares[0].part(8) + b.shares[0].part(8), 8, "and counts its part of it");
+    // Another database on the same server is another queue.
+    state.register(key("b"), target(&format!("redis://localhost:{}/1", redis.port)));
+    for url in [by_ip.clone(), format!("redis://localhost:{}/1", redis.port)] {
+        for _ in 0..2 {
+            assert!(state.read_endpoint(&endpoint(&url)).await.1);
+        }
+    }
+    assert!(!state.reading(&key("a")).unwrap().shares[0].is_shared());
+}

@@ -219,6 +219,8 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 /// master a sentinel named): authenticated and on the endpoint's database.
 pub struct Dialled {
     pub stream: Bounded<Stream>,
+    /// The socket address reached (names resolved): one Redis server behind two URLs.
+    pub peer: Option<std::net::SocketAddr>,
     pub rejected: RejectSlot,
     pub info: redis::RedisConnectionInfo,
 }
@@ -231,20 +233,24 @@ pub async fn dial_bounded(
     read: Counter,
 ) -> Result<Dialled, ReadError> {
     let stream = dial(endpoint, host, port, timeout).await?;
+    let peer = match &stream {
+        Stream::Tcp(s) => s.peer_addr().ok(),
+        Stream::Tls(s) => s.get_ref().0.peer_addr().ok(),
+    };
     let rejected = RejectSlot::default();
     let info = endpoint.connection_info_at(host, port).redis_settings().clone();
-    Ok(Dialled { stream: Bounded::new(stream, limits, rejected.clone(), read), rejected, info })
+    Ok(Dialled { stream: Bounded::new(stream, limits, rejected.clone(), read), peer, rejected, info })
 }
 
-/// A multiplexed redis-rs connection over a bounded stream; its driver runs until the
-/// connection is dropped or fails.
+/// A multiplexed redis-rs connection over a bounded stream (its driver runs until the
+/// connection is dropped or fails), where refusals are noted, and the socket address reached.
 pub async fn connect(
     endpoint: &BrokerEndpoint,
     addr: (&str, u16),
     timeout: Duration,
     limits: Limits,
     read: Counter,
-) -> Result<(redis::aio::MultiplexedConnection, RejectSlot), ReadError> {
+) -> Result<(redis::aio::MultiplexedConnection, RejectSlot, Option<std::net::SocketAddr>), ReadError> {
     let shown = endpoint.to_string();
     let d = dial_bounded(endpoint, addr, timeout, limits, read).await?;
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(timeout));
@@ -254,7 +260,7 @@ pub async fn connect(
         .map_err(|_| ReadError::Unreachable { endpoint: shown.clone(), cause: format!("no reply within {timeout:?}") })?
         .map_err(|e| rejected_or(&d.rejected, &shown, &e))?;
     tokio::spawn(driver);
-    Ok((conn, d.rejected))
+    Ok((conn, d.rejected, d.peer))
 }
 
 /// The error of a failed command: the refusal that closed the connection, if there was one.

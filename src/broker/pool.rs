@@ -2,6 +2,7 @@
 //! bounded (see `dial` and `resp`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +19,8 @@ struct Conn {
     rejected: RejectSlot,
     /// The server it reached (for the Sentinel form, the master a sentinel named).
     addr: (String, u16),
+    /// Its socket address, names resolved.
+    peer: Option<SocketAddr>,
 }
 
 /// Connections are created on first use and kept until a read on them fails.
@@ -58,11 +61,17 @@ impl BrokerPool {
         }
         let timeout = self.timeout();
         let addr = address(endpoint, timeout, self.limits).await?;
-        let (conn, rejected) =
+        let (conn, rejected, peer) =
             dial::connect(endpoint, (&addr.0, addr.1), timeout, self.limits, self.read_bytes.clone()).await?;
-        let c = Conn { conn: conn.clone(), rejected, addr: addr.clone() };
+        let c = Conn { conn: conn.clone(), rejected, addr: addr.clone(), peer };
         self.conns.lock().await.insert(endpoint.clone(), c);
         Ok((conn, addr))
+    }
+
+    /// The socket address of the server the endpoint's open connection reached (None: no
+    /// connection, or it is unknown).
+    pub async fn peer(&self, endpoint: &BrokerEndpoint) -> Option<SocketAddr> {
+        self.conns.lock().await.get(endpoint).and_then(|c| c.peer)
     }
 
     /// What closed the endpoint's connection, when the broker sent a reply over the bounds.
@@ -133,9 +142,10 @@ async fn master_addr(
     for (host, port) in &endpoint.sentinels {
         let at = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let ask = async {
-            let (mut conn, _) = dial::connect(&sentinel, (host, *port), timeout, limits, Counter::default())
-                .await
-                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "dial", e.to_string())))?;
+            let (mut conn, _, _) =
+                dial::connect(&sentinel, (host, *port), timeout, limits, Counter::default())
+                    .await
+                    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "dial", e.to_string())))?;
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(master)

@@ -70,6 +70,13 @@ impl Reading {
     }
 }
 
+/// A Redis server and database, whatever URL reached it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Server {
+    addr: std::net::SocketAddr,
+    db: i64,
+}
+
 /// A (broker, key prefix) pair: one heartbeat subscription each.
 type SubscriptionKey = (BrokerEndpoint, String);
 
@@ -173,6 +180,9 @@ pub struct BrokerState {
     /// Per endpoint, the unacked messages seen so far (each value is read once) and the
     /// connection their values are read on.
     unacked: Mutex<HashMap<BrokerEndpoint, (Tags, Streamed)>>,
+    /// Per endpoint, the Redis server its connection reached: socket address (names resolved)
+    /// and database. Endpoints on one server share their queues (see `shares`).
+    servers: Mutex<HashMap<BrokerEndpoint, Server>>,
     /// Per endpoint, what its reads are built from (see `Prepared`).
     prepared: Mutex<HashMap<BrokerEndpoint, Arc<Prepared>>>,
     /// The (broker, prefix) pairs in use, at a targets version.
@@ -198,6 +208,7 @@ impl BrokerState {
             heartbeats: Mutex::default(),
             push_config: Mutex::default(),
             prepared: Mutex::default(),
+            servers: Mutex::default(),
             unacked: Mutex::default(),
             wanted_subscriptions: Mutex::default(),
             wake: Notify::new(),
@@ -371,10 +382,22 @@ impl BrokerState {
                 return Some(p.clone());
             }
             let members: Vec<(Key, Arc<Target>)> = group.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-            (targets.version, members)
+            // The TaskQueues of other URLs for the same Redis server and database.
+            let servers = self.servers.lock().expect("lock");
+            let neighbours: Vec<(Key, Arc<Target>)> = match servers.get(endpoint) {
+                None => Vec::new(),
+                Some(server) => servers
+                    .iter()
+                    .filter(|(e, s)| *e != endpoint && *s == server)
+                    .filter_map(|(e, _)| targets.by_endpoint.get(e))
+                    .flat_map(|g| g.iter().map(|(k, t)| (k.clone(), t.clone())))
+                    .collect(),
+            };
+            (targets.version, (members, neighbours))
         };
+        let (members, neighbours) = members;
         // Built without the locks: registering reconciles and `reading` must not wait for it.
-        let p = Arc::new(Prepared::new(version, members));
+        let p = Arc::new(Prepared::new(version, members, &neighbours));
         self.prepared.lock().expect("lock").insert(endpoint.clone(), p.clone());
         Some(p)
     }
@@ -407,6 +430,7 @@ impl BrokerState {
 
     async fn connect_and_read(&self, endpoint: &BrokerEndpoint, prepared: &Prepared) -> Depths {
         let (mut conn, addr) = self.pool.connection_at(endpoint).await?;
+        self.note_server(endpoint).await;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         // One reader per endpoint: its tags and value connection are taken for the read and put
         // back after it (a read cut short by its deadline loses them: the next one starts over).
@@ -436,6 +460,17 @@ impl BrokerState {
             self.push_config.lock().expect("lock").insert(endpoint.clone(), (Instant::now(), configured));
         }
         depths
+    }
+
+    /// Note which server `endpoint` reached; a new one rebuilds every endpoint's shares (their
+    /// next reads count a queue two URLs of one Redis share once).
+    async fn note_server(&self, endpoint: &BrokerEndpoint) {
+        let Some(peer) = self.pool.peer(endpoint).await else { return };
+        let server = Server { addr: peer, db: endpoint.db };
+        let known = self.servers.lock().expect("lock").insert(endpoint.clone(), server);
+        if known != Some(server) {
+            self.targets.lock().expect("lock").version += 1;
+        }
     }
 
     /// Who may hold the messages of `endpoint`'s queues: its consumers and live workers now.
@@ -496,6 +531,7 @@ impl BrokerState {
         };
         self.push_config.lock().expect("lock").retain(|e, _| want.contains(e));
         self.unacked.lock().expect("lock").retain(|e, _| want.contains(e));
+        self.servers.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
             self.metrics.broker_push.remove(&BrokerLabels { broker: e.to_string() });
             self.pool.forget(&e).await;
@@ -596,14 +632,15 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(version: u64, members: Vec<(Key, Arc<Target>)>) -> Self {
+    /// `neighbours`: the TaskQueues of other endpoints on the same server (they share queues).
+    fn new(version: u64, members: Vec<(Key, Arc<Target>)>, neighbours: &[(Key, Arc<Target>)]) -> Self {
         let queries: Vec<DepthQuery> =
             members.iter().flat_map(|(_, t)| t.queries.iter().cloned()).collect::<BTreeSet<_>>().into_iter().collect();
         let index = members
             .iter()
             .map(|(_, t)| t.queries.iter().filter_map(|q| queries.binary_search(q).ok()).collect())
             .collect();
-        let shares = shares(&members).into_iter().map(Arc::from).collect();
+        let shares = shares(&members, neighbours).into_iter().map(Arc::from).collect();
         let poll = members.iter().map(|(_, t)| t.interval).min().unwrap_or(Duration::MAX);
         let plan = ReadPlan::new(queries);
         let mut consumers = Consumers::default();
@@ -632,12 +669,12 @@ fn same_depths(old: &Depths, read: &Depths, index: &[usize]) -> bool {
     }
 }
 
-/// For each member and each of its queries, who consumes that queue: the members of one
-/// namespace reading the same queue under the same key prefix (a shared queue's demand is split
-/// between them, see `demand`).
-fn shares(members: &[(Key, Arc<Target>)]) -> Vec<Vec<Share>> {
+/// For each member and each of its queries, who consumes that queue: the members (and
+/// neighbours: other URLs of the same server) of one namespace reading the same queue under the
+/// same key prefix (a shared queue's demand is split between them, see `demand`).
+fn shares(members: &[(Key, Arc<Target>)], neighbours: &[(Key, Arc<Target>)]) -> Vec<Vec<Share>> {
     let mut by_queue: HashMap<(Option<&str>, &str, &str), Vec<Consumer>> = HashMap::new();
-    for (key, target) in members {
+    for (key, target) in members.iter().chain(neighbours) {
         for (i, q) in target.queries.iter().enumerate() {
             let consumer = Consumer { name: key.name.clone(), primary: i == 0, weight: target.weight };
             by_queue.entry((key.namespace.as_deref(), &q.prefix, &q.queue)).or_default().push(consumer);

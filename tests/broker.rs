@@ -825,3 +825,42 @@ async fn two_urls_for_one_redis_share_a_queue_once() {
     }
     assert!(!state.reading(&key("a")).unwrap().shares[0].is_shared());
 }
+
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn an_eta_without_an_offset_is_read_as_the_worker_reads_it() {
+    let redis = Redis::start().await;
+    let python = |args: &[&str]| {
+        let mut c = support::python(&redis.url());
+        c.env("PYTHONPATH", support::repo().join("tests")).current_dir(support::repo()).args(args);
+        c
+    };
+    // An app with timezone America/New_York (enable_utc off) sends 3 tasks with naive ETAs.
+    let mut worker = python(&["-m", "celery", "-A", "celery_tz", "worker", "-Q", "tz", "-c", "1"]);
+    let _worker = ChildGuard(
+        worker
+            .args(["--loglevel=WARNING", "--without-mingle", "--without-gossip"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let out = python(&["tests/celery_tz.py", "send", "3", "3600"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let queries = vec![DepthQuery::new("tz", &TransportOptions::default())];
+    let pool = BrokerPool::default();
+    let ours = support::wait_for("the worker to hold the 3 tasks", Duration::from_secs(60), || async {
+        let mut conn = pool.connection(&endpoint(&redis.url())).await.ok()?;
+        let d = read_depths(&mut conn, "test", &queries).await.ok()?.pop()?.ok()?;
+        (d.etas.len() == 3).then_some(d.etas)
+    })
+    .await;
+    let mut admin = raw(&redis.url()).await;
+    let held: Vec<String> = redis::cmd("HVALS").arg("unacked").query_async(&mut admin).await.unwrap();
+    assert!(held.iter().all(|v| !v.contains("+00:00") && !v.contains("-05:00")), "naive ETAs sent: {held:?}");
+    // The worker's own reading of the same messages (Celery applies no `timezone` to them).
+    let out = python(&["tests/celery_tz.py", "scheduled"]).output().unwrap();
+    let mut theirs: Vec<i64> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.parse().unwrap()).collect();
+    theirs.sort_unstable();
+    assert_eq!(ours, theirs, "the operator's ETAs are the worker's");
+}

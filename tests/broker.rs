@@ -864,3 +864,86 @@ async fn an_eta_without_an_offset_is_read_as_the_worker_reads_it() {
     theirs.sort_unstable();
     assert_eq!(ours, theirs, "the operator's ETAs are the worker's");
 }
+
+/// `calls` of one command in Redis's `INFO commandstats` (0 before its first call).
+async fn calls(c: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(c).await.unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server: make test"]
+async fn unacked_changing_under_the_reader_is_counted_exactly_once_it_settles_and_each_value_read_once() {
+    let redis = Redis::start().await;
+    let mut c = raw(&redis.url()).await;
+    let entry = serde_json::json!([{"body": "...", "headers": {"task": "t"}}, "", "alpha"]).to_string();
+    // Workers fetching and acking, as kombu writes it: ZADD + HSET, ZREM + HDEL, each in a
+    // transaction. 30 000 held to begin with: more than one page of tags.
+    let hold = move |pipe: &mut redis::Pipeline, from: u64, n: u64| {
+        for i in from..from + n {
+            pipe.zadd("unacked_index", format!("tag-{i}"), i as f64).ignore();
+            pipe.hset("unacked", format!("tag-{i}"), &entry).ignore();
+        }
+    };
+    let mut fill = redis::pipe();
+    fill.atomic();
+    hold(&mut fill, 0, 30_000);
+    let _: () = fill.query_async(&mut c).await.unwrap();
+    let state = Arc::new(BrokerState::new(Duration::from_secs(10)));
+    let key = ObjectRef::<TaskQueue>::new("alpha").within("ns");
+    state.register(
+        key.clone(),
+        Target {
+            endpoint: endpoint(&redis.url()),
+            queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
+            interval: Duration::from_secs(1),
+            weight: 10,
+            pool: String::new(),
+        },
+    );
+    // The churn: every batch 500 new tags in, the 400 oldest out, which shifts every page.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut next = 30_000u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut batch = redis::pipe();
+                batch.atomic();
+                hold(&mut batch, next, 500);
+                let _: () = batch.query_async(&mut c).await.unwrap();
+                next += 500;
+                let oldest: Vec<String> =
+                    redis::cmd("ZRANGE").arg("unacked_index").arg(0).arg(399).query_async(&mut c).await.unwrap();
+                let _: () = redis::pipe()
+                    .atomic()
+                    .zrem("unacked_index", &oldest)
+                    .hdel("unacked", &oldest)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+            next
+        })
+    };
+    let ep = endpoint(&redis.url());
+    let mut reads = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert!(state.read_endpoint(&ep).await.1, "reads under churn work");
+        reads += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let added = churn.await.unwrap();
+    assert!(state.read_endpoint(&ep).await.1);
+    let held: i64 = redis::cmd("ZCARD").arg("unacked_index").query_async(&mut c).await.unwrap();
+    let depth = state.reading(&key).unwrap().depths.unwrap()[0].clone().unwrap();
+    println!("{reads} reads under churn; {added} tags added, {held} held at the end");
+    assert_eq!(depth.in_flight, held, "exact once it settles");
+    let hgets = calls(&mut c, "hget").await;
+    assert!(hgets <= added, "each value read at most once: {hgets} HGETs for {added} tags");
+}

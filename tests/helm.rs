@@ -114,7 +114,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
             "--leader-election=true",
             "--concurrency=32",
             "--broker-timeout=2s",
-            "--max-broker-reply=4Mi"
+            "--max-broker-reply=1Mi"
         ])
     );
     let env: Vec<&str> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();

@@ -23,9 +23,11 @@ impl Default for Limits {
     }
 }
 
-/// 4 MiB: 100 000 delivery tags (the most read per tick) fit in four pages of a quarter of
-/// this; a Celery heartbeat is under 1 KiB.
-pub const DEFAULT_MAX_REPLY: usize = 4 << 20;
+/// 1 MiB: a page of 10 000 delivery tags (kombu's are UUIDs, ~43 bytes each in a reply) is
+/// 430 KB; a Celery heartbeat is under 1 KiB. A reply just within the bound costs the process
+/// a few times the bound while redis-rs buffers it (measured: ~7 MiB per connection at 4 MiB),
+/// so the bound is kept small.
+pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
 
 /// Why a reply was refused; the connection it came on is closed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -38,17 +40,24 @@ pub enum Rejected {
     NotResp { byte: u8 },
     #[error("a malformed Redis reply header")]
     BadHeader,
+    #[error("a reply line of more than {bound} bytes")]
+    LongLine { bound: u64 },
 }
 
 /// The longest length header a well-formed reply has (`-9223372036854775808`).
 const MAX_DIGITS: usize = 20;
 
+/// The longest `+`, `-` or `:` line taken (Redis's are an `OK`, a number or an error sentence).
+/// redis-rs buffers a line whole and, measured, costs several times its length while it
+/// grows: an endless line cut at a 4 MiB reply bound cost the process ~12 MiB per connection.
+pub const MAX_LINE: u64 = 64 << 10;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Waiting for a reply's type byte.
     Start,
-    /// Inside a `+`, `-` or `:` line, up to its `\n`.
-    Line,
+    /// Inside a `+`, `-` or `:` line, up to its `\n`: its bytes so far.
+    Line(u64),
     /// Inside a `$` or `*` header: its sign and digits so far.
     Length { bulk: bool, negative: bool, value: u64, digits: usize },
     /// Inside a bulk string: payload and CRLF bytes still to come.
@@ -115,16 +124,20 @@ impl Framer {
         match self.state {
             State::Start => {
                 self.state = match byte {
-                    b'+' | b'-' | b':' => State::Line,
+                    b'+' | b'-' | b':' => State::Line(0),
                     b'$' => State::Length { bulk: true, negative: false, value: 0, digits: 0 },
                     b'*' => State::Length { bulk: false, negative: false, value: 0, digits: 0 },
                     _ => return Err(Rejected::NotResp { byte }),
                 }
             }
-            State::Line => {
+            State::Line(n) => {
                 if byte == b'\n' {
                     self.state = State::Start;
                     self.element_done();
+                } else if n >= MAX_LINE {
+                    return Err(Rejected::LongLine { bound: MAX_LINE });
+                } else {
+                    self.state = State::Line(n + 1);
                 }
             }
             State::Length { bulk, negative, value, digits } => match byte {
@@ -244,8 +257,12 @@ mod tests {
         for bad in [&b"$\r\n"[..], b"$1x\r\n", b"*--1\r\n", b"$\n"] {
             assert_eq!(verdicts(bad, limits(1024)), Err(Rejected::BadHeader), "{bad:?}");
         }
-        // A line without an end grows until the bound.
+        // A line without an end grows until the bound, or until the line bound.
         assert_eq!(verdicts(&[b'+'; 40], limits(32)), Err(Rejected::TooLarge { size: 33, bound: 32 }));
+        let mut line = vec![b'-'; MAX_LINE as usize + 1];
+        assert_eq!(Framer::new(limits(1 << 20)).feed(&line), Ok(()), "{MAX_LINE} bytes of a line: under way");
+        line.push(b'x');
+        assert_eq!(Framer::new(limits(1 << 20)).feed(&line), Err(Rejected::LongLine { bound: MAX_LINE }));
     }
 
     #[test]

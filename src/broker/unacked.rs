@@ -24,8 +24,8 @@ use super::reader::ReadError;
 use super::url::BrokerEndpoint;
 
 /// Tags read per tick and prefix: pages of `ZRANGE unacked_index`, each within the reply bound.
-pub const TAG_PAGE: usize = 25_000;
-pub const TAG_PAGES: usize = 4;
+pub const TAG_PAGE: usize = 10_000;
+pub const TAG_PAGES: usize = 10;
 
 /// A value up to this size is read and parsed whole; of a bigger one, this much of its start is
 /// kept (where protocol 1's body starts).

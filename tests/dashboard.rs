@@ -229,7 +229,10 @@ fn row<'a>(page: &'a Value, tq: &str) -> &'a Value {
 async fn the_live_page_shows_every_taskqueue_as_its_status_and_follows_a_scale_change() {
     let chromium = std::env::var("TQ_CHROMIUM").unwrap_or_else(|_| "chromium".into());
     if Command::new(&chromium).arg("--version").output().is_err() {
-        skipped("the_live_page_shows_every_taskqueue", &format!("no {chromium} (deploy/local/deps.sh installs it)"));
+        skipped(
+            "the_live_page_shows_every_taskqueue_as_its_status_and_follows_a_scale_change",
+            &format!("no {chromium} (deploy/local/deps.sh installs it)"),
+        );
         return;
     }
     let client = client().await;

@@ -257,6 +257,14 @@ async fn a_rotated_broker_password_is_used_within_a_poll_of_the_old_one_failing(
     let patch = json!({"stringData": {"url": url("new-pw")}});
     secrets.patch("celery-broker", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let _: () = set_pw("new-pw").query_async(&mut admin).await.unwrap();
+    // `requirepass` applies to new logins only: drop the operator's authenticated connections,
+    // so its next read logs in again, with the old password, and fails.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"][..])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "the operator's connection was open");
     lpush(&url("new-pw"), "ai_processing", 8).await;
     wait_replicas(&client, &ns, "ai", 2).await;
     wait_condition(&client, &ns, "ai", "BrokerReachable", "True").await;

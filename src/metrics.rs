@@ -55,6 +55,9 @@ pub struct BrokerLabels {
     pub broker: String,
 }
 
+/// The kinds of object the operator writes (`taskqueue_api_writes_total{kind}`).
+pub const WRITE_KINDS: [&str; 5] = ["deployment", "status", "event", "configmap", "pod"];
+
 pub struct Metrics {
     registry: Registry,
     pub pending: Family<TaskQueueLabels, Gauge>,
@@ -166,11 +169,16 @@ impl Metrics {
             m.broker_received_bytes.clone(),
         );
         registry.register(
-            "unacked_unlisted",
+            "broker_unacked_unlisted",
             "Held (unacked) messages beyond the 100 000 delivery tags a poll reads per broker and key prefix: in no inFlight",
             m.unacked_unlisted.clone(),
         );
         registry.register("api_writes", "Kubernetes API writes by kind of object", m.api_writes.clone());
+        // Every kind at 0 from the start: a replica that never wrote (a standby) says so, and
+        // rate() has a first sample.
+        for kind in WRITE_KINDS {
+            m.api_writes.get_or_create(&WriteLabels { kind: kind.into() });
+        }
         registry.register(
             "live_workers",
             "Celery workers alive by heartbeat, over all brokers",
@@ -213,7 +221,9 @@ impl Metrics {
         out
     }
 
+    /// `kind`: one of [`WRITE_KINDS`].
     pub fn write(&self, kind: &str) {
+        debug_assert!(WRITE_KINDS.contains(&kind), "{kind} is not in WRITE_KINDS");
         self.api_writes.get_or_create(&WriteLabels { kind: kind.into() }).inc();
     }
 
@@ -322,6 +332,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("taskqueue_pending{namespace=\"prod\",name=\"ai\"} 12"), "{text}");
         assert!(text.contains("taskqueue_api_writes_total{kind=\"deployment\"} 1"), "{text}");
+        assert!(text.contains("taskqueue_api_writes_total{kind=\"event\"} 0"), "every kind from the start: {text}");
         assert!(text.contains("taskqueue_operator_ready 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
         m.set_not_ok("prod", "ai", &[("BrokerReachable".into(), "BrokerUnreachable".into())]);

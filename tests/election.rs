@@ -1,11 +1,11 @@
 //! Leader election with two real operator processes against the real API server: exactly one
-//! leader at every sample, the standby writes nothing, and after a SIGKILL of the leader the
+//! leader at every sample, the standby writes nothing (by its own write counter, and no Event
+//! outside a leadership term), and after a SIGKILL of the leader the
 //! other takes over and scaling goes on. Five kills; the takeover times go to
 //! docs/reliability.md. Marked `#[ignore]`: `make test` runs it.
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,13 +13,13 @@ use kube::Api;
 use serde_json::json;
 use support::*;
 use taskqueue_operator::controller::deployment::MANAGER;
+use taskqueue_operator::metrics::WRITE_KINDS;
 
 /// One operator process with leader election on, named like a pod.
 struct Replica {
     name: String,
     port: u16,
     process: ChildGuard,
-    log: PathBuf,
 }
 
 impl Replica {
@@ -35,7 +35,22 @@ impl Replica {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        Replica { name: name.into(), port, process: ChildGuard(child), log }
+        Replica { name: name.into(), port, process: ChildGuard(child) }
+    }
+
+    /// Every API write this replica made (`taskqueue_api_writes_total`, all kinds). Each kind's
+    /// series must be on its /metrics: a missing series fails here rather than reading as 0.
+    fn writes(&self) -> f64 {
+        let (code, body) = http_get(self.port, "/metrics");
+        assert_eq!(code, 200, "{}: /metrics", self.name);
+        WRITE_KINDS
+            .iter()
+            .map(|kind| {
+                let series = format!("taskqueue_api_writes_total{{kind=\"{kind}\"}} ");
+                let line = body.lines().find_map(|l| l.strip_prefix(series.as_str()));
+                line.unwrap_or_else(|| panic!("{}: no {series}in {body}", self.name)).parse::<f64>().unwrap()
+            })
+            .sum()
     }
 
     /// `taskqueue_leader` on its /metrics; None while it is not serving.
@@ -92,6 +107,10 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_a_sigkill() {
 
     let mut takeovers = Vec::new();
     for kill in 1..=5 {
+        // What each replica wrote, by its own count: the leader, and a standby nothing at all.
+        let standby = usize::from(leader == 0);
+        assert!(replicas[leader].writes() > 0.0, "the leader's writes are counted");
+        assert_eq!(replicas[standby].writes(), 0.0, "{} wrote as a standby", replicas[standby].name);
         let killed = replicas[leader].name.clone();
         replicas[leader].process.0.kill().unwrap(); // SIGKILL: no release, the Lease must expire
         let _ = replicas[leader].process.0.wait();
@@ -126,11 +145,9 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_a_sigkill() {
         let in_term = terms.iter().any(|(name, from, to)| *name == by && when >= *from && to.is_none_or(|t| when <= t));
         assert!(in_term, "event {:?} by {by} at {when} outside its leadership terms {terms:?}", e.reason);
     }
-    // The standbys' logs: no write attempt was refused or made.
-    for r in &replicas {
-        let log = std::fs::read_to_string(&r.log).unwrap();
-        assert!(!log.contains("forbidden"), "{}: {log}", r.name);
-    }
+    // The last standby, which never led: no write.
+    let standby = usize::from(leader == 0);
+    assert_eq!(replicas[standby].writes(), 0.0, "{} wrote as a standby", replicas[standby].name);
 
     let secs: Vec<f64> = takeovers.iter().map(Duration::as_secs_f64).collect();
     let max = secs.iter().copied().fold(0.0, f64::max);

@@ -177,7 +177,7 @@ impl Metrics {
         // Every kind at 0 from the start: a replica that never wrote (a standby) says so, and
         // rate() has a first sample.
         for kind in WRITE_KINDS {
-            m.api_writes.get_or_create(&WriteLabels { kind: kind.into() });
+            drop(m.api_writes.get_or_create(&WriteLabels { kind: kind.into() }));
         }
         registry.register(
             "live_workers",

@@ -16,8 +16,11 @@ use taskqueue_operator::controller::orphans::ORPHAN_GRACE;
 use taskqueue_operator::controller::poller::{BrokerState, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
 
+/// The test's own connection, with no reply timeout: a 30 000-entry transaction on a loaded
+/// 2-core machine takes longer than redis-rs's default (CI saw it time out).
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.unwrap()
 }
 
 async fn lpush(c: &mut redis::aio::MultiplexedConnection, key: &[u8], n: usize) {

@@ -82,7 +82,7 @@ async fn depth_matches_a_count_by_hand_of_pending_prefetched_running_and_schedul
     })
     .await;
     let (d, printed) = depth(&url, "mixed");
-    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = support::redis_conn(url.as_str()).await;
     let llen: i64 = redis::cmd("LLEN").arg("mixed").query_async(&mut conn).await.unwrap();
     let hlen: i64 = redis::cmd("HLEN").arg("unacked").query_async(&mut conn).await.unwrap();
     assert_eq!(d["pending"], llen, "{d}");

@@ -520,7 +520,7 @@ async fn a_wrong_password_is_an_auth_failure_that_leaks_no_secret_and_fallback_a
     ensure_crd(&client).await;
     let ns = namespace(&client, "auth").await;
     let redis = Redis::start().await;
-    let mut admin = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut admin = support::redis_conn(&redis.url()).await;
     let _: () =
         redis::cmd("CONFIG").arg(&["SET", "requirepass", "right-pw"][..]).query_async(&mut admin).await.unwrap();
     let wrong = format!("redis://:hunter2-wrong@127.0.0.1:{}/0", redis.port);

@@ -308,7 +308,7 @@ impl Timeline {
 
 /// Task ids still in Redis: in the queue's priority lists or kombu's `unacked` hash.
 async fn ids_in_redis(url: &str) -> BTreeSet<String> {
-    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut c = support::redis_conn(url).await;
     let mut out = BTreeSet::new();
     let id = |message: &Value| message.pointer("/headers/id").and_then(Value::as_str).map(String::from);
     for step in ["", "\x06\x163", "\x06\x166", "\x06\x169"] {

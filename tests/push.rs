@@ -13,7 +13,7 @@ use taskqueue_operator::broker::BrokerEndpoint;
 use taskqueue_operator::metrics::Metrics;
 
 async fn notify(url: &str, flags: &str) {
-    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut c = support::redis_conn(url).await;
     let _: () =
         redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(flags).query_async(&mut c).await.unwrap();
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use support::*;
 
 async fn del(url: &str, key: &str) {
-    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut c = support::redis_conn(url).await;
     let _: () = redis::cmd("DEL").arg(key).query_async(&mut c).await.unwrap();
 }
 
@@ -242,7 +242,7 @@ async fn a_rotated_broker_password_is_used_within_a_poll_of_the_old_one_failing(
     ensure_crd(&client).await;
     let ns = namespace(&client, "rotate").await;
     let redis = Redis::start().await;
-    let mut admin = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut admin = support::redis_conn(&redis.url()).await;
     let set_pw = |pw: &'static str| redis::cmd("CONFIG").arg(&["SET", "requirepass", pw][..]).clone();
     let _: () = set_pw("old-pw").query_async(&mut admin).await.unwrap();
     let url = |pw: &str| format!("redis://:{pw}@127.0.0.1:{}/0", redis.port);

@@ -442,8 +442,15 @@ impl Drop for TempDir {
 }
 
 /// `n` raw entries pushed on list `key` (what the operator counts as pending; no Celery needed).
+/// A connection for a test's own commands, with no reply timeout (redis-rs's default is short
+/// enough for a loaded 2-core CI machine to trip it: a test's setup must not fail on timing).
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection_with_config(&config).await.unwrap()
+}
+
 pub async fn lpush(url: &str, key: &str, n: usize) {
-    let mut c = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut c = redis_conn(url).await;
     let items: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
     let _: () = redis::cmd("LPUSH").arg(key).arg(items).query_async(&mut c).await.unwrap();
 }

@@ -3,7 +3,8 @@
 //! parts can be killed without disturbing the other tests), a redis-server with an append-only
 //! file (so it can come back with its data), the real operator binary, a real Celery worker and
 //! producer. Every scenario: 40 tasks of one second each are sent, the pool scales up in steps
-//! (`scaleUp.maxStep: 3`), and the fault strikes mid-scale. Recorded: the Deployment's replicas
+//! (`scaleUp.maxStep: 2`), and the fault strikes mid-scale; each fault is first shown to have
+//! happened (its process gone and its port refusing, the proxy's delay or silence measured). Recorded: the Deployment's replicas
 //! over time (every 100 ms), how long after the fault a probe TaskQueue reacts (0 -> 1), and
 //! every task sent: run by the worker, or still in Redis (lists or `unacked`), or lost.
 //!
@@ -61,10 +62,21 @@ impl Cluster {
         Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()).unwrap()
     }
 
-    /// SIGKILL one component (by the PID file `k8s.sh` keeps).
+    /// SIGKILL one component (by the PID file `k8s.sh` keeps), and see it gone: no process, its
+    /// port refusing connections.
     fn kill(&self, name: &str) {
         let pid = std::fs::read_to_string(self.state.join(format!("{name}.pid"))).unwrap();
-        sigkill(pid.trim().parse().unwrap());
+        let pid: u32 = pid.trim().parse().unwrap();
+        sigkill(pid);
+        gone(pid, self.port(name.trim_start_matches("kube-")), name);
+    }
+
+    /// A component's port, from the `k8s.ports` line `k8s.sh up` writes.
+    fn port(&self, name: &str) -> u16 {
+        let ports = std::fs::read_to_string(self.state.join("k8s.ports")).unwrap();
+        let (names, numbers) = ports.trim().split_once(':').unwrap();
+        let i = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("{name} in {ports}"));
+        numbers.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
     fn start(&self, name: &str) {
@@ -79,9 +91,27 @@ impl Drop for Cluster {
     }
 }
 
-/// `kill -SIGNAL pid` with bash's builtin (no procps needed).
+/// `kill -SIGNAL pid` with bash's builtin (no procps needed); the signal must be delivered.
 fn signal(pid: u32, signal: &str) {
-    let _ = Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status();
+    let status = Command::new("bash").args(["-c", &format!("kill -{signal} {pid}")]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: no such process");
+}
+
+/// Wait (10 s at most) until process `pid` is gone and nothing accepts on `port`: a fault that
+/// did not happen fails here, not as a green row.
+fn gone(pid: u32, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
+        let refused = std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        if !alive && refused {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} (pid {pid}, port {port}) still there after its SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn sigkill(pid: u32) {
@@ -108,7 +138,9 @@ impl PersistentRedis {
     }
 
     fn kill(&mut self) {
+        let pid = self.child.as_ref().map(|c| c.0.id()).expect("redis-server running");
         self.child.take();
+        gone(pid, self.port, "redis-server");
     }
 
     async fn restart(&mut self, keep_data: bool) {
@@ -227,10 +259,10 @@ impl OperatorProcess {
     }
 
     fn sigkill(&mut self) {
-        if let Some(c) = &self.child {
-            sigkill(c.0.id());
-        }
-        self.child.take();
+        let mut child = self.child.take().expect("the operator running");
+        sigkill(child.0.id());
+        let status = child.0.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "killed by SIGKILL: {status}");
     }
 
     /// Whether it is still running (it must never exit on its own).
@@ -303,6 +335,26 @@ impl Timeline {
     fn stop(self) -> Vec<(Instant, i32)> {
         self.task.abort();
         self.points.lock().unwrap().clone()
+    }
+}
+
+/// The proxy's fault, seen from a client of its own: a PING answered after the delay, or not
+/// answered at all.
+async fn proxy_fault_holds(url: &str, fault: Fault) {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let client = redis::Client::open(url).unwrap();
+    let ping = async {
+        let mut c = client.get_multiplexed_async_connection_with_config(&config).await?;
+        redis::cmd("PING").query_async::<String>(&mut c).await
+    };
+    let started = Instant::now();
+    let answered = tokio::time::timeout(Duration::from_secs(3), ping).await;
+    match fault {
+        Fault::ProxyDelays => {
+            assert!(answered.is_ok_and(|r| r.is_ok()), "{fault:?}: a PING through the proxy is answered");
+            assert!(started.elapsed() >= Duration::from_millis(300), "{fault:?}: the proxy delayed nothing");
+        }
+        _ => assert!(answered.is_err(), "{fault:?}: a PING through the proxy was answered: {answered:?}"),
     }
 }
 
@@ -404,12 +456,10 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Outcome {
     let worker = CeleryWorker::start(&redis.url(), &record);
     celery(&redis.url(), &["ids", QUEUE, &TASKS.to_string(), "t"]);
     // Mid-scale: a first step is out (of 2 replicas a second towards the 10 the 40 tasks ask for).
-    let at_fault = loop {
-        match deployment(&client, &ns, "pool").await.map(|d| replicas(&d)) {
-            Some(r) if r > 0 => break r,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let at_fault = wait_for("the first scale step", Duration::from_secs(60), || async {
+        deployment(&client, &ns, "pool").await.map(|d| replicas(&d)).filter(|r| *r > 0)
+    })
+    .await;
 
     let fault_start = Instant::now();
     match fault {
@@ -419,6 +469,9 @@ async fn scenario(cluster: &Cluster, fault: Fault) -> Outcome {
         Fault::OperatorKilled => operator.sigkill(),
         Fault::ProxyDelays => proxy.set(DELAY),
         Fault::ProxyDrops => proxy.set(DROP),
+    }
+    if via_proxy {
+        proxy_fault_holds(&operator_url, fault).await;
     }
     // From when the operator says the broker is unreadable, nothing may move: a read that was
     // under way when the fault struck can still finish with data from before it.

@@ -33,6 +33,116 @@ const fn bad(name: &'static str, what: &'static str, field: &'static str, edit: 
     Case { name, what, field, edit, valid: false }
 }
 
+/// Who must catch a case on the 1.20 API server, where every case is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// The CRD's schema rejects it, naming the field.
+    Schema,
+    /// It is stored and the operator reports it in this condition (False), naming the field.
+    Operator(&'static str),
+    /// Only the modern API server catches it (CEL or strict field validation): on 1.20 it is
+    /// stored and works.
+    ModernOnly,
+    /// Valid at a limit: stored and working everywhere.
+    Valid,
+}
+
+/// Each case's catcher, by name (a case missing here fails the test).
+fn expected(name: &str) -> Option<Expect> {
+    Some(match name {
+        "type-concurrency"
+        | "type-max-replicas"
+        | "type-routes"
+        | "type-extra-queues"
+        | "type-count-in-flight"
+        | "type-pod-template"
+        | "negative-min"
+        | "negative-concurrency"
+        | "zero-concurrency"
+        | "huge-max"
+        | "over-int64"
+        | "negative-grace"
+        | "negative-activation"
+        | "zero-tasks-per-replica"
+        | "zero-max-step"
+        | "zero-prefetch"
+        | "duration-unit"
+        | "duration-long-text"
+        | "queue-empty"
+        | "queue-space"
+        | "queue-oversized"
+        | "queue-control-char"
+        | "extra-too-many"
+        | "pattern-empty"
+        | "pattern-control-char"
+        | "pattern-oversized"
+        | "routes-257"
+        | "steps-out-of-range"
+        | "steps-empty"
+        | "sep-empty"
+        | "node-name-at"
+        | "image-empty" => Expect::Schema,
+        "min-above-max"
+        | "fallback-outside"
+        | "huge-duration"
+        | "poll-too-fast"
+        | "window-over-24h"
+        | "extra-repeats-queue"
+        | "extra-duplicates"
+        | "route-foreign-queue"
+        | "image-whitespace"
+        | "app-whitespace"
+        | "env-broker-url"
+        | "env-bad-name"
+        | "quantity-not-a-quantity"
+        | "quantity-request-over-limit"
+        | "quantity-unknown-resource"
+        | "template-image"
+        | "template-command"
+        | "template-selector-label"
+        | "template-unknown-field"
+        | "name-64"
+        | "name-253" => Expect::Operator("SpecValid"),
+        "route-claimed-by-neighbour" => Expect::Operator("RoutesAccepted"),
+        "template-server-refuses" => Expect::Operator("Ready"),
+        "secret-missing" | "secret-missing-key" | "secret-not-a-url" | "secret-amqp" | "secret-binary"
+        | "sentinel-no-master" | "ca-without-tls" => Expect::Operator("BrokerReachable"),
+        "unknown-field" => Expect::ModernOnly,
+        "routes-256" | "name-63" => Expect::Valid,
+        _ => return None,
+    })
+}
+
+/// Whether the modern API server rejects the case (its CRD carries CEL rules; `kubectl create`
+/// asks for strict field validation).
+fn modern_rejects(name: &str) -> bool {
+    !matches!(
+        name,
+        "route-claimed-by-neighbour"
+            | "routes-256"
+            | "image-whitespace"
+            | "app-whitespace"
+            | "env-broker-url"
+            | "env-bad-name"
+            | "quantity-not-a-quantity"
+            | "quantity-request-over-limit"
+            | "quantity-unknown-resource"
+            | "template-image"
+            | "template-command"
+            | "template-selector-label"
+            | "template-server-refuses"
+            | "template-unknown-field"
+            | "name-63"
+            | "secret-missing"
+            | "secret-missing-key"
+            | "secret-not-a-url"
+            | "secret-amqp"
+            | "secret-binary"
+            | "sentinel-no-master"
+            | "ca-without-tls"
+    )
+}
+
 fn cases() -> Vec<Case> {
     vec![
         bad("type-concurrency", "`worker.concurrency: \"four\"`", "spec.worker.concurrency", |o| {
@@ -311,6 +421,33 @@ async fn secret(client: &Client, ns: &str, name: &str, key: &str, data: &[u8]) {
 
 /// The operator's verdict on an accepted case: the first condition that is False and whose
 /// message names `field`, as "Type/Reason: message".
+/// A field path without list indexes: 1.20 writes list fields without them
+/// (`spec.routes.pattern` for `spec.routes[0].pattern`), CEL messages with `[]`.
+fn unindexed(t: &str) -> String {
+    let mut out = String::new();
+    let mut rest = t;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if after[digits..].starts_with(']') {
+            rest = &after[digits + 1..]; // `[0]` (or CEL's `[]`): dropped
+        } else {
+            out.push('[');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn list_indexes_are_dropped_and_other_brackets_kept() {
+    assert_eq!(unindexed("[spec.routes[0].pattern: Too long, x[12]]"), "[spec.routes.pattern: Too long, x]");
+    assert_eq!(unindexed("spec.routes[].queue must be"), "spec.routes.queue must be");
+    assert_eq!(unindexed("requests[\"cpu\"] [a]"), "requests[\"cpu\"] [a]");
+}
+
 fn reported(tq: &taskqueue_operator::crd::TaskQueue, field: &str) -> Option<String> {
     let conds = &tq.status.as_ref()?.conditions;
     conds
@@ -402,25 +539,37 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
         .collect();
     // Settled: reported, or fully working (valid, Deployment created, broker read) -- the latter
     // for the valid cases and for what 1.20 silently dropped before the operator could see it.
-    let verdicts: BTreeMap<&str, Option<String>> =
-        wait_for("the operator to settle every stored case", Duration::from_secs(120), || async {
-            let mut out = BTreeMap::new();
-            for c in cases.iter().filter(|c| on_120[c.name].is_ok()) {
-                let t = taskqueue(&client, &ns, &names[c.name]).await;
-                let working = condition(&t, "SpecValid").is_some_and(|s| s.0 == "True")
-                    && condition(&t, "BrokerReachable").is_some_and(|s| s.0 == "True")
-                    && condition(&t, "RoutesAccepted").is_some_and(|s| s.0 != "Unknown")
-                    && deployment(&client, &ns, &names[c.name]).await.is_some();
-                let verdict = match reported(&t, c.field) {
-                    Some(r) if !c.valid => Some(r),
-                    _ if working => None,
-                    _ => return None, // not settled yet
-                };
-                out.insert(c.name, verdict);
-            }
-            Some(out)
-        })
-        .await;
+    let unsettled = std::sync::Mutex::new(String::new());
+    // wait_for's own deadline is beyond the one below, which says what it saw.
+    let settle = wait_for("the operator to settle every stored case", Duration::from_secs(180), || async {
+        let mut out = BTreeMap::new();
+        for c in cases.iter().filter(|c| on_120[c.name].is_ok()) {
+            let t = taskqueue(&client, &ns, &names[c.name]).await;
+            let working = condition(&t, "SpecValid").is_some_and(|s| s.0 == "True")
+                && condition(&t, "BrokerReachable").is_some_and(|s| s.0 == "True")
+                && condition(&t, "RoutesAccepted").is_some_and(|s| s.0 != "Unknown")
+                && deployment(&client, &ns, &names[c.name]).await.is_some();
+            let verdict = match reported(&t, c.field) {
+                Some(r) if !c.valid => Some(r),
+                _ if working => None,
+                _ => {
+                    // Not settled yet: kept, so a timeout says which case and what it shows.
+                    let conds = t.status.map(|s| s.conditions).unwrap_or_default();
+                    let shown: Vec<String> =
+                        conds.iter().map(|c| format!("{}={} {}", c.type_, c.status, c.reason)).collect();
+                    let shown = if shown.is_empty() { "no status".to_string() } else { shown.join(", ") };
+                    *unsettled.lock().unwrap() = format!("{}: {shown}", c.name);
+                    return None;
+                }
+            };
+            out.insert(c.name, verdict);
+        }
+        Some(out)
+    });
+    let verdicts: BTreeMap<&str, Option<String>> = match tokio::time::timeout(Duration::from_secs(120), settle).await {
+        Ok(v) => v,
+        Err(_) => panic!("not settled: {}", unsettled.lock().unwrap()),
+    };
 
     // The neighbour scaled meanwhile, and the operator never restarted.
     lpush(&redis.url(), "neighbour", 6).await;
@@ -430,7 +579,7 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
     let panics = logs.matches("panicked").count();
     assert_eq!(panics, 0, "no reconcile panicked:\n{logs}");
 
-    // Every hostile case caught somewhere, naming its field.
+    // Every case caught by exactly the catcher it names, naming its field.
     let mut failures = Vec::new();
     let mut rows = Vec::new();
     let (mut by_schema, mut by_operator, mut by_modern_only, mut valid, mut unchecked) = (0, 0, 0, 0, 0);
@@ -460,37 +609,44 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
             cell_op,
             cell_api(new)
         ));
-        if c.valid {
-            valid += 1;
-            if old.is_err() || !working || new.is_some_and(|r| r.is_err()) {
-                failures.push(format!("{}: valid at the limit, but not accepted and working", c.name));
-            }
+        let Some(expect) = expected(c.name) else {
+            failures.push(format!("{}: no expected catcher (add it to `expected`)", c.name));
             continue;
-        }
-        // 1.20 writes list fields without their index (`spec.routes.pattern`).
-        let unindexed = |t: &str| {
-            let mut out = String::new();
-            let mut skip = false;
-            for ch in t.chars() {
-                match ch {
-                    '[' if !skip => skip = true,
-                    ']' if skip => skip = false,
-                    _ if skip && ch.is_ascii_digit() => {}
-                    _ => out.push(ch),
-                }
-            }
-            out
         };
-        let names_field = |m: &String| unindexed(m).contains(&unindexed(c.field));
-        match (old, &verdict, new) {
-            (Err(m), _, _) if names_field(m) => by_schema += 1,
-            (Ok(()), Some(_), _) => by_operator += 1,
-            (_, _, Some(Err(m))) if names_field(m) => by_modern_only += 1,
-            (Ok(()), None, None) => unchecked += 1,
-            _ => failures.push(format!(
-                "{}: neither rejected nor reported naming {:?}: 1.20 {old:?}, modern {new:?}",
+        if (expect == Expect::Valid) != c.valid {
+            failures.push(format!("{}: `valid` and `expected` disagree", c.name));
+        }
+        let names_field = |m: &str| unindexed(m).contains(&unindexed(c.field));
+        let got_120 = match (old, &verdict) {
+            (Err(m), _) if names_field(m) => Some(Expect::Schema),
+            (Ok(()), Some(r)) => Some(Expect::Operator(r.split('/').next().unwrap_or_default().to_string().leak())),
+            (Ok(()), None) if working => Some(if c.valid { Expect::Valid } else { Expect::ModernOnly }),
+            _ => None,
+        };
+        if got_120 != Some(expect) {
+            failures.push(format!(
+                "{}: expected {expect:?} naming {:?}, got {got_120:?}: 1.20 {old:?}, operator {verdict:?}",
                 c.name, c.field
+            ));
+        }
+        match new {
+            None if expect == Expect::ModernOnly => unchecked += 1,
+            None => {}
+            Some(r) if r.is_err() != modern_rejects(c.name) => failures.push(format!(
+                "{}: the modern API server was expected to {}: {r:?}",
+                c.name,
+                if modern_rejects(c.name) { "reject it" } else { "accept it" }
             )),
+            Some(Err(m)) if !names_field(m) => {
+                failures.push(format!("{}: the modern API server's rejection does not name {:?}: {m}", c.name, c.field))
+            }
+            Some(_) => {}
+        }
+        match expect {
+            Expect::Schema => by_schema += 1,
+            Expect::Operator(_) => by_operator += 1,
+            Expect::ModernOnly => by_modern_only += 1,
+            Expect::Valid => valid += 1,
         }
     }
     let summary = format!(

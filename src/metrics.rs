@@ -58,6 +58,9 @@ pub struct BrokerLabels {
 /// The kinds of object the operator writes (`taskqueue_api_writes_total{kind}`).
 pub const WRITE_KINDS: [&str; 5] = ["deployment", "status", "event", "configmap", "pod"];
 
+/// How a reconcile ends (`taskqueue_reconciles_total{result}`); a panic is caught and counted.
+pub const RECONCILE_RESULTS: [&str; 4] = ["ok", "error", "panicked", "controller_error"];
+
 pub struct Metrics {
     registry: Registry,
     pub pending: Family<TaskQueueLabels, Gauge>,
@@ -178,6 +181,9 @@ impl Metrics {
         // rate() has a first sample.
         for kind in WRITE_KINDS {
             drop(m.api_writes.get_or_create(&WriteLabels { kind: kind.into() }));
+        }
+        for result in RECONCILE_RESULTS {
+            drop(m.reconciles.get_or_create(&ResultLabels { result: result.into() }));
         }
         registry.register(
             "live_workers",

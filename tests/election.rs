@@ -13,7 +13,6 @@ use kube::Api;
 use serde_json::json;
 use support::*;
 use taskqueue_operator::controller::deployment::MANAGER;
-use taskqueue_operator::metrics::WRITE_KINDS;
 
 /// One operator process with leader election on, named like a pod.
 struct Replica {
@@ -43,14 +42,7 @@ impl Replica {
     fn writes(&self) -> f64 {
         let (code, body) = http_get(self.port, "/metrics");
         assert_eq!(code, 200, "{}: /metrics", self.name);
-        WRITE_KINDS
-            .iter()
-            .map(|kind| {
-                let series = format!("taskqueue_api_writes_total{{kind=\"{kind}\"}} ");
-                let line = body.lines().find_map(|l| l.strip_prefix(series.as_str()));
-                line.unwrap_or_else(|| panic!("{}: no {series}in {body}", self.name)).parse::<f64>().unwrap()
-            })
-            .sum()
+        api_writes(&body)
     }
 
     /// `taskqueue_leader` on its /metrics; None while it is not serving.

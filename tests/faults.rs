@@ -354,7 +354,11 @@ async fn proxy_fault_holds(url: &str, fault: Fault) {
             assert!(answered.is_ok_and(|r| r.is_ok()), "{fault:?}: a PING through the proxy is answered");
             assert!(started.elapsed() >= Duration::from_millis(300), "{fault:?}: the proxy delayed nothing");
         }
-        _ => assert!(answered.is_err(), "{fault:?}: a PING through the proxy was answered: {answered:?}"),
+        // Silence: no answer within our 3 s, or redis-rs's own connect timeout first.
+        _ => assert!(
+            answered.as_ref().map_or(true, |r| r.as_ref().is_err_and(|e| e.is_timeout())),
+            "{fault:?}: a PING through the proxy was answered: {answered:?}"
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use taskqueue_operator::broker::heartbeat::{parse_event, Workers};
@@ -248,8 +249,10 @@ fn any_stored_spec_is_handled_without_panicking() {
             // What the watch's deserializer rejects never reaches the controller.
             let Ok(tq) = serde_json::from_value::<TaskQueue>(taskqueue(spec, name, annotations)) else { return Ok(()) };
             reached.fetch_add(1, Ordering::Relaxed);
-            let checked = validate(&tq.spec, "ai");
+            // The generated name: names reach the name checks too.
+            let checked = validate(&tq.spec, &tq.name_any());
             let observed = checked.as_ref().ok().map(|v| deployment::build(&tq, v, replicas));
+            let seen_deployment = observed.clone();
             valid.fetch_add(usize::from(checked.is_ok()), Ordering::Relaxed);
             let t0 = Instant::now();
             let seen = Seen {
@@ -263,7 +266,12 @@ fn any_stored_spec_is_handled_without_panicking() {
             };
             let p = plan(&tq, &seen);
             if let Some(d) = &p.deployment {
-                let _ = deployment::drift(d, d);
+                // The plan's Deployment against the one built at other replicas: any answer but
+                // a panic; against itself: no drift at all.
+                if let Some(o) = &seen_deployment {
+                    let _ = deployment::drift(o, d);
+                }
+                prop_assert_eq!(deployment::drift(d, d), None, "a Deployment drifts from itself");
             }
             let _ = build_table(std::slice::from_ref(&tq));
             Ok(())

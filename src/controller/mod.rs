@@ -213,6 +213,10 @@ pub async fn run(
         async move {
             let result = match &res {
                 Ok(_) => "ok",
+                // Caught (the process goes on serving the others), and counted apart.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(reconcile::Error::Panicked(..), _)) => {
+                    "panicked"
+                }
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => "error",
                 Err(_) => "controller_error",
             };

@@ -204,6 +204,7 @@ pub async fn broker_secret(client: &Client, ns: &str, url: &str) {
 pub struct Operator {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), controller::TaskDied>>,
+    metrics: std::sync::Arc<taskqueue_operator::metrics::Metrics>,
 }
 
 impl Operator {
@@ -221,19 +222,27 @@ impl Operator {
             ..Settings::default()
         };
         f(&mut settings);
+        let metrics = settings.metrics.clone();
         let task = tokio::spawn(controller::run(client.clone(), settings, async move {
             let _ = rx.await;
         }));
-        Operator { stop: Some(tx), task }
+        Operator { stop: Some(tx), task, metrics }
     }
 
+    /// Stop it, and fail the test if it did not stop cleanly within 10 s, stopped on its own, or
+    /// had a reconcile panic on the way (caught by the operator, so visible only in its count).
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        if let Ok(Ok(Err(died))) = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
-            panic!("the operator stopped on its own during the test: {died}");
+        match tokio::time::timeout(Duration::from_secs(10), &mut self.task).await {
+            Err(_) => panic!("the operator did not stop within 10 s of being told to"),
+            Ok(Err(join)) => panic!("the operator task panicked: {join}"),
+            Ok(Ok(Err(died))) => panic!("the operator stopped on its own during the test: {died}"),
+            Ok(Ok(Ok(()))) => {}
         }
+        let panics = metric(&self.metrics.render(), "taskqueue_reconciles_total{result=\"panicked\"}");
+        assert_eq!(panics, 0.0, "reconciles panicked during the test");
     }
 }
 
@@ -517,11 +526,23 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// The value of one series (`name{labels}`) in an exposition; 0 when absent.
+/// The value of `series` (its name and labels, exactly) in an exposition. A missing series
+/// fails the test: it must never read as 0.
 pub fn metric(exposition: &str, series: &str) -> f64 {
     exposition
         .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{exposition}"))
+}
+
+/// Every API write counted in an exposition (`taskqueue_api_writes_total`, each kind's series
+/// required).
+pub fn api_writes(exposition: &str) -> f64 {
+    taskqueue_operator::metrics::WRITE_KINDS
+        .iter()
+        .map(|kind| metric(exposition, &format!("taskqueue_api_writes_total{{kind=\"{kind}\"}}")))
+        .sum()
 }
 
 /// Replace the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in docs/reliability.md

@@ -16,7 +16,11 @@
 //! its next try instead of waiting for the Lease to expire.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock: the same as the system's in production, and one a test can pause and advance,
+// so the election's timing is checked by its logic, not by how fast the machine is.
+use tokio::time::Instant;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;

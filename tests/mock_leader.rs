@@ -2,7 +2,11 @@
 //! two real processes rarely show — a leader whose renewals fail steps down before its Lease
 //! could expire, a standby waits out a Lease that stays unchanged, a clean shutdown releases it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The paused tokio clock (the election runs on it too): time moves only while every task
+// waits, so what is checked is the order of the election's steps, not the machine's speed.
+use tokio::time::Instant;
 
 use http::{Request, Response};
 use kube::client::Body;
@@ -51,7 +55,7 @@ fn status(code: u16) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "mock", "reason": reason, "code": code})
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_leader_whose_renewals_fail_steps_down_before_its_lease_can_expire() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let (tx, mut leading) = tokio::sync::watch::channel(false);
@@ -74,19 +78,25 @@ async fn a_leader_whose_renewals_fail_steps_down_before_its_lease_can_expire() {
         }
         panic!("election ended");
     };
+    // A count bounds it too: a leader that retries without waiting never lets the paused clock
+    // move, so no deadline would ever come.
     let failing = async {
-        loop {
+        for _ in 0..1000 {
             answer(&mut handle, 500, status(500)).await;
         }
+        panic!("still leading after 1000 failed renewals");
     };
-    let after = tokio::select! { d = stepped_down => d, _ = failing => unreachable!() };
+    let steps_down = async {
+        tokio::select! { d = stepped_down => d, _ = failing => unreachable!() }
+    };
+    let after = tokio::time::timeout(Duration::from_secs(30), steps_down).await.expect("stepped down within 30 s");
     // Not before the renew deadline, and well before a standby could take over.
     assert!(after >= cfg.renew_deadline, "stepped down after {after:?}");
     assert!(after < cfg.lease_duration, "still leading {after:?} after the last renewal");
     run.abort();
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_standby_takes_a_lease_only_once_it_stayed_unchanged_for_its_duration() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let (tx, mut leading) = tokio::sync::watch::channel(false);
@@ -107,7 +117,7 @@ async fn a_standby_takes_a_lease_only_once_it_stayed_unchanged_for_its_duration(
         }
         assert_eq!(method, "GET");
     };
-    assert!(unchanged.elapsed() >= Duration::from_millis(900), "took it after {:?}", unchanged.elapsed());
+    assert!(unchanged.elapsed() >= Duration::from_secs(1), "took it after {:?}", unchanged.elapsed());
     assert_eq!(taken["spec"]["holderIdentity"], "me");
     assert_eq!(taken["spec"]["leaseTransitions"], 5);
     assert_eq!(taken["metadata"]["resourceVersion"], "8");

@@ -366,10 +366,12 @@ async fn a_deployment_the_api_server_refuses_becomes_a_condition_and_one_event()
     no_more_requests(&mut h.handle);
 }
 
-#[tokio::test]
-async fn secrets_in_use_are_read_again_when_due_and_a_change_is_reported() {
+/// A Secret cache on a mock API server; the cached broker URL Secret read once through it.
+async fn cache_with_secret(
+    ttl: Duration,
+) -> (Arc<SecretCache>, tower_test::mock::Handle<Request<Body>, Response<Body>>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let cache = Arc::new(SecretCache::new(Client::new(service, "default"), Duration::from_millis(50)));
+    let cache = Arc::new(SecretCache::new(Client::new(service, "default"), ttl));
     let r: taskqueue_operator::crd::SecretKeyRef = serde_json::from_value(json!({"name": "celery-broker"})).unwrap();
     let get = tokio::spawn({
         let cache = cache.clone();
@@ -377,14 +379,20 @@ async fn secrets_in_use_are_read_again_when_due_and_a_change_is_reported() {
     });
     expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/celery-broker", 200, broker_secret()).await;
     assert_eq!(get.await.unwrap().unwrap(), "redis://127.0.0.1:1/0");
-    let in_use: HashSet<(String, String)> = [("prod".to_string(), "celery-broker".to_string())].into();
+    (cache, handle)
+}
 
-    // Fresh: nothing read, nothing changed.
+#[tokio::test]
+async fn secrets_in_use_are_read_again_when_due_and_a_change_is_reported() {
+    let in_use: HashSet<(String, String)> = [("prod".to_string(), "celery-broker".to_string())].into();
+    // Fresh (an hour's cache): nothing read, nothing changed. No clock in the test: a cache of
+    // an hour is fresh, one of zero always due.
+    let (cache, mut handle) = cache_with_secret(Duration::from_secs(3600)).await;
     assert!(within_5s(cache.refresh(&in_use)).await.is_empty());
     no_more_requests(&mut handle);
 
     // Due and unchanged: one GET, nothing to report.
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    let (cache, mut handle) = cache_with_secret(Duration::ZERO).await;
     let refresh = tokio::spawn({
         let (cache, in_use) = (cache.clone(), in_use.clone());
         async move { cache.refresh(&in_use).await }
@@ -394,7 +402,6 @@ async fn secrets_in_use_are_read_again_when_due_and_a_change_is_reported() {
     assert_eq!(cache.len(), 1);
 
     // Due and rotated: reported, and the stale copy is gone (the reconcile reads the new one).
-    tokio::time::sleep(Duration::from_millis(60)).await;
     let refresh = tokio::spawn({
         let (cache, in_use) = (cache.clone(), in_use.clone());
         async move { cache.refresh(&in_use).await }

@@ -305,6 +305,16 @@ impl CeleryWorker {
     }
 }
 
+/// A scenario that fails midway leaves no worker behind (it would hold the test's output open).
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Replicas of the pool's Deployment over time (polled every 100 ms; an unreachable API server
 /// just leaves a gap).
 struct Timeline {

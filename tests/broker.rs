@@ -29,6 +29,17 @@ async fn lpush(c: &mut redis::aio::MultiplexedConnection, key: &[u8], n: usize) 
     }
 }
 
+/// A TaskQueue reading one queue of `url`, polled every second (no pool judged for orphans).
+fn target_on(url: &str, queue: &str) -> Target {
+    Target {
+        endpoint: endpoint(url),
+        queries: vec![DepthQuery::new(queue, &TransportOptions::default())],
+        interval: Duration::from_secs(1),
+        weight: 10,
+        pool: String::new(),
+    }
+}
+
 fn endpoint(url: &str) -> BrokerEndpoint {
     BrokerEndpoint::parse(url).unwrap()
 }
@@ -613,14 +624,7 @@ async fn a_reading_that_lands_after_its_taskqueue_was_unregistered_is_not_kept()
     lpush(&mut admin, b"alpha", 2).await;
     let state = Arc::new(BrokerState::new(Duration::from_secs(5)));
     let key = ObjectRef::<TaskQueue>::new("late").within("ns");
-    let target = Target {
-        endpoint: endpoint(&redis.url()),
-        queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
-        interval: Duration::from_secs(1),
-        weight: 10,
-        pool: String::new(),
-    };
-    state.register(key.clone(), target);
+    state.register(key.clone(), target_on(&redis.url(), "alpha"));
     // The broker holds every command for a second: the read is under way when the TaskQueue
     // goes (its Lease lost, its spec made invalid, or deleted).
     let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).query_async(&mut admin).await.unwrap();
@@ -704,14 +708,7 @@ async fn a_broker_user_without_a_needed_command_is_told_which_acl_to_give() {
     let url = format!("redis://op:pw@127.0.0.1:{}/0", redis.port);
     let state = BrokerState::new(Duration::from_secs(2));
     let key = ObjectRef::<TaskQueue>::new("acl").within("ns");
-    let target = Target {
-        endpoint: endpoint(&url),
-        queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
-        interval: Duration::from_secs(1),
-        weight: 10,
-        pool: String::new(),
-    };
-    state.register(key.clone(), target);
+    state.register(key.clone(), target_on(&url, "alpha"));
     let (_, ok) = state.read_endpoint(&endpoint(&url)).await;
     assert!(!ok);
     let err = state.reading(&key).unwrap().depths.unwrap_err();
@@ -734,14 +731,7 @@ async fn messages_of_a_killed_worker_are_orphans_once_no_live_worker_can_hold_th
     let old = worker("orph-5d9f8b6c5d-aaaaa");
     let state = Arc::new(BrokerState::new(Duration::from_secs(5)));
     let key = ObjectRef::<TaskQueue>::new("orph").within("ns");
-    let target = Target {
-        endpoint: endpoint(&url),
-        queries: vec![DepthQuery::new("orph", &TransportOptions::default())],
-        interval: Duration::from_secs(1),
-        weight: 10,
-        pool: "orph@orph".into(),
-    };
-    state.register(key.clone(), target);
+    state.register(key.clone(), Target { pool: "orph@orph".into(), ..target_on(&url, "orph") });
     state.sync_heartbeats();
     let live = |state: Arc<BrokerState>| {
         let key = key.clone();
@@ -798,13 +788,7 @@ async fn two_urls_for_one_redis_share_a_queue_once() {
         (format!("redis://127.0.0.1:{}/0", redis.port), format!("redis://localhost:{}/0", redis.port));
     let state = BrokerState::new(Duration::from_secs(2));
     let key = |n: &str| ObjectRef::<TaskQueue>::new(n).within("ns");
-    let target = |url: &str| Target {
-        endpoint: endpoint(url),
-        queries: vec![DepthQuery::new("shared_q", &TransportOptions::default())],
-        interval: Duration::from_secs(1),
-        weight: 10,
-        pool: String::new(),
-    };
+    let target = |url: &str| target_on(url, "shared_q");
     state.register(key("a"), target(&by_ip));
     state.register(key("b"), target(&by_name));
     // The first reads learn which server each URL reaches; the next ones count the queue once.
@@ -898,16 +882,7 @@ async fn unacked_changing_under_the_reader_is_counted_exactly_once_it_settles_an
     let _: () = fill.query_async(&mut c).await.unwrap();
     let state = Arc::new(BrokerState::new(Duration::from_secs(10)));
     let key = ObjectRef::<TaskQueue>::new("alpha").within("ns");
-    state.register(
-        key.clone(),
-        Target {
-            endpoint: endpoint(&redis.url()),
-            queries: vec![DepthQuery::new("alpha", &TransportOptions::default())],
-            interval: Duration::from_secs(1),
-            weight: 10,
-            pool: String::new(),
-        },
-    );
+    state.register(key.clone(), target_on(&redis.url(), "alpha"));
     // The churn: every batch 500 new tags in, the 400 oldest out, which shifts every page.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {

@@ -336,10 +336,9 @@ fn count_in_flight(
         }
     }
     for (q, d) in queries.iter().zip(out.iter_mut()) {
-        if let Ok(d) = d {
-            d.unlisted = tags.unlisted_of(&q.prefix);
-        }
-        if let (Ok(d), Some(count)) = (d, by_queue.get(&(q.prefix.as_str(), q.queue.as_str()))) {
+        let Ok(d) = d else { continue };
+        d.unlisted = tags.unlisted_of(&q.prefix);
+        if let Some(count) = by_queue.get(&(q.prefix.as_str(), q.queue.as_str())) {
             d.in_flight = count.held;
             d.orphaned = count.orphaned;
             d.etas.clone_from(&count.etas);

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::broker::heartbeat::SharedWorkers;
 use crate::broker::reader::Holders;
+use crate::broker::workers::Start;
 
 /// A message is not judged before this long after it was first seen, and a worker first heard
 /// within this long after a message was seen may have fetched it (a worker fetches before its
@@ -27,29 +28,39 @@ impl Consumers {
     }
 }
 
-/// One read's view: the consumers, the live workers per key prefix, and the time of the read.
-pub struct Judge<'a> {
-    pub consumers: &'a Consumers,
-    pub workers: HashMap<String, SharedWorkers>,
-    pub now: Instant,
+/// One read's view: since when each consumed queue has had a live worker that can hold its
+/// messages, per key prefix and queue, and the time of the read. Built once per read from the
+/// consumers and the heartbeats; a queue missing here is not judged.
+pub struct Judge {
+    cover: HashMap<String, HashMap<String, Start>>,
+    now: Instant,
 }
 
-impl Holders for Judge<'_> {
+impl Judge {
+    /// `workers`: the live workers of each key prefix's subscription on the endpoint.
+    pub fn new(consumers: &Consumers, workers: &HashMap<String, SharedWorkers>, now: Instant) -> Self {
+        let starts: HashMap<&str, HashMap<String, Start>> =
+            workers.iter().map(|(prefix, w)| (prefix.as_str(), w.lock().expect("lock").starts(now))).collect();
+        let mut cover: HashMap<String, HashMap<String, Start>> = HashMap::new();
+        for ((prefix, queue), pools) in &consumers.0 {
+            let Some(starts) = starts.get(prefix.as_str()) else { continue };
+            // The earliest among the pools ever heard; none heard: not judged.
+            if let Some(earliest) = pools.iter().filter_map(|p| starts.get(p)).min() {
+                cover.entry(prefix.clone()).or_default().insert(queue.clone(), *earliest);
+            }
+        }
+        Self { cover, now }
+    }
+}
+
+impl Holders for Judge {
     /// Held unless every pool of the queue that was ever heard has no live worker from before
     /// the message (pools never heard cannot be judged: their messages count as held).
     fn may_hold(&self, prefix: &str, queue: &str, seen: Instant) -> bool {
         if self.now.saturating_duration_since(seen) < ORPHAN_GRACE {
             return true;
         }
-        let (Some(pools), Some(workers)) =
-            (self.consumers.0.get(&(prefix.to_string(), queue.to_string())), self.workers.get(prefix))
-        else {
-            return true;
-        };
-        let workers = workers.lock().expect("lock");
-        let answers: Vec<Option<bool>> =
-            pools.iter().map(|p| workers.may_hold(p, seen, ORPHAN_GRACE, self.now)).collect();
-        answers.iter().all(Option::is_none) || answers.contains(&Some(true))
+        self.cover.get(prefix).and_then(|q| q.get(queue)).is_none_or(|start| start.covers(seen, ORPHAN_GRACE))
     }
 }
 
@@ -71,16 +82,12 @@ mod tests {
         let beat =
             |h: &str, online| WorkerEvent::Alive { hostname: h.into(), active: 0, freq: s(2), pid: Some(1), online };
         w.apply(beat("q@q-abc-11111", true), t0 + s(100));
-        let judge = Judge {
-            consumers: &consumers,
-            workers: HashMap::from([(String::new(), SharedWorkers::new(w.into()))]),
-            now: t0 + s(101),
-        };
+        let workers = HashMap::from([(String::new(), SharedWorkers::new(w.into()))]);
+        let judge = Judge::new(&consumers, &workers, t0 + s(101));
         assert!(!judge.may_hold("", "q", t0), "seen 101 s before the only live worker started");
         assert!(judge.may_hold("", "q", t0 + s(90)), "within the grace of a live worker's start");
         assert!(judge.may_hold("", "other", t0), "a queue nobody here consumes is not judged");
         assert!(judge.may_hold("pfx", "q", t0), "no subscription for the prefix: cannot tell");
-        let now = t0 + s(10);
-        assert!(Judge { now, ..judge }.may_hold("", "q", t0), "not judged within the grace");
+        assert!(Judge::new(&consumers, &workers, t0 + s(10)).may_hold("", "q", t0), "not judged within the grace");
     }
 }

@@ -371,7 +371,7 @@ impl BrokerState {
     /// What a read of `endpoint` is built from, rebuilt only after its targets changed (a quiet
     /// tick of 10 000 TaskQueues must not clone and sort 10 000 targets). None: no targets.
     fn prepare(&self, endpoint: &BrokerEndpoint) -> Option<Arc<Prepared>> {
-        let (version, members) = {
+        let (version, members, neighbours) = {
             let targets = self.targets.lock().expect("lock");
             let mut prepared = self.prepared.lock().expect("lock");
             let Some(group) = targets.by_endpoint.get(endpoint) else {
@@ -393,9 +393,8 @@ impl BrokerState {
                     .flat_map(|g| g.iter().map(|(k, t)| (k.clone(), t.clone())))
                     .collect(),
             };
-            (targets.version, (members, neighbours))
+            (targets.version, members, neighbours)
         };
-        let (members, neighbours) = members;
         // Built without the locks: registering reconciles and `reading` must not wait for it.
         let p = Arc::new(Prepared::new(version, members, &neighbours));
         self.prepared.lock().expect("lock").insert(endpoint.clone(), p.clone());
@@ -474,10 +473,12 @@ impl BrokerState {
     }
 
     /// Who may hold the messages of `endpoint`'s queues: its consumers and live workers now.
-    fn judge<'a>(&self, endpoint: &BrokerEndpoint, consumers: &'a Consumers) -> Judge<'a> {
-        let subs = self.heartbeats.lock().expect("lock");
-        let workers = subs.iter().filter(|((e, _), _)| e == endpoint).map(|((_, p), (w, _, _))| (p.clone(), w.clone()));
-        Judge { consumers, workers: workers.collect(), now: Instant::now() }
+    fn judge(&self, endpoint: &BrokerEndpoint, consumers: &Consumers) -> Judge {
+        let workers: HashMap<String, SharedWorkers> = {
+            let subs = self.heartbeats.lock().expect("lock");
+            subs.iter().filter(|((e, _), _)| e == endpoint).map(|((_, p), (w, _, _))| (p.clone(), w.clone())).collect()
+        };
+        Judge::new(consumers, &workers, Instant::now())
     }
 
     /// The targets' version (see `Targets::version`).

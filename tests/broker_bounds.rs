@@ -21,24 +21,32 @@ use taskqueue_operator::broker::{BrokerEndpoint, DepthQuery};
 use taskqueue_operator::controller::poller::{BrokerState, Target};
 use taskqueue_operator::crd::{TaskQueue, TransportOptions};
 
-/// A listener that answers the first bytes of every connection with `reply`, then holds the
-/// connection open for a while (a broker that announces more than it sends). Returns its port.
-fn hostile(reply: Vec<u8>) -> u16 {
+/// A loopback listener that reads the first bytes of every connection and hands it to
+/// `answer`, on a thread of its own. Returns its port.
+fn listener(answer: impl Fn(std::net::TcpStream) + Clone + Send + 'static) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let reply = reply.clone();
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 let _ = conn.read(&mut buf);
-                let _ = conn.write_all(&reply);
-                std::thread::sleep(Duration::from_secs(10));
+                answer(conn);
             });
         }
     });
     port
+}
+
+/// A listener that answers every connection with `reply`, then holds the connection open for a
+/// while (a broker that announces more than it sends). Returns its port.
+fn hostile(reply: Vec<u8>) -> u16 {
+    listener(move |mut conn| {
+        let _ = conn.write_all(&reply);
+        std::thread::sleep(Duration::from_secs(10));
+    })
 }
 
 /// A connection for the test's own writes and INFO reads, with no reply timeout: writing a 36 MB
@@ -348,21 +356,11 @@ async fn real_celery_tasks_with_big_arguments_held_by_a_worker_are_counted_in_bo
 /// A listener that answers every connection with `header` and then streams `filler` bytes until
 /// the peer hangs up (a broker that really sends gigabytes). Returns its port.
 fn hostile_stream(header: &'static [u8], filler: u8) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let _ = conn.read(&mut buf);
-                let chunk = vec![filler; 64 << 10];
-                let _ = conn.write_all(header);
-                while conn.write_all(&chunk).is_ok() {}
-            });
-        }
-    });
-    port
+    listener(move |mut conn| {
+        let chunk = vec![filler; 64 << 10];
+        let _ = conn.write_all(header);
+        while conn.write_all(&chunk).is_ok() {}
+    })
 }
 
 /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).

@@ -110,7 +110,7 @@ async fn a_broker_that_sends_too_much_is_cut_off_and_its_neighbour_keeps_being_r
         let shown = err.to_string().replace(&format!("127.0.0.1:{port}"), "127.0.0.1:PORT");
         table += &format!("| {what} | `{}` | {shown} | read: pending 3 |\n", err.reason());
     }
-    support::write_doc_in("docs/broker-reads.md", "hostile-replies", &table);
+    support::docs::checked("docs/broker-reads.md", "hostile-replies", &table, str::to_string);
 }
 
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn big_unacked_messages_are_read_once_and_a_quiet_read_costs_the_tags_not_
     let (after, info_len) = net_output(&mut c).await;
     let quiet = after - before - info_len;
     println!("first read {first} bytes, quiet read {quiet} bytes");
-    support::write_doc_in(
+    support::docs::measured(
         "docs/broker-reads.md",
         "big-messages",
         &format!(
@@ -443,7 +443,7 @@ async fn the_operator_process_stays_small_whatever_a_broker_sends_and_keeps_scal
     let (_, metrics) = support::http_get(metrics_port, "/metrics");
     let received = support::metric(&metrics, "taskqueue_broker_received_bytes_total");
     println!("operator peak RSS {baseline} KiB before, {peak} KiB after; {received} bytes received from brokers");
-    support::write_doc_in(
+    support::docs::measured(
         "docs/broker-reads.md",
         "operator-rss",
         &format!(

@@ -106,7 +106,7 @@ async fn depth_matches_a_count_by_hand_of_pending_prefetched_running_and_schedul
         d["scheduled"],
         d["inFlight"].as_i64().unwrap() + d["scheduled"].as_i64().unwrap(),
     );
-    write_doc_in("docs/demand.md", "depth", &table);
+    support::docs::checked("docs/demand.md", "depth", &table, str::to_string);
 }
 
 #[tokio::test]
@@ -184,7 +184,7 @@ async fn tasks_coming_due_grow_the_pool_before_their_eta() {
     })
     .await;
     let ahead = due.saturating_duration_since(grown);
-    write_doc_in(
+    support::docs::measured(
         "docs/demand.md",
         "eta",
         &format!(
@@ -257,7 +257,7 @@ async fn two_taskqueues_on_one_queue_count_its_demand_once() {
         let a = if a < 0 { "deleted".to_string() } else { a.to_string() };
         table.push_str(&format!("| {layout} | {a} | {b} |\n"));
     }
-    write_doc_in("docs/demand.md", "shared-queue", &table);
+    support::docs::checked("docs/demand.md", "shared-queue", &table, str::to_string);
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -145,7 +145,8 @@ async fn one_leader_at_a_time_and_a_standby_takes_over_after_a_sigkill() {
     let max = secs.iter().copied().fold(0.0, f64::max);
     let mean = secs.iter().sum::<f64>() / secs.len() as f64;
     let list: Vec<String> = secs.iter().map(|s| format!("{s:.1}")).collect();
-    write_doc_section(
+    support::docs::measured(
+        "docs/reliability.md",
         "election",
         &format!(
             "Two operator processes, the leader SIGKILLed 5 times (lease 15 s, renew deadline 10 s, retry 2 s), \

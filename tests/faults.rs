@@ -622,5 +622,5 @@ async fn fault_suite() {
     );
     println!("{table}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    write_doc_section("faults", &table);
+    support::docs::measured("docs/reliability.md", "faults", &table);
 }

@@ -670,7 +670,30 @@ async fn hostile_taskqueues_are_rejected_or_reported_and_hurt_no_neighbour() {
         );
     }
     assert!(failures.is_empty(), "hostile inputs that got through:\n{}", failures.join("\n"));
-    write_doc_section("hostile-inputs", &table);
+    // Without the modern API server its column and count cannot be reproduced here: compare the rest.
+    let same = |t: &str| if modern.is_some() { t.to_string() } else { without_modern(t) };
+    support::docs::checked("docs/reliability.md", "hostile-inputs", &table, same);
     drop(modern);
     delete_namespace(&client, &ns).await;
+}
+
+/// The hostile table less what only the modern API server gives: its column, and the count of
+/// cases left unchecked without it.
+fn without_modern(table: &str) -> String {
+    table
+        .lines()
+        .map(|line| {
+            if line.starts_with('|') {
+                // `| … | modern |`: drop the last cell.
+                let mut cells: Vec<&str> = line.rsplitn(3, '|').collect();
+                cells.pop().map_or(String::new(), |rest| format!("{rest}|"))
+            } else if let Some(at) = line.find(" not checked here") {
+                let head = line[..at].trim_end_matches(|c: char| c.is_ascii_digit());
+                format!("{head}N{}", &line[at..])
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

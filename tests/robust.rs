@@ -403,7 +403,7 @@ async fn a_blackholed_broker_does_not_delay_a_healthy_one() {
         ms(&beside)
     );
     println!("{figures}");
-    write_doc_section("isolation", &figures);
+    support::docs::measured("docs/reliability.md", "isolation", &figures);
     operator.stop().await;
     delete_namespace(&client, &ns).await;
 }

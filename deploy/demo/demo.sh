@@ -2,13 +2,15 @@
 # demo.sh - `make demo`: the seed's four worker pools on a local control plane, scaled by the
 # operator from real Celery tasks in a real Redis.
 #
-# There is no kubelet in the local control plane, so worker pods stay Pending. To show the whole
-# loop anyway, run_demo.py stands in for the kubelet: for every worker Deployment it keeps
-# spec.replicas local Celery processes running with the Deployment's own container command.
+# The seed's pools do not run on the lab's node yet (their pods lack its toleration and stay
+# Pending): run_demo.py stands in for the kubelet, keeping spec.replicas local Celery processes
+# per worker Deployment with the Deployment's own container command. tests/pods.rs runs pools
+# as real pods.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 NS=${DEMO_NAMESPACE:-taskqueue-demo}
+ARGS=("$@")
 # --plot PATH (make demo PLOT=PATH): also draw this run's timeline (pending, in flight and
 # replicas per pool, scale events marked) as an SVG.
 PLOT=""
@@ -23,12 +25,18 @@ if [ -n "$PLOT" ]; then
   case "$PLOT" in /*) ;; *) PLOT=$PWD/$PLOT ;; esac
 fi
 
-env_file=$(bash deploy/local/up.sh | tail -1 | sed 's/^source //')
+# The lab answers only inside its network namespace: start it, build (cargo may fetch crates),
+# then run the rest of this script in there.
+if [ -z "${TQ_IN_LAB:-}" ]; then
+  env_file=$(bash deploy/local/up.sh | tail -1 | sed 's/^source //')
+  # shellcheck disable=SC1090
+  . "$env_file"
+  echo "== building the operator"
+  cargo build --quiet
+  exec env TQ_IN_LAB=1 TQ_ENV_FILE="$env_file" ip netns exec "$TQ_LAB" bash "$0" "${ARGS[@]}"
+fi
 # shellcheck disable=SC1090
-. "$env_file"
-
-echo "== building the operator"
-cargo build --quiet
+. "$TQ_ENV_FILE"
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/taskqueue-operator
 
 echo "== installing the CRD and the seed's TaskQueues into namespace $NS"
@@ -77,4 +85,5 @@ for line in text.splitlines():
     if line.startswith(keep):
         print("   ", line)
 PY
-echo "The stack keeps running for a look around (kubectl -n $NS get tq,deploy,events); 'make down' stops it."
+echo "The lab keeps running for a look around: source $TQ_ENV_FILE, then kubectl -n $NS get tq,deploy,events"
+echo "(the env file's kubectl and lab run commands in the lab's network namespace); 'make down' stops it."

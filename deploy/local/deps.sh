@@ -11,6 +11,9 @@ PKGS=(
   dpkg-dev xz-utils rsync                   # apt-get source (dpkg-source), vendor swap
   openssl unzip ca-certificates python3 python3-venv
   chromium fonts-dejavu-core                # tests/dashboard.rs opens the live page in headless Chromium
+  containerd runc containernetworking-plugins   # node.sh: the kubelet's runtime and the pod network
+  umoci debootstrap                         # images.sh: images built without a registry
+  iproute2 util-linux                       # lab.sh: the lab's network namespace (ip netns, nsenter)
 )
 command -v npm >/dev/null || PKGS+=(npm)    # helm.sh; a node install's own npm counts too
 
@@ -50,6 +53,6 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$
   || { tail -30 "$LOGS/apt-install.log" >&2; die "apt-get install failed"; }
 # postinst still enables the units for the next boot; we never want the system instances.
 if [ -d /run/systemd/system ]; then
-  systemctl disable --now etcd redis-server redis-sentinel >/dev/null 2>&1 || true
+  systemctl disable --now etcd redis-server redis-sentinel containerd >/dev/null 2>&1 || true
 fi
 log "installed ${#missing[@]} packages"

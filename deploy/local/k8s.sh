@@ -6,14 +6,20 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 KVER=v1.20.2
+# Built together; bin/ holds all or nothing (the cache key). kubelet and kube-scheduler: node.sh.
+COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler kubelet"
 K8S=$CACHE/k8s-$KVER          # src/ gopath/ gocache/ bin/ - kept across down/up
 BIN=$K8S/bin
 PKI=$STATE/pki
 KCFG=$STATE/kubeconfig
-kc() { kubectl --kubeconfig "$KCFG" --request-timeout=5s "$@"; }
+kc() { in_lab kubectl --kubeconfig "$KCFG" --request-timeout=5s "$@"; }
+# Inside the lab (lab.sh) the API server also listens on the lab bridge, where pods reach it.
+LAB_IP=$([ -s "$STATE/lab" ] && echo "$("$HERE/lab.sh" net).1" || true)
 
 cmd_build() {
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then log "cached: $BIN"; return; fi
+  local b all=1
+  for b in $COMPONENTS; do [ -x "$BIN/$b" ] || all=0; done
+  if [ $all = 1 ]; then log "cached: $BIN"; return; fi
   command -v go >/dev/null || die "no go: run deps.sh first"
   local t0=$SECONDS src=$K8S/src
   if [ ! -d "$src" ]; then
@@ -49,21 +55,22 @@ cmd_build() {
     -o "$GOPATH/src" -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$K8S/openapi-violations.report" \
     >"$LOGS/k8s-openapi-gen.log" 2>&1 || { tail -20 "$LOGS/k8s-openapi-gen.log" >&2; die "openapi-gen failed"; }
 
-  log "go build kube-apiserver kube-controller-manager (5-8 min cold, ~1.5 GB RAM; log: $LOGS/k8s-build.log)"
+  log "go build $COMPONENTS (9-12 min cold, ~1.5 GB RAM; log: $LOGS/k8s-build.log)"
   local ldf="-s -w" v
   for v in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
     ldf+=" -X $v.gitVersion=$KVER -X $v.gitMajor=1 -X $v.gitMinor=20 -X $v.gitTreeState=clean -X $v.buildDate=$(date -u +%FT%TZ)"
   done
   rm -rf "$BIN.tmp"; mkdir -p "$BIN.tmp"
-  go build -o "$BIN.tmp/" -ldflags "$ldf" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+  # shellcheck disable=SC2046  # one package path per component
+  go build -o "$BIN.tmp/" -ldflags "$ldf" $(printf 'k8s.io/kubernetes/cmd/%s ' $COMPONENTS) \
     >"$LOGS/k8s-build.log" 2>&1 || { tail -30 "$LOGS/k8s-build.log" >&2; die "go build failed"; }
   rm -rf "$BIN"; mv "$BIN.tmp" "$BIN"   # bin/ appears only complete: it is the cache key
   log "built in $((SECONDS - t0))s: $("$BIN/kube-apiserver" --version)"
 }
 
 gen_pki() {   # once per $STATE: CA, apiserver serving cert, admin client cert, service-account keys
-  [ -s "$PKI/sa.key" ] && return
-  mkdir -p "$PKI"
+  [ -s "$PKI/apiserver-kubelet.crt" ] && return
+  rm -rf "$PKI"; mkdir -p "$PKI"   # an older set (without the kubelet client cert) is made anew
   ( cd "$PKI"; exec 2>openssl.log
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj /CN=tq-local-ca \
       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature
@@ -72,10 +79,11 @@ gen_pki() {   # once per $STATE: CA, apiserver serving cert, admin client cert, 
       printf '%s\n' "${@:3}" > "$1.ext"
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 -extfile "$1.ext" -out "$1.crt"
     }
-    sign apiserver /CN=kube-apiserver subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc extendedKeyUsage=serverAuth
+    sign apiserver /CN=kube-apiserver subjectAltName=IP:127.0.0.1,IP:10.88.0.1,DNS:localhost,DNS:kubernetes.default.svc extendedKeyUsage=serverAuth
+    sign apiserver-kubelet "/O=system:masters/CN=kube-apiserver-kubelet-client" extendedKeyUsage=clientAuth   # logs/exec
     sign admin "/O=system:masters/CN=tq-admin" extendedKeyUsage=clientAuth   # system:masters bypasses RBAC
     openssl genrsa -out sa.key 2048 && openssl rsa -in sa.key -pubout -out sa.pub
-    [ -s ca.crt ] && [ -s apiserver.crt ] && [ -s admin.crt ] && [ -s sa.pub ]  # errexit is off left of ||
+    [ -s ca.crt ] && [ -s apiserver.crt ] && [ -s admin.crt ] && [ -s sa.pub ] && [ -s apiserver-kubelet.crt ]  # errexit is off left of ||
   ) || { cat "$PKI/openssl.log" >&2; rm -rf "$PKI"; die "openssl failed"; }
 }
 
@@ -140,9 +148,13 @@ start_etcd() {
 start_apiserver() {
   # --insecure-port 0: 1.20 still opens plain HTTP :8080 by default. --endpoint-reconciler-type none:
   # no reconciler publishes 127.0.0.1 as the `kubernetes` Service's endpoint (no pod could use it).
+  # In the lab: every address of the lab (its loopback, the bridge pods reach it on); Node
+  # authorization for the kubelet's own credentials.
   start_bg kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$(port etcd)" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$(port apiserver)" --insecure-port 0 \
-    --endpoint-reconciler-type none --authorization-mode RBAC --allow-privileged \
+    --bind-address "$([ -n "$LAB_IP" ] && echo 0.0.0.0 || echo 127.0.0.1)" --advertise-address "${LAB_IP:-127.0.0.1}" \
+    --secure-port "$(port apiserver)" --insecure-port 0 \
+    --endpoint-reconciler-type none --authorization-mode Node,RBAC --allow-privileged \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet.crt" --kubelet-client-key "$PKI/apiserver-kubelet.key" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" --client-ca-file "$PKI/ca.crt" \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local --service-cluster-ip-range 10.0.0.0/24

@@ -15,7 +15,7 @@ die() { log "ERROR: $*"; exit 1; }
 # free_ports N: N distinct free loopback ports. All sockets stay bound until every port is
 # picked, so the N ports differ; the kernel hands out ephemeral ports that nobody listens on.
 free_ports() {
-  python3 - "${1:-1}" <<'PY'
+  in_lab python3 - "${1:-1}" <<'PY'
 import socket, sys
 socks = [socket.socket() for _ in range(int(sys.argv[1]))]
 for s in socks: s.bind(("127.0.0.1", 0))
@@ -34,7 +34,19 @@ alive() {
 # parent shell doesn't take it down), output to $LOGS/NAME.log, PID to $STATE/NAME.pid.
 start_bg() {
   local name=$1; shift
-  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  setsid "${LAB_EXEC[@]}" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$STATE/$name.pid"
+}
+
+# The lab's network namespace (lab.sh), once it exists: processes and clients run inside it.
+# `ip netns exec` for everything but containerd and the kubelet (start_bg_net), which need the
+# host's mount namespace and /sys: `nsenter --net` switches the network namespace only.
+LAB_EXEC=()
+if [ -s "$STATE/lab" ]; then LAB_EXEC=(ip netns exec "$(cat "$STATE/lab")"); fi
+in_lab() { "${LAB_EXEC[@]}" "$@"; }
+start_bg_net() {
+  local name=$1; shift
+  setsid nsenter --net="/run/netns/$(cat "$STATE/lab")" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   echo $! >"$STATE/$name.pid"
 }
 

@@ -5,7 +5,11 @@ set -euo pipefail
 
 PORTF=$STATE/redis.port
 port() { cat "$PORTF" 2>/dev/null || die "redis is not up (no $PORTF)"; }
-pong() { [ "$(redis-cli -h 127.0.0.1 -p "$(port)" ping 2>/dev/null)" = PONG ]; }
+pong() { [ "$(in_lab redis-cli -h 127.0.0.1 -p "$(port)" ping 2>/dev/null)" = PONG ]; }
+# In the lab, also on the bridge, where pods reach it; protected mode (loopback only without a
+# password) off there: nothing outside the lab's namespace can reach the bridge.
+BIND=127.0.0.1 PROTECTED=yes
+if [ -s "$STATE/lab" ]; then BIND="127.0.0.1 $("$HERE/lab.sh" net).1" PROTECTED=no; fi
 
 case "${1:-}" in
   up)
@@ -14,7 +18,8 @@ case "${1:-}" in
     free_ports 1 > "$PORTF"
     # Foreground (not --daemonize) so start_bg's PID is redis itself. --save '' --appendonly no:
     # nothing on disk, every `up` is an empty broker; --dir keeps any stray file in $STATE.
-    start_bg redis-server redis-server --bind 127.0.0.1 --port "$(port)" --save '' --appendonly no --dir "$STATE"
+    # shellcheck disable=SC2086  # one or two addresses
+    start_bg redis-server redis-server --bind $BIND --port "$(port)" --protected-mode "$PROTECTED" --save '' --appendonly no --dir "$STATE"
     wait_for redis-server 20 "redis PING" pong
     log "redis up on 127.0.0.1:$(port)" ;;
   down) stop_pid redis-server; rm -f "$PORTF" ;;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# up.sh - the whole local test stack: packages, Celery venv, Helm, kube-apiserver +
-# controller-manager, Redis. Writes $STATE/env.sh; prints `source $STATE/env.sh`.
+# up.sh - the whole local lab: packages, Celery venv, Helm, the lab's network namespace, etcd +
+# kube-apiserver + controller-manager + scheduler, Redis, the images (built without a registry)
+# and one node (containerd + kubelet). Writes $STATE/env.sh; prints `source $STATE/env.sh`.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -9,12 +10,20 @@ t0=$SECONDS
 VENV=$("$HERE/python.sh")
 HELM=$("$HERE/helm.sh")
 "$HERE/k8s.sh" build
+"$HERE/lab.sh" up   # each script below reads $STATE/lab (lib.sh) and runs inside the lab
 "$HERE/k8s.sh" up
 "$HERE/redis.sh" up
+"$HERE/operator-bin.sh" >/dev/null
+TQ_PYTHON="$VENV/bin/python" "$HERE/images.sh" build
+"$HERE/node.sh" up
+LAB=$("$HERE/lab.sh" name)
 { "$HERE/k8s.sh" env
   "$HERE/redis.sh" env
   # shellcheck disable=SC2016  # $PATH expands when env.sh is sourced
-  printf 'export TQ_VENV=%q\nexport TQ_STATE=%q\nexport PATH=%q:"$PATH"\n' "$VENV" "$STATE" "$(dirname "$HELM")"
+  printf 'export TQ_VENV=%q\nexport TQ_STATE=%q\nexport TQ_LAB=%q\nexport TQ_LAB_NET=%q\nexport PATH=%q:"$PATH"\n' \
+    "$VENV" "$STATE" "$LAB" "$("$HERE/lab.sh" net)" "$(dirname "$HELM")"
+  # Everything of the lab answers only inside its network namespace: these run commands there.
+  printf 'lab() { ip netns exec %q "$@"; }\nkubectl() { ip netns exec %q kubectl "$@"; }\n' "$LAB" "$LAB"
 } > "$STATE/env.sh"
-log "stack up in $((SECONDS - t0))s"
+log "lab up in $((SECONDS - t0))s (network namespace $LAB: run commands in it with \`lab CMD\` after sourcing env.sh)"
 echo "source $STATE/env.sh"

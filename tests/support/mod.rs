@@ -113,11 +113,20 @@ pub fn free_port() -> u16 {
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    bridge: Option<String>,
 }
 
 impl Redis {
     pub async fn start() -> Self {
-        let mut r = Redis { port: free_port(), child: None };
+        let mut r = Redis { port: free_port(), child: None, bridge: None };
+        r.restart().await;
+        r
+    }
+
+    /// Also on the lab's bridge, where worker pods reach it (protected mode off: only the lab's
+    /// network namespace can reach that address).
+    pub async fn start_for_pods(lab: &Lab) -> Self {
+        let mut r = Redis { port: free_port(), child: None, bridge: Some(lab.gateway()) };
         r.restart().await;
         r
     }
@@ -126,10 +135,20 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The URL a worker pod dials (the lab's bridge address).
+    pub fn url_for_pods(&self) -> String {
+        format!("redis://{}:{}/0", self.bridge.as_deref().expect("Redis::start_for_pods"), self.port)
+    }
+
     pub async fn restart(&mut self) {
         let bin = std::env::var("TQ_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let bind = match &self.bridge {
+            Some(ip) => vec!["--bind", "127.0.0.1", ip.as_str(), "--protected-mode", "no"],
+            None => vec!["--bind", "127.0.0.1"],
+        };
         let child = Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(bind)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server on PATH (deploy/local/deps.sh installs it)");
@@ -168,6 +187,34 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The lab's node side (deploy/local/lab.sh, node.sh): its network and the names of the images
+/// it built. `None` where the lab has no node (`make test` always has one).
+pub struct Lab {
+    pub net: String,
+}
+
+/// The images deploy/local/images.sh builds and the node has loaded (no registry).
+pub const WORKER_IMAGE: &str = "tq.local/celery-worker:1";
+pub const OPERATOR_IMAGE: &str = "tq.local/taskqueue-operator:dev";
+/// The lab's node runs only pods that tolerate this taint (deploy/local/node.sh says why).
+pub const REAL_PODS_TAINT: &str = "tq.lab/real-pods";
+
+impl Lab {
+    pub fn from_env() -> Option<Lab> {
+        std::env::var("TQ_LAB_NET").ok().filter(|n| !n.is_empty()).map(|net| Lab { net })
+    }
+
+    /// The lab's bridge address: where pods reach the API server and Redis.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.net)
+    }
+
+    /// The toleration a pod needs to run on the lab's node.
+    pub fn toleration() -> serde_json::Value {
+        json!({"key": REAL_PODS_TAINT, "operator": "Exists", "effect": "NoSchedule"})
     }
 }
 

@@ -27,10 +27,15 @@ def update_user_statistics(user_id):
 
 @app.task(bind=True)
 def record(self):
-    """Works for a second, then appends its task id to $TASK_RECORD_FILE: the fault suite counts
-    which of the tasks it sent a real worker ran."""
+    """Works for a second, then records its task id: the tests count which of the tasks they sent
+    a real worker ran. In $TASK_RECORD_FILE (a worker process beside the test), or in the Redis
+    set $TASK_RECORD_KEY on the broker (worker pods), with the pod's name beside it."""
     time.sleep(1 * SCALE)
     path = os.environ.get("TASK_RECORD_FILE")
     if path:
         with open(path, "a") as f:
             f.write(self.request.id + "\n")
+    key = os.environ.get("TASK_RECORD_KEY")
+    if key:
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.hset(key, self.request.id, self.request.hostname or "")

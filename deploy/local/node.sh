@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# node.sh up|down|status - one node for the lab: kube-scheduler, containerd (+ runc, the CNI
+# bridge) and a kubelet v1.20.2 named 127.0.0.1, inside the lab's network namespace (lab.sh).
+#
+# Traps met on these machines (docs: deploy/local/README.md, "The node"):
+# * root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj, so containerd's CRI
+#   `restrict_oom_score_adj` and the kubelet's `--oom-score-adj 0`;
+# * a node address of 127.0.0.1 is refused by --node-ip, but a node *named* 127.0.0.1 gets that
+#   InternalIP, which `kubectl logs/exec` need (the API server dials it inside the lab);
+# * containerd and the kubelet are started with `nsenter --net` (network namespace only): `ip
+#   netns exec` would also give them a private mount namespace and /sys, where the kubelet finds
+#   no cgroup mounts and runc cannot see volume mounts;
+# * `makeIPTablesUtilChains: false`, or the kubelet adds iptables chains to the host.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+K8S=$CACHE/k8s-v1.20.2
+BIN=$K8S/bin
+PKI=$STATE/pki
+NODE=$STATE/node
+CTRD=$STATE/containerd
+SOCK=$CTRD/containerd.sock
+# Only pods that tolerate this run here. Most tests create pools whose images exist nowhere (the
+# control plane is what they test): without the taint each would get a sandbox and a failing pull
+# on two cores. Tests and the demo that run real workers add the toleration (tests/support).
+TAINT=tq.lab/real-pods=true:NoSchedule
+LAB=$("$HERE/lab.sh" name)
+NET=$("$HERE/lab.sh" net)
+# shellcheck disable=SC1090
+. <("$HERE/images.sh" names)
+
+kc() { in_lab kubectl --kubeconfig "$STATE/kubeconfig" --request-timeout=5s "$@"; }
+node_ready() { [ "$(kc get node 127.0.0.1 -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+ctrd_up() { ctr --address "$SOCK" version >/dev/null 2>&1; }
+
+node_pki() {  # the kubelet's client and serving certs, signed by the lab CA
+  [ -s "$PKI/kubelet.crt" ] && return
+  ( cd "$PKI"; exec 2>>openssl.log
+    sign() { # name subject extensions
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2"
+      printf '%s\n' "${@:3}" > "$1.ext"
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 -extfile "$1.ext" -out "$1.crt"
+    }
+    sign kubelet-client "/O=system:nodes/CN=system:node:127.0.0.1" extendedKeyUsage=clientAuth
+    sign kubelet "/CN=127.0.0.1" subjectAltName=IP:127.0.0.1 extendedKeyUsage=serverAuth
+  ) || die "openssl failed (log: $PKI/openssl.log)"
+}
+
+write_configs() {
+  mkdir -p "$NODE" "$CTRD" "$STATE/cni/net.d" "$STATE/cni/ipam"
+  local api; api=$(sed -n 's/.*server: "\(.*\)".*/\1/p' "$STATE/kubeconfig")
+  cat >"$NODE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster: {server: "$api", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: node
+  user: {client-certificate: "$PKI/kubelet-client.crt", client-key: "$PKI/kubelet-client.key"}
+contexts:
+- name: lab
+  context: {cluster: lab, user: node}
+current-context: lab
+EOF
+  : >"$NODE/resolv.conf"   # pods get no nameserver: there is nothing to resolve in the lab
+  cat >"$NODE/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication: {anonymous: {enabled: false}, webhook: {enabled: false}, x509: {clientCAFile: "$PKI/ca.crt"}}
+authorization: {mode: AlwaysAllow}
+tlsCertFile: "$PKI/kubelet.crt"
+tlsPrivateKeyFile: "$PKI/kubelet.key"
+cgroupDriver: cgroupfs
+failSwapOn: false
+makeIPTablesUtilChains: false
+resolvConf: "$NODE/resolv.conf"
+serializeImagePulls: false
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+EOF
+  cat >"$CTRD/config.toml" <<EOF
+version = 2
+root = "$CTRD/root"
+state = "$CTRD/state"
+[grpc]
+  address = "$SOCK"
+[ttrpc]
+  address = "$SOCK.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "10010"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "$CTRD/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$STATE/cni/net.d"
+EOF
+  # The lab's bridge (lab.sh made it); no default route in pods: only the lab's subnet answers.
+  cat >"$STATE/cni/net.d/10-lab.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "lab", "plugins": [
+  {"type": "bridge", "bridge": "tqbr0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam",
+            "ranges": [[{"subnet": "$NET.0/24", "rangeStart": "$NET.10", "gateway": "$NET.1"}]]}}
+]}
+EOF
+}
+
+cmd_up() {
+  [ -x "$BIN/kubelet" ] && [ -x "$BIN/kube-scheduler" ] || die "no kubelet/kube-scheduler in $BIN: run 'k8s.sh build'"
+  [ -f "$STATE/lab" ] || die "no lab netns: run 'lab.sh up' (up.sh does)"
+  node_pki; write_configs
+  if ! alive containerd || ! ctrd_up; then
+    start_bg_net containerd containerd --config "$CTRD/config.toml"
+    wait_for containerd 30 "containerd" ctrd_up
+  fi
+  "$HERE/images.sh" load "$SOCK"
+  alive kube-scheduler || start_bg kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$STATE/kubeconfig" \
+    --authentication-kubeconfig "$STATE/kubeconfig" --authorization-kubeconfig "$STATE/kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$(free_ports 1)" --port 0 --leader-elect=false
+  if ! alive kubelet; then
+    start_bg_net kubelet "$BIN/kubelet" --config "$NODE/kubelet.yaml" --kubeconfig "$NODE/kubeconfig" \
+      --container-runtime remote --container-runtime-endpoint "unix://$SOCK" --hostname-override 127.0.0.1 \
+      --root-dir "$NODE/root" --cert-dir "$NODE/certs" --pod-infra-container-image "$PAUSE" --oom-score-adj 0 \
+      --register-with-taints "$TAINT"
+  fi
+  wait_for kubelet 90 "node 127.0.0.1 Ready" node_ready
+  log "node 127.0.0.1 Ready"
+}
+
+# Pods first (their containers, sandboxes and mounts), then the kubelet and containerd.
+cmd_down() {
+  if alive kubelet && kc get --raw=/readyz >/dev/null 2>&1; then
+    kc delete pods --all -A --grace-period=5 --wait=false >/dev/null 2>&1 || true
+  fi
+  stop_pid kubelet kube-scheduler
+  if ctrd_up; then
+    local c
+    for c in $(crictl_ps); do ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "$c" >/dev/null 2>&1 || true; done
+  fi
+  stop_pid containerd
+  # Shims outlive containerd by design; with their tasks killed they only wait to be reaped.
+  pkill -9 -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
+  # Mounts under the node's and containerd's dirs (volumes, rootfs, shm), deepest first.
+  awk '{print $5}' /proc/self/mountinfo | grep -E "^($NODE|$CTRD)/" | LC_ALL=C sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  # The kubelet's cgroups, deepest first, in every hierarchy.
+  find /sys/fs/cgroup -depth -type d -name 'kubepods*' 2>/dev/null | while read -r d; do
+    find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+  # The fixed host paths (/var/log/pods, /var/lib/cni, ...) and the pods' network namespaces
+  # go with lab.sh down, which removes only what was not there before up.
+}
+
+crictl_ps() { ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null || true; }
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) node_ready && echo "node 127.0.0.1 Ready" ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -10,6 +10,9 @@ t0=$SECONDS
 VENV=$("$HERE/python.sh")
 HELM=$("$HERE/helm.sh")
 "$HERE/k8s.sh" build
+# A stack of an earlier version (before the lab) runs outside any namespace: stop it first, so
+# the record of the host that lab.sh takes is of the host alone.
+if [ ! -s "$STATE/lab" ]; then "$HERE/node.sh" down; "$HERE/redis.sh" down; "$HERE/k8s.sh" down; fi
 "$HERE/lab.sh" up   # each script below reads $STATE/lab (lib.sh) and runs inside the lab
 "$HERE/k8s.sh" up
 "$HERE/redis.sh" up

@@ -31,6 +31,9 @@ app.conf.update(
     task_ignore_result=True,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # CELERY_ACKS_LATE=1: a task is acked when it ends, not when it starts, so a worker with
+    # prefetch 1 holds one task at a time and a task cut short is delivered again.
+    task_acks_late=os.environ.get("CELERY_ACKS_LATE") == "1",
 )
 app.autodiscover_tasks(["app.worker"], related_name="tasks.ai_tasks", force=True)
 app.autodiscover_tasks(["app.worker"], related_name="tasks.demo_tasks", force=True)

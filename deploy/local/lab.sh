@@ -34,7 +34,8 @@ snapshot() {
 
 cmd_up() {
   if ip netns list | grep -qw "$LAB"; then log "netns $LAB already there"; return; fi
-  [ -s "$BEFORE" ] || snapshot | LC_ALL=C sort >"$BEFORE"
+  # No lab now: the host as it is now is the record (one left by a failed check is stale).
+  snapshot | LC_ALL=C sort >"$BEFORE"
   ip netns add "$LAB"
   ip -n "$LAB" link set lo up
   ip -n "$LAB" link add "$BR" type bridge

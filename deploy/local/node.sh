@@ -31,7 +31,7 @@ NET=$("$HERE/lab.sh" net)
 
 kc() { in_lab kubectl --kubeconfig "$STATE/kubeconfig" --request-timeout=5s "$@"; }
 node_ready() { [ "$(kc get node 127.0.0.1 -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
-ctrd_up() { ctr --address "$SOCK" version >/dev/null 2>&1; }
+ctrd_up() { [ -S "$SOCK" ] && timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1; }
 
 node_pki() {  # the kubelet's client and serving certs, signed by the lab CA
   [ -s "$PKI/kubelet.crt" ] && return
@@ -147,7 +147,7 @@ cmd_down() {
   stop_pid kubelet kube-scheduler
   if ctrd_up; then
     local c
-    for c in $(crictl_ps); do ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "$c" >/dev/null 2>&1 || true; done
+    for c in $(crictl_ps); do timeout 10 ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "$c" >/dev/null 2>&1 || true; done
   fi
   stop_pid containerd
   # Shims outlive containerd by design; with their tasks killed they only wait to be reaped.
@@ -164,7 +164,7 @@ cmd_down() {
   # go with lab.sh down, which removes only what was not there before up.
 }
 
-crictl_ps() { ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null || true; }
+crictl_ps() { timeout 10 ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null || true; }
 
 case "${1:-}" in
   up) cmd_up ;;

@@ -26,6 +26,21 @@ fn real_pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json:
     tq
 }
 
+/// What each test here starts from: the lab's node (or a skip, counted by `make test`), a
+/// namespace, and a Redis the pods reach, named in the namespace's broker Secret.
+async fn setup(test: &str, prefix: &str) -> Option<(Lab, kube::Client, String, Redis)> {
+    let Some(lab) = Lab::from_env() else {
+        skipped(test, "no lab node (TQ_LAB_NET unset): run it with `make test`");
+        return None;
+    };
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, prefix).await;
+    let redis = Redis::start_for_pods(&lab).await;
+    broker_secret(&client, &ns, &redis.url_for_pods()).await;
+    Some((lab, client, ns, redis))
+}
+
 async fn ready_pods(client: &kube::Client, ns: &str, name: &str) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
@@ -53,18 +68,11 @@ async fn hlen(url: &str, key: &str) -> i64 {
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
 async fn real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum() {
-    let Some(lab) = Lab::from_env() else {
-        skipped(
-            "real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum",
-            "no lab node (TQ_LAB_NET unset): run it with `make test`",
-        );
+    let Some((_, client, ns, redis)) =
+        setup("real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum", "pods").await
+    else {
         return;
     };
-    let client = client().await;
-    ensure_crd(&client).await;
-    let ns = namespace(&client, "pods").await;
-    let redis = Redis::start_for_pods(&lab).await;
-    broker_secret(&client, &ns, &redis.url_for_pods()).await;
     let operator = Operator::start(&client, &ns);
     let scaling = json!({"minReplicas": 1, "maxReplicas": 3, "tasksPerReplica": 4, "pollInterval": "1s",
                          "scaleDown": {"stabilizationWindow": "5s"}});
@@ -154,19 +162,9 @@ fn is_ready(p: &Pod) -> bool {
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
 async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced() {
-    let Some(lab) = Lab::from_env() else {
-        skipped(
-            "the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced",
-            "no lab node (TQ_LAB_NET unset): run it with `make test`",
-        );
-        return;
-    };
-    let client = client().await;
-    ensure_crd(&client).await;
-    let work = namespace(&client, "incluster-work").await;
+    let test = "the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced";
+    let Some((lab, client, work, redis)) = setup(test, "incluster-work").await else { return };
     let ops = namespace(&client, "incluster-ops").await;
-    let redis = Redis::start_for_pods(&lab).await;
-    broker_secret(&client, &work, &redis.url_for_pods()).await;
 
     // The chart as a user installs it, with the lab's image; the two lab-specific values: the
     // toleration of the lab's node, and the API server's real address (no kube-proxy here).
@@ -287,18 +285,11 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
 async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
-    let Some(lab) = Lab::from_env() else {
-        skipped(
-            "pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing",
-            "no lab node (TQ_LAB_NET unset): run it with `make test`",
-        );
+    let Some((_, client, ns, redis)) =
+        setup("pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing", "scalein").await
+    else {
         return;
     };
-    let client = client().await;
-    ensure_crd(&client).await;
-    let ns = namespace(&client, "scalein").await;
-    let redis = Redis::start_for_pods(&lab).await;
-    broker_secret(&client, &ns, &redis.url_for_pods()).await;
     let operator = Operator::start(&client, &ns);
     // One task per pod (concurrency 1, prefetch 1, acks late) of 15 s, in-flight work not counted: once both
     // pods hold their task the pool's demand is 0 and it scales in after a 6 s window, long

@@ -55,7 +55,7 @@ cmd_down() {
   fi
   if ip netns list | grep -qw "$LAB"; then ip netns delete "$LAB"; log "netns $LAB deleted"; fi
   rm -f "$STATE/lab"
-  [ -s "$BEFORE" ] && undo_new
+  if [ -s "$BEFORE" ]; then undo_new; fi
 }
 
 # undo_new: what the lab added to the host since the record (pods' network namespaces, the

@@ -153,7 +153,7 @@ cmd_down() {
   # Shims outlive containerd by design; with their tasks killed they only wait to be reaped.
   pkill -9 -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null || true
   # Mounts under the node's and containerd's dirs (volumes, rootfs, shm), deepest first.
-  awk '{print $5}' /proc/self/mountinfo | grep -E "^($NODE|$CTRD)/" | LC_ALL=C sort -r | while read -r m; do
+  awk '{print $5}' /proc/self/mountinfo | { grep -E "^($NODE|$CTRD)/" || true; } | LC_ALL=C sort -r | while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done
   # The kubelet's cgroups, deepest first, in every hierarchy.

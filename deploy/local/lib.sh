@@ -71,7 +71,10 @@ stop_pid() {
 wait_for() {
   local name=$1 end=$((SECONDS + $2)) what=$3; shift 3
   until "$@" >/dev/null 2>&1; do
-    alive "$name" || { tail -25 "$LOGS/$name.log" >&2; die "$name exited while waiting for $what (log: $LOGS/$name.log)"; }
+    # Twice, 0.5 s apart: right after the start the PID may be mid-exec (setsid, nsenter), when its
+    # command line can read empty.
+    alive "$name" || { sleep 0.5; alive "$name"; } \
+      || { tail -25 "$LOGS/$name.log" >&2; die "$name exited while waiting for $what (log: $LOGS/$name.log)"; }
     [ $SECONDS -lt $end ] || { tail -25 "$LOGS/$name.log" >&2; die "timed out waiting for $what"; }
     sleep 0.25
   done

@@ -17,14 +17,7 @@ fn helm_out(args: &[&str]) -> std::process::Output {
 }
 
 fn helm(args: &[&str]) -> String {
-    let out = helm_out(args);
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    run("helm", args)
 }
 
 fn chart() -> String {

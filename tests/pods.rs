@@ -122,17 +122,6 @@ async fn real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum() {
     delete_namespace(&client, &ns).await;
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The API server's port, from the kubeconfig the tests use (pods dial the lab's bridge address:
 /// there is no kube-proxy behind the `kubernetes` Service's ClusterIP, and nothing may dial it).
 fn api_port() -> String {

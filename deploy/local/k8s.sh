@@ -13,8 +13,6 @@ BIN=$K8S/bin
 PKI=$STATE/pki
 KCFG=$STATE/kubeconfig
 kc() { in_lab kubectl --kubeconfig "$KCFG" --request-timeout=5s "$@"; }
-# Inside the lab (lab.sh) the API server also listens on the lab bridge, where pods reach it.
-LAB_IP=$([ -s "$STATE/lab" ] && echo "$("$HERE/lab.sh" net).1" || true)
 
 cmd_build() {
   local b all=1
@@ -69,8 +67,8 @@ cmd_build() {
 }
 
 gen_pki() {   # once per $STATE: CA, apiserver serving cert, admin client cert, service-account keys
-  [ -s "$PKI/apiserver-kubelet.crt" ] && return
-  rm -rf "$PKI"; mkdir -p "$PKI"   # an older set (without the kubelet client cert) is made anew
+  [ -s "$PKI/kubelet.crt" ] && return
+  rm -rf "$PKI"; mkdir -p "$PKI"   # an older set (without the node's certs) is made anew
   ( cd "$PKI"; exec 2>openssl.log
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj /CN=tq-local-ca \
       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature
@@ -79,11 +77,14 @@ gen_pki() {   # once per $STATE: CA, apiserver serving cert, admin client cert, 
       printf '%s\n' "${@:3}" > "$1.ext"
       openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 -extfile "$1.ext" -out "$1.crt"
     }
-    sign apiserver /CN=kube-apiserver subjectAltName=IP:127.0.0.1,IP:10.88.0.1,DNS:localhost,DNS:kubernetes.default.svc extendedKeyUsage=serverAuth
+    sign apiserver /CN=kube-apiserver "subjectAltName=IP:127.0.0.1,IP:$LAB_NET.1,DNS:localhost,DNS:kubernetes.default.svc" extendedKeyUsage=serverAuth
     sign apiserver-kubelet "/O=system:masters/CN=kube-apiserver-kubelet-client" extendedKeyUsage=clientAuth   # logs/exec
+    # The lab's node (node.sh): the kubelet's client cert (Node authorization) and serving cert.
+    sign kubelet-client "/O=system:nodes/CN=system:node:127.0.0.1" extendedKeyUsage=clientAuth
+    sign kubelet "/CN=127.0.0.1" subjectAltName=IP:127.0.0.1 extendedKeyUsage=serverAuth
     sign admin "/O=system:masters/CN=tq-admin" extendedKeyUsage=clientAuth   # system:masters bypasses RBAC
     openssl genrsa -out sa.key 2048 && openssl rsa -in sa.key -pubout -out sa.pub
-    [ -s ca.crt ] && [ -s apiserver.crt ] && [ -s admin.crt ] && [ -s sa.pub ] && [ -s apiserver-kubelet.crt ]  # errexit is off left of ||
+    [ -s ca.crt ] && [ -s apiserver.crt ] && [ -s admin.crt ] && [ -s sa.pub ] && [ -s apiserver-kubelet.crt ] && [ -s kubelet.crt ]  # errexit is off left of ||
   ) || { cat "$PKI/openssl.log" >&2; rm -rf "$PKI"; die "openssl failed"; }
 }
 

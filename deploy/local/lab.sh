@@ -4,7 +4,7 @@
 #
 # The whole lab (etcd, API server, scheduler, kubelet, containerd, Redis, the pods, the tests)
 # talks only on loopback or inside one network namespace, $LAB, made here: its own `lo` and a
-# bridge ($BR, $NET.1/24) for the pods. Nothing is routed out of it. `up` first records what the
+# bridge ($BR, $LAB_NET.1/24, lib.sh) for the pods. Nothing is routed out of it. `up` first records what the
 # node side may change on the host (sysctls, mounts, cgroups, namespaces, links, paths); `down`
 # puts back what it can and `check` compares the host with that record.
 set -euo pipefail
@@ -12,7 +12,6 @@ set -euo pipefail
 
 LAB=${TQ_LAB:-tq-lab}
 BR=tqbr0
-NET=10.88.0
 BEFORE=$STATE/host-before.txt
 # Machine-wide sysctls the kubelet and the CNI plugins set (real-pods.md): read before, restored after.
 SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward)
@@ -39,10 +38,10 @@ cmd_up() {
   ip netns add "$LAB"
   ip -n "$LAB" link set lo up
   ip -n "$LAB" link add "$BR" type bridge
-  ip -n "$LAB" addr add "$NET.1/24" dev "$BR"
+  ip -n "$LAB" addr add "$LAB_NET.1/24" dev "$BR"
   ip -n "$LAB" link set "$BR" up
   echo "$LAB" >"$STATE/lab"
-  log "netns $LAB: lo, $BR $NET.1/24 (no route out)"
+  log "netns $LAB: lo, $BR $LAB_NET.1/24 (no route out)"
 }
 
 cmd_down() {
@@ -94,7 +93,7 @@ case "${1:-}" in
   check) cmd_check ;;
   exec) shift; exec ip netns exec "$LAB" "$@" ;;
   name) echo "$LAB" ;;
-  net) echo "$NET" ;;
+  net) echo "$LAB_NET" ;;
   snapshot) snapshot | LC_ALL=C sort ;;
   *) echo "usage: $0 up|down|check|exec CMD...|name|net|snapshot" >&2; exit 2 ;;
 esac

@@ -41,8 +41,11 @@ start_bg() {
 # The lab's network namespace (lab.sh), once it exists: processes and clients run inside it.
 # `ip netns exec` for everything but containerd and the kubelet (start_bg_net), which need the
 # host's mount namespace and /sys: `nsenter --net` switches the network namespace only.
-LAB_EXEC=()
-if [ -s "$STATE/lab" ]; then LAB_EXEC=(ip netns exec "$(cat "$STATE/lab")"); fi
+# LAB_NET: the lab bridge's /24 (lab.sh); LAB_IP, set once the lab exists: the bridge address,
+# where pods reach the API server and Redis.
+LAB_NET=10.88.0
+LAB_EXEC=() LAB_IP=""
+if [ -s "$STATE/lab" ]; then LAB_EXEC=(ip netns exec "$(cat "$STATE/lab")") LAB_IP=$LAB_NET.1; fi
 in_lab() { "${LAB_EXEC[@]}" "$@"; }
 start_bg_net() {
   local name=$1; shift

@@ -25,26 +25,12 @@ SOCK=$CTRD/containerd.sock
 # on two cores. Tests and the demo that run real workers add the toleration (tests/support).
 TAINT=tq.lab/real-pods=true:NoSchedule
 LAB=$("$HERE/lab.sh" name)
-NET=$("$HERE/lab.sh" net)
 # shellcheck disable=SC1090
 . <("$HERE/images.sh" names)
 
 kc() { in_lab kubectl --kubeconfig "$STATE/kubeconfig" --request-timeout=5s "$@"; }
 node_ready() { [ "$(kc get node 127.0.0.1 -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
 ctrd_up() { [ -S "$SOCK" ] && timeout 5 ctr --address "$SOCK" version >/dev/null 2>&1; }
-
-node_pki() {  # the kubelet's client and serving certs, signed by the lab CA
-  [ -s "$PKI/kubelet.crt" ] && return
-  ( cd "$PKI"; exec 2>>openssl.log
-    sign() { # name subject extensions
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -out "$1.csr" -subj "$2"
-      printf '%s\n' "${@:3}" > "$1.ext"
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -sha256 -extfile "$1.ext" -out "$1.crt"
-    }
-    sign kubelet-client "/O=system:nodes/CN=system:node:127.0.0.1" extendedKeyUsage=clientAuth
-    sign kubelet "/CN=127.0.0.1" subjectAltName=IP:127.0.0.1 extendedKeyUsage=serverAuth
-  ) || die "openssl failed (log: $PKI/openssl.log)"
-}
 
 write_configs() {
   mkdir -p "$NODE" "$CTRD" "$STATE/cni/net.d" "$STATE/cni/ipam"
@@ -112,7 +98,7 @@ EOF
 {"cniVersion": "0.4.0", "name": "lab", "plugins": [
   {"type": "bridge", "bridge": "tqbr0", "isGateway": true, "ipMasq": false,
    "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam",
-            "ranges": [[{"subnet": "$NET.0/24", "rangeStart": "$NET.10", "gateway": "$NET.1"}]]}}
+            "ranges": [[{"subnet": "$LAB_NET.0/24", "rangeStart": "$LAB_NET.10", "gateway": "$LAB_IP"}]]}}
 ]}
 EOF
 }
@@ -120,7 +106,8 @@ EOF
 cmd_up() {
   [ -x "$BIN/kubelet" ] && [ -x "$BIN/kube-scheduler" ] || die "no kubelet/kube-scheduler in $BIN: run 'k8s.sh build'"
   [ -f "$STATE/lab" ] || die "no lab netns: run 'lab.sh up' (up.sh does)"
-  node_pki; write_configs
+  [ -s "$PKI/kubelet.crt" ] || die "no kubelet certs in $PKI: run 'k8s.sh up' first"
+  write_configs
   if ! alive containerd || ! ctrd_up; then
     start_bg_net containerd containerd --config "$CTRD/config.toml"
     wait_for containerd 30 "containerd" ctrd_up

@@ -9,7 +9,7 @@ pong() { [ "$(in_lab redis-cli -h 127.0.0.1 -p "$(port)" ping 2>/dev/null)" = PO
 # In the lab, also on the bridge, where pods reach it; protected mode (loopback only without a
 # password) off there: nothing outside the lab's namespace can reach the bridge.
 BIND=127.0.0.1 PROTECTED=yes
-if [ -s "$STATE/lab" ]; then BIND="127.0.0.1 $("$HERE/lab.sh" net).1" PROTECTED=no; fi
+if [ -n "$LAB_IP" ]; then BIND="127.0.0.1 $LAB_IP" PROTECTED=no; fi
 
 case "${1:-}" in
   up)

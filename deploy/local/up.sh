@@ -16,15 +16,14 @@ if [ ! -s "$STATE/lab" ]; then "$HERE/node.sh" down; "$HERE/redis.sh" down; "$HE
 "$HERE/lab.sh" up   # each script below reads $STATE/lab (lib.sh) and runs inside the lab
 "$HERE/k8s.sh" up
 "$HERE/redis.sh" up
-"$HERE/operator-bin.sh" >/dev/null
-TQ_PYTHON="$VENV/bin/python" "$HERE/images.sh" build
+TQ_OPERATOR_BIN=$("$HERE/operator-bin.sh") TQ_PYTHON="$VENV/bin/python" "$HERE/images.sh" build
 "$HERE/node.sh" up
 LAB=$("$HERE/lab.sh" name)
 { "$HERE/k8s.sh" env
   "$HERE/redis.sh" env
   # shellcheck disable=SC2016  # $PATH expands when env.sh is sourced
   printf 'export TQ_VENV=%q\nexport TQ_STATE=%q\nexport TQ_LAB=%q\nexport TQ_LAB_NET=%q\nexport PATH=%q:"$PATH"\n' \
-    "$VENV" "$STATE" "$LAB" "$("$HERE/lab.sh" net)" "$(dirname "$HELM")"
+    "$VENV" "$STATE" "$LAB" "$LAB_NET" "$(dirname "$HELM")"
   # Everything of the lab answers only inside its network namespace: these run commands there.
   printf 'lab() { ip netns exec %q "$@"; }\nkubectl() { ip netns exec %q kubectl "$@"; }\n' "$LAB" "$LAB"
 } > "$STATE/env.sh"

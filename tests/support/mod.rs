@@ -190,6 +190,18 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Run `program` with `args` to the end; its stdout, or a panic with both its outputs.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The lab's node side (deploy/local/lab.sh, node.sh): its network and the names of the images
 /// it built. `None` where the lab has no node (`make test` always has one).
 pub struct Lab {

@@ -3,9 +3,10 @@
 #   make test   everything the CI runs: format, lint, unit, mock-API and end-to-end tests
 .PHONY: demo test up down crd lint bench
 
-# make demo PLOT=demo.svg also draws the run's timeline (pending, in flight, replicas per pool).
+# make demo PLOT=demo.svg also draws the run's timeline (pending, in flight, replicas per pool);
+# SHOT=page.png also takes a screenshot of the operator's page while the pools are busy.
 demo:
-	bash deploy/demo/demo.sh $(if $(PLOT),--plot $(PLOT))
+	bash deploy/demo/demo.sh $(if $(PLOT),--plot $(PLOT)) $(if $(SHOT),--shot $(SHOT))
 
 test:
 	bash deploy/local/test.sh

@@ -2,28 +2,29 @@
 # demo.sh - `make demo`: the seed's four worker pools on a local control plane, scaled by the
 # operator from real Celery tasks in a real Redis.
 #
-# The seed's pools do not run on the lab's node yet (their pods lack its toleration and stay
-# Pending): run_demo.py stands in for the kubelet, keeping spec.replicas local Celery processes
-# per worker Deployment with the Deployment's own container command. tests/pods.rs runs pools
-# as real pods.
+# The pools run as real pods on the lab's node (deploy/local/node.sh): the lab's worker image
+# (the demo's Celery app), the node's toleration, no CPU requests (the node has the machine's 2
+# cores; the seed asks for a production cluster's).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 NS=${DEMO_NAMESPACE:-taskqueue-demo}
 ARGS=("$@")
 # --plot PATH (make demo PLOT=PATH): also draw this run's timeline (pending, in flight and
-# replicas per pool, scale events marked) as an SVG.
-PLOT=""
+# replicas per pool, scale events marked) as an SVG. --shot PATH (make demo SHOT=PATH): also
+# take a screenshot (PNG) of the operator's page while every pool runs and has work waiting.
+PLOT="" SHOT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --plot) PLOT=$2; shift 2 ;;
     --plot=*) PLOT=${1#--plot=}; shift ;;
-    *) echo "usage: demo.sh [--plot PATH.svg]" >&2; exit 2 ;;
+    --shot) SHOT=$2; shift 2 ;;
+    --shot=*) SHOT=${1#--shot=}; shift ;;
+    *) echo "usage: demo.sh [--plot PATH.svg] [--shot PATH.png]" >&2; exit 2 ;;
   esac
 done
-if [ -n "$PLOT" ]; then
-  case "$PLOT" in /*) ;; *) PLOT=$PWD/$PLOT ;; esac
-fi
+case "$PLOT" in ""|/*) ;; *) PLOT=$PWD/$PLOT ;; esac
+case "$SHOT" in ""|/*) ;; *) SHOT=$PWD/$SHOT ;; esac
 
 # The lab answers only inside its network namespace: start it, build (cargo may fetch crates),
 # then run the rest of this script in there.
@@ -48,11 +49,26 @@ kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$NS" >/dev/null
 kubectl -n "$NS" apply -f deploy/examples/seed.yaml
 # Point the Secret at the local Redis, and shorten the windows so the demo ends in minutes.
-kubectl -n "$NS" create secret generic celery-broker --from-literal=url="$TQ_REDIS_URL" --dry-run=client -o yaml | kubectl -n "$NS" apply -f - >/dev/null
+# The pods reach Redis on the lab's bridge.
+kubectl -n "$NS" create secret generic celery-broker --from-literal=url="$TQ_REDIS_POD_URL" --dry-run=client -o yaml | kubectl -n "$NS" apply -f - >/dev/null
+# Every task the workers run adds 1 to this broker hash (TASK_COUNT_KEY in the demo's app).
+COUNT_KEY=taskqueue-demo:ran:$(date +%s)
+LAB_POOL=$(python3 - "$TQ_WORKER_IMAGE" "$TQ_NODE_TAINT" "$COUNT_KEY" <<'PY'
+import json, sys
+image, taint, count_key = sys.argv[1:]
+key, effect = taint.split("=")[0], taint.rsplit(":", 1)[1]
+print(json.dumps({"spec": {
+    "worker": {"image": image, "resources": None,
+               "env": [{"name": "TASK_SCALE", "value": "0.3"}, {"name": "TASK_COUNT_KEY", "value": count_key}],
+               "podTemplate": {"spec": {"tolerations": [{"key": key, "operator": "Exists", "effect": effect}]}}},
+    "scaling": {"pollInterval": "1s", "scaleDown": {"stabilizationWindow": "15s"}}}}))
+PY
+)
 for tq in urgent ai-processing demo-tasks general; do
-  kubectl -n "$NS" patch tq "$tq" --type merge -p '{"spec":{"scaling":{"pollInterval":"1s","scaleDown":{"stabilizationWindow":"15s"}}}}' >/dev/null
+  kubectl -n "$NS" patch tq "$tq" --type merge -p "$LAB_POOL" >/dev/null
 done
-echo "   (demo: pollInterval 1s, stabilizationWindow 15s; broker URL -> $TQ_REDIS_URL)"
+echo "   (demo: image $TQ_WORKER_IMAGE, the node's toleration, no resource requests, tasks at 0.3 x"
+echo "    their seed duration, pollInterval 1s, stabilizationWindow 15s; broker URL -> $TQ_REDIS_POD_URL)"
 
 echo "== starting the operator (log: $TQ_STATE/logs/demo-operator.log)"
 MPORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -65,7 +81,14 @@ if [ -n "$PLOT" ]; then
   trap 'kill -INT $PLOTTER 2>/dev/null || true; wait $PLOTTER 2>/dev/null || true; kill $OP 2>/dev/null || true; wait $OP 2>/dev/null || true' EXIT
 fi
 
-CELERY_BROKER_URL=$TQ_REDIS_URL PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py --namespace "$NS" --logs "$TQ_STATE/logs"
+echo "== waiting for the pools with minReplicas > 0 to run their pods"
+t=$SECONDS
+kubectl -n "$NS" wait --for=condition=Ready tq --all --timeout=180s
+kubectl -n "$NS" get pods -o wide
+echo "   every TaskQueue Ready after $((SECONDS - t))s: its workers are ready pods"
+echo
+CELERY_BROKER_URL=$TQ_REDIS_URL PYTHONPATH=$ROOT/deploy/demo "$TQ_VENV/bin/python" deploy/demo/run_demo.py \
+  --namespace "$NS" --count-key "$COUNT_KEY" ${SHOT:+--shot "$SHOT" --page "http://127.0.0.1:$MPORT/"}
 echo
 if [ -n "$PLOT" ]; then
   sleep 2 # the last decisions

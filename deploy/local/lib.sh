@@ -47,6 +47,11 @@ LAB_NET=10.88.0
 LAB_EXEC=() LAB_IP=""
 if [ -s "$STATE/lab" ]; then LAB_EXEC=(ip netns exec "$(cat "$STATE/lab")") LAB_IP=$LAB_NET.1; fi
 in_lab() { "${LAB_EXEC[@]}" "$@"; }
+# Only pods that tolerate this run on the lab's node. Most tests create pools whose images exist
+# nowhere (the control plane is what they test): without the taint each would get a sandbox and a
+# failing pull on two cores. Tests and the demo that run real workers add the toleration.
+# shellcheck disable=SC2034  # node.sh, up.sh
+NODE_TAINT=tq.lab/real-pods=true:NoSchedule
 start_bg_net() {
   local name=$1; shift
   setsid nsenter --net="/run/netns/$(cat "$STATE/lab")" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &

@@ -20,10 +20,6 @@ PKI=$STATE/pki
 NODE=$STATE/node
 CTRD=$STATE/containerd
 SOCK=$CTRD/containerd.sock
-# Only pods that tolerate this run here. Most tests create pools whose images exist nowhere (the
-# control plane is what they test): without the taint each would get a sandbox and a failing pull
-# on two cores. Tests and the demo that run real workers add the toleration (tests/support).
-TAINT=tq.lab/real-pods=true:NoSchedule
 LAB=$("$HERE/lab.sh" name)
 # shellcheck disable=SC1090
 . <("$HERE/images.sh" names)
@@ -120,7 +116,7 @@ cmd_up() {
     start_bg_net kubelet "$BIN/kubelet" --config "$NODE/kubelet.yaml" --kubeconfig "$NODE/kubeconfig" \
       --container-runtime remote --container-runtime-endpoint "unix://$SOCK" --hostname-override 127.0.0.1 \
       --root-dir "$NODE/root" --cert-dir "$NODE/certs" --pod-infra-container-image "$PAUSE" --oom-score-adj 0 \
-      --register-with-taints "$TAINT"
+      --register-with-taints "$NODE_TAINT"
   fi
   wait_for kubelet 90 "node 127.0.0.1 Ready" node_ready
   log "node 127.0.0.1 Ready"

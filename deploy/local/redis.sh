@@ -24,6 +24,9 @@ case "${1:-}" in
     log "redis up on 127.0.0.1:$(port)" ;;
   down) stop_pid redis-server; rm -f "$PORTF" ;;
   port) port ;;
-  env) printf 'export TQ_REDIS_URL=redis://127.0.0.1:%s/0\n' "$(port)" ;;
+  env)
+    printf 'export TQ_REDIS_URL=redis://127.0.0.1:%s/0\n' "$(port)"
+    # Where pods reach it (the bridge), for a broker Secret.
+    if [ -n "$LAB_IP" ]; then printf 'export TQ_REDIS_POD_URL=redis://%s:%s/0\n' "$LAB_IP" "$(port)"; fi ;;
   *) echo "usage: $0 up|down|port|env" >&2; exit 2 ;;
 esac

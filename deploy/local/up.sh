@@ -24,6 +24,9 @@ LAB=$("$HERE/lab.sh" name)
   # shellcheck disable=SC2016  # $PATH expands when env.sh is sourced
   printf 'export TQ_VENV=%q\nexport TQ_STATE=%q\nexport TQ_LAB=%q\nexport TQ_LAB_NET=%q\nexport PATH=%q:"$PATH"\n' \
     "$VENV" "$STATE" "$LAB" "$LAB_NET" "$(dirname "$HELM")"
+  # What a pool needs to run on the lab's node: the worker image and the node's taint.
+  "$HERE/images.sh" names | sed -n 's/^WORKER=/export TQ_WORKER_IMAGE=/p'
+  printf 'export TQ_NODE_TAINT=%q\n' "$NODE_TAINT"
   # Everything of the lab answers only inside its network namespace: these run commands there.
   printf 'lab() { ip netns exec %q "$@"; }\nkubectl() { ip netns exec %q kubectl "$@"; }\n' "$LAB" "$LAB"
 } > "$STATE/env.sh"

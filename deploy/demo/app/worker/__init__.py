@@ -35,6 +35,17 @@ app.conf.update(
     # prefetch 1 holds one task at a time and a task cut short is delivered again.
     task_acks_late=os.environ.get("CELERY_ACKS_LATE") == "1",
 )
+# TASK_COUNT_KEY=KEY: every task that ends adds 1 to its name's field of the broker hash KEY: the
+# demo counts what the workers ran, not what left the queue.
+if os.environ.get("TASK_COUNT_KEY"):
+    from celery.signals import task_postrun
+
+    @task_postrun.connect
+    def _count(task=None, **_):
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.hincrby(os.environ["TASK_COUNT_KEY"], task.name, 1)
+
+
 app.autodiscover_tasks(["app.worker"], related_name="tasks.ai_tasks", force=True)
 app.autodiscover_tasks(["app.worker"], related_name="tasks.demo_tasks", force=True)
 app.autodiscover_tasks(["app.worker"], related_name="tasks.urgent", force=True)

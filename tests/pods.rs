@@ -68,6 +68,7 @@ async fn hlen(url: &str, key: &str) -> i64 {
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
 async fn real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum() {
+    let _node = NODE.read().await;
     let Some((_, client, ns, redis)) =
         setup("real_worker_pods_take_the_work_and_the_pool_returns_to_its_minimum", "pods").await
     else {
@@ -148,15 +149,11 @@ fn is_ready(p: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-#[tokio::test]
-#[ignore = "needs the lab's node: make test"]
-async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced() {
-    let test = "the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced";
-    let Some((lab, client, work, redis)) = setup(test, "incluster-work").await else { return };
-    let ops = namespace(&client, "incluster-ops").await;
-
-    // The chart as a user installs it, with the lab's image; the two lab-specific values: the
-    // toleration of the lab's node, and the API server's real address (no kube-proxy here).
+/// The chart as a user installs it into `ops`, watching `work`, with the lab's image and the two
+/// lab-specific values: the toleration of the lab's node, and the API server's real address (no
+/// kube-proxy here). Returns once its two pods are Ready and the Lease names one of them: the
+/// pods and the leader's name.
+async fn install_operator(client: &kube::Client, lab: &Lab, ops: &str, work: &str) -> (Vec<Pod>, String) {
     let (repository, tag) = OPERATOR_IMAGE.rsplit_once(':').unwrap();
     let chart = repo().join("charts/taskqueue-operator");
     let sets = [
@@ -171,7 +168,7 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
         "extraEnv[1].name=KUBERNETES_SERVICE_PORT".to_string(),
         format!("extraEnv[1].value={}", api_port()),
     ];
-    let mut args = vec!["install", "tqo", chart.to_str().unwrap(), "--namespace", ops.as_str()];
+    let mut args = vec!["install", "tqo", chart.to_str().unwrap(), "--namespace", ops];
     for s in &sets {
         // --set-string: a port must stay a string in an EnvVar.
         args.extend([if s.starts_with("extraEnv") { "--set-string" } else { "--set" }, s.as_str()]);
@@ -180,15 +177,28 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
 
     // Two pods Ready (their /readyz passes), one leader named in the Lease.
     let pods = wait_for("2 operator pods Ready", T, || async {
-        let ready: Vec<Pod> = operator_pods(&client, &ops).await.into_iter().filter(is_ready).collect();
+        let ready: Vec<Pod> = operator_pods(client, ops).await.into_iter().filter(is_ready).collect();
         (ready.len() == 2).then_some(ready)
     })
     .await;
     let names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
     let leader = wait_for("the Lease to name an operator pod", T, || async {
-        lease_holder(&client, &ops).await.filter(|h| names.contains(h))
+        lease_holder(client, ops).await.filter(|h| names.contains(h))
     })
     .await;
+    (pods, leader)
+}
+
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced() {
+    let _node = NODE.read().await;
+    let test = "the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_replaced";
+    let Some((lab, client, work, redis)) = setup(test, "incluster-work").await else { return };
+    let ops = namespace(&client, "incluster-ops").await;
+
+    let (pods, leader) = install_operator(&client, &lab, &ops, &work).await;
+    let names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
     // As the chart asks: non-root (the image's user, 65532), read-only root filesystem, and the
     // ServiceAccount token Kubernetes mounts (no kubeconfig in the image or the pod).
     let pod = pods.iter().find(|p| p.metadata.name.as_deref() == Some(&leader)).unwrap();
@@ -274,6 +284,7 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
 async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
+    let _node = NODE.read().await;
     let Some((_, client, ns, redis)) =
         setup("pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing", "scalein").await
     else {
@@ -340,4 +351,264 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
     println!("both tasks finished {:.1} s after the first scale-in step", finished.as_secs_f64());
     operator.stop().await;
     delete_namespace(&client, &ns).await;
+}
+
+/// One start of a recorded task, as the task appended it (`TASK_RECORD_KEY:starts`).
+#[derive(Debug, serde::Deserialize)]
+struct Start {
+    id: String,
+    worker: String,
+    t: f64,
+    redelivered: bool,
+}
+
+/// A pool scaled in while its pods run a task longer than `terminationGracePeriodSeconds`, with
+/// `acks_late`: the removed pod is killed mid-task, its message stays in kombu's `unacked` and
+/// the remaining worker restores it after the transport's `visibility_timeout` (30 s here, 1 h by
+/// default): it runs again, redelivered, and finishes. Nothing lost; the figures say how long the
+/// task waited. The operator holds a replica meanwhile (only a running worker restores).
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn a_task_longer_than_the_grace_period_is_redelivered_after_the_visibility_timeout() {
+    let _node = NODE.read().await;
+    let test = "a_task_longer_than_the_grace_period_is_redelivered_after_the_visibility_timeout";
+    let Some((_, client, ns, redis)) = setup(test, "redeliver").await else {
+        return;
+    };
+    let operator = Operator::start(&client, &ns);
+    // As in the test above (one 20 s task per pod, in-flight work not counted, so the pool
+    // scales in while both run), with a 3 s grace period.
+    let mut tq = real_pool(
+        "long",
+        "longq",
+        json!({"minReplicas": 0, "maxReplicas": 2, "tasksPerReplica": 1, "countInFlight": false,
+               "pollInterval": "1s", "scaleDown": {"stabilizationWindow": "6s"}}),
+    );
+    tq["spec"]["worker"]["concurrency"] = json!(1);
+    tq["spec"]["worker"]["terminationGracePeriodSeconds"] = json!(3);
+    tq["spec"]["worker"]["env"] = json!([
+        {"name": "TASK_RECORD_KEY", "value": "done"}, {"name": "TASK_SCALE", "value": "20"},
+        {"name": "CELERY_ACKS_LATE", "value": "1"}, {"name": "CELERY_VISIBILITY_TIMEOUT", "value": "30"}
+    ]);
+    create_taskqueue(&client, &ns, tq).await;
+    celery(&redis.url(), &["ids", "longq", "2", "long-"]);
+    wait_replicas(&client, &ns, "long", 2).await;
+    let scaled_in = wait_for("the scale-in while both tasks run", T, || async {
+        deployment(&client, &ns, "long").await.filter(|d| replicas(d) < 2).map(|_| std::time::Instant::now())
+    })
+    .await;
+    let scaled_in_at = unix_now() - scaled_in.elapsed().as_secs_f64();
+    assert_eq!(hlen(&redis.url(), "done").await, 0, "both tasks were still running at the scale-in");
+
+    // Both finish, one of them on its second start.
+    wait_for("both tasks recorded", Duration::from_secs(300), || async {
+        (hlen(&redis.url(), "done").await == 2).then_some(())
+    })
+    .await;
+    let mut c = redis_conn(&redis.url()).await;
+    let starts: Vec<String> = redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    let starts: Vec<Start> = starts.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    println!("starts: {starts:?}");
+    assert_eq!(starts.len(), 3, "two starts, and one more for the task cut short: {starts:?}");
+    let again = starts.iter().find(|s| s.redelivered).expect("one start is a redelivery");
+    let first = starts.iter().find(|s| s.id == again.id && !s.redelivered).expect("its first start");
+    assert!(again.t > scaled_in_at, "it ran again after the scale-in: {starts:?}");
+    let (pending, unacked): (i64, i64) =
+        redis::pipe().cmd("LLEN").arg("longq").cmd("HLEN").arg("unacked").query_async(&mut c).await.unwrap();
+    assert_eq!((pending, unacked), (0, 0), "nothing left behind");
+    println!(
+        "the task cut short (first on {}, again on {}) ran again {:.1} s after the scale-in ({:.1} s after its pod's grace \
+         period ended), {:.1} s after its first start; visibility_timeout 30 s, kombu 5.7 restores every ~100 s",
+        first.worker,
+        again.worker,
+        again.t - scaled_in_at,
+        again.t - scaled_in_at - 3.0,
+        again.t - first.t
+    );
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Serializes the node's faults against the other tests here: a kubelet or containerd restart
+/// must not land in the middle of another test's scale-in. The fault test takes it to write,
+/// the others to read.
+static NODE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// What the fault test does to the node.
+enum Fault {
+    /// `node.sh ARGS`: restart the kubelet or containerd.
+    Node(&'static [&'static str]),
+    /// SIGKILL the container of a worker pod running one of the batch's tasks.
+    KillWorker,
+    /// Delete the operator's leader pod (as `kubectl delete pod` does: with its grace period).
+    DeleteLeader,
+}
+
+/// One reading of the pool while a fault plays out.
+#[derive(Default)]
+struct Watch {
+    desired: (i32, i32),
+    /// How long ready pods were fewer than the replicas asked for.
+    below: Duration,
+    /// When ready came back to desired after it fell below, from the fault.
+    back: Option<Duration>,
+    /// The pool's container restarts, the most seen (a killed pod may go with the scale-in).
+    restarts: i32,
+}
+
+/// The node's faults, each while a pool of real workers (acks late, one 8 s task per pod) runs a
+/// batch: the kubelet restarted, containerd restarted, a worker container SIGKILLed mid-task, the
+/// in-cluster operator's leader pod deleted. For each: the pool's replicas before, during and
+/// after, and every task of the batch run (a task cut short runs again: kombu restores it after
+/// the visibility timeout, 20 s here). The operator runs from the chart, as in a cluster. With
+/// TQ_UPDATE_DOCS=1 the table goes to docs/reliability.md.
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
+    let test = "node_side_faults_keep_the_pools_replicas_and_lose_no_task";
+    let _node = NODE.write().await;
+    let Some((lab, client, work, redis)) = setup(test, "nodefault").await else { return };
+    if std::env::var_os("TQ_HOST_PID").is_none() {
+        skipped(test, "TQ_HOST_PID unset (the host's namespaces, to restart the kubelet): run it with `make test`");
+        return;
+    }
+    let ops = namespace(&client, "nodefault-ops").await;
+    let (_, mut leader) = install_operator(&client, &lab, &ops, &work).await;
+    let mut tq = real_pool(
+        "steady",
+        "steadyq",
+        json!({"minReplicas": 1, "maxReplicas": 3, "tasksPerReplica": 2, "pollInterval": "1s",
+               "scaleDown": {"stabilizationWindow": "10s"}}),
+    );
+    tq["spec"]["worker"]["concurrency"] = json!(1);
+    tq["spec"]["worker"]["env"] = json!([
+        {"name": "TASK_RECORD_KEY", "value": "done"}, {"name": "TASK_SCALE", "value": "8"},
+        {"name": "CELERY_ACKS_LATE", "value": "1"}, {"name": "CELERY_VISIBILITY_TIMEOUT", "value": "20"}
+    ]);
+    create_taskqueue(&client, &work, tq).await;
+    wait_ready(&client, &work, "steady", 1).await;
+
+    let faults: [(&str, Fault); 4] = [
+        ("kubelet restarted (TERM, started again)", Fault::Node(&["restart", "kubelet"])),
+        ("containerd restarted (TERM, started again)", Fault::Node(&["restart", "containerd"])),
+        ("a worker container SIGKILLed mid-task", Fault::KillWorker),
+        ("the operator's leader pod deleted", Fault::DeleteLeader),
+    ];
+    let mut rows = Vec::new();
+    for (i, (what, fault)) in faults.iter().enumerate() {
+        let prefix = format!("f{i}-");
+        // 6 tasks: 3 pods, each running one when the fault comes.
+        celery(&redis.url(), &["ids", "steadyq", "6", &prefix]);
+        wait_ready(&client, &work, "steady", 3).await;
+        wait_for("3 of the batch running", T, || async {
+            (starts(&redis.url(), &prefix).await.len() >= 3).then_some(())
+        })
+        .await;
+        let before = pool_replicas(&client, &work).await;
+        let t0 = std::time::Instant::now();
+        match fault {
+            Fault::Node(args) => {
+                Lab::node_sh(args).expect("TQ_HOST_PID");
+            }
+            Fault::KillWorker => {
+                let running = starts(&redis.url(), &prefix).await;
+                let pod = running[0].worker.split_once('@').unwrap().1.to_string();
+                let id = container_id(&client, &work, &pod).await;
+                Lab::node_sh(&["kill-container", &id]).expect("TQ_HOST_PID");
+            }
+            Fault::DeleteLeader => {
+                run("kubectl", &["delete", "pod", "-n", &ops, &leader, "--wait=false"]);
+            }
+        }
+        // Watch the pool until every task of the batch ran.
+        let mut w = Watch { desired: (before.0, before.0), ..Default::default() };
+        let tick = Duration::from_millis(200);
+        while hlen_prefix(&redis.url(), &prefix).await < 6 {
+            assert!(t0.elapsed() < Duration::from_secs(300), "{what}: not every task ran within 300 s");
+            let (desired, ready) = pool_replicas(&client, &work).await;
+            w.desired = (w.desired.0.min(desired), w.desired.1.max(desired));
+            w.restarts = w.restarts.max(container_restarts(&client, &work).await);
+            if ready < desired {
+                w.below += tick;
+            } else if !w.below.is_zero() && w.back.is_none() {
+                w.back = Some(t0.elapsed());
+            }
+            tokio::time::sleep(tick).await;
+        }
+        let ran_in = t0.elapsed();
+        let again = starts(&redis.url(), &prefix).await.iter().filter(|s| s.redelivered).count();
+        let after = pool_replicas(&client, &work).await;
+        if let Fault::DeleteLeader = fault {
+            leader = wait_for("another operator pod to hold the Lease", T, || async {
+                lease_holder(&client, &ops).await.filter(|h| *h != leader)
+            })
+            .await;
+        }
+        let back = w.back.map_or("—".to_string(), |b| format!("{:.1} s after the fault", b.as_secs_f64()));
+        rows.push(format!(
+            "| {what} | {}/{} | {}..{} | {:.1} s | {back} | {}/{} | 6 sent, 6 ran in {:.0} s, {again} run twice (redelivered), **0 lost** | {} |",
+            before.0, before.1, w.desired.0, w.desired.1, w.below.as_secs_f64(), after.0, after.1, ran_in.as_secs_f64(), w.restarts
+        ));
+        println!("{}", rows.last().unwrap());
+        // The pool at its minimum again before the next fault.
+        wait_ready(&client, &work, "steady", 1).await;
+    }
+    let table = format!(
+        "| fault (operator in the cluster from the chart, 2 replicas) | pool desired/ready at the fault | desired while it played out | ready below desired for | ready back to desired | desired/ready once the batch ran | tasks | container restarts in the pool |\n|---|---|---|---|---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    print!("{table}");
+    docs::measured("docs/reliability.md", "node-faults", &table);
+    run("helm", &["uninstall", "tqo", "--namespace", &ops]);
+    delete_namespace(&client, &work).await;
+}
+
+async fn starts(url: &str, prefix: &str) -> Vec<Start> {
+    let mut c = redis_conn(url).await;
+    let all: Vec<String> = redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    all.iter().map(|s| serde_json::from_str::<Start>(s).unwrap()).filter(|s| s.id.starts_with(prefix)).collect()
+}
+
+async fn hlen_prefix(url: &str, prefix: &str) -> usize {
+    let mut c = redis_conn(url).await;
+    let ids: Vec<String> = redis::cmd("HKEYS").arg("done").query_async(&mut c).await.unwrap();
+    ids.iter().filter(|i| i.starts_with(prefix)).count()
+}
+
+/// The `steady` pool's Deployment: (spec.replicas, status.readyReplicas).
+async fn pool_replicas(client: &kube::Client, ns: &str) -> (i32, i32) {
+    let d = deployment(client, ns, "steady").await.expect("the pool's Deployment");
+    (replicas(&d), d.status.and_then(|s| s.ready_replicas).unwrap_or(0))
+}
+
+/// Waits until the pool asks for `n` replicas and runs `n` ready pods.
+async fn wait_ready(client: &kube::Client, ns: &str, name: &str, n: i32) {
+    wait_for(&format!("{name}: {n} replicas, all ready"), T, || async {
+        let d = deployment(client, ns, name).await?;
+        let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+        (replicas(&d) == n && ready == n).then_some(())
+    })
+    .await;
+}
+
+async fn container_id(client: &kube::Client, ns: &str, pod: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let p = pods.get(pod).await.unwrap();
+    let statuses = p.status.and_then(|s| s.container_statuses).unwrap_or_default();
+    statuses.into_iter().find(|c| c.name == "worker").and_then(|c| c.container_id).expect("the worker's container id")
+}
+
+async fn container_restarts(client: &kube::Client, ns: &str) -> i32 {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels("app.kubernetes.io/instance=steady");
+    let items = pods.list(&lp).await.unwrap().items;
+    items
+        .iter()
+        .flat_map(|p| p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()))
+        .map(|c| c.restart_count)
+        .sum()
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# node.sh up|down|status - one node for the lab: kube-scheduler, containerd (+ runc, the CNI
+# node.sh up|down|status|restart|kill-container - one node for the lab: kube-scheduler, containerd (+ runc, the CNI
 # bridge) and a kubelet v1.20.2 named 127.0.0.1, inside the lab's network namespace (lab.sh).
 #
 # Traps met on these machines (docs: deploy/local/README.md, "The node"):
@@ -149,9 +149,18 @@ cmd_down() {
 
 crictl_ps() { timeout 10 ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null || true; }
 
+# The node's faults (tests/pods.rs): `restart kubelet|containerd` stops one (TERM) and starts it
+# again; `kill-container ID` SIGKILLs a container's processes (ID from a pod's containerID).
+# Run them in the host's mount namespace (from inside the lab: nsenter -t HOST_PID -m -n).
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) node_ready && echo "node 127.0.0.1 Ready" ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  restart)
+    case "${2:-}" in kubelet|containerd) ;; *) die "usage: $0 restart kubelet|containerd" ;; esac
+    stop_pid "$2"; cmd_up ;;
+  kill-container)
+    [ -n "${2:-}" ] || die "usage: $0 kill-container ID"
+    timeout 10 ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "${2#containerd://}" ;;
+  *) echo "usage: $0 up|down|status|restart kubelet|containerd|kill-container ID" >&2; exit 2 ;;
 esac

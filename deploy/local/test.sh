@@ -10,6 +10,9 @@ env_file=$(bash deploy/local/up.sh | tail -1 | sed 's/^source //')
 # shellcheck disable=SC1090
 . "$env_file"
 export TQ_REDIS_SERVER=${TQ_REDIS_SERVER:-$(command -v redis-server)}
+# The node's fault test restarts the kubelet and containerd, which must run in the host's mount
+# namespace, not the lab's (`ip netns exec` gives the tests a private one): this shell's.
+export TQ_HOST_PID=$$
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings

@@ -33,6 +33,7 @@ pub const SECTIONS: &[(&str, &str, Kind, &str)] = &[
     ("docs/reliability.md", "hostile-inputs", Kind::Checked, "tests/hostile.rs"),
     ("docs/reliability.md", "faults", Kind::Measured, "tests/faults.rs"),
     ("docs/reliability.md", "election", Kind::Measured, "tests/election.rs"),
+    ("docs/reliability.md", "node-faults", Kind::Measured, "tests/pods.rs"),
     ("docs/broker-reads.md", "big-messages", Kind::Measured, "tests/broker_bounds.rs"),
     ("docs/broker-reads.md", "hostile-replies", Kind::Checked, "tests/broker_bounds.rs"),
     ("docs/broker-reads.md", "operator-rss", Kind::Measured, "tests/broker_bounds.rs"),

@@ -224,6 +224,17 @@ impl Lab {
         format!("{}.1", self.net)
     }
 
+    /// `deploy/local/node.sh ARGS` in the host's mount and network namespaces (the kubelet and
+    /// containerd must start there), through the process `make test` names in TQ_HOST_PID.
+    /// `None` without it (a test run by hand inside the lab).
+    pub fn node_sh(args: &[&str]) -> Option<String> {
+        let host = std::env::var("TQ_HOST_PID").ok().filter(|p| !p.is_empty())?;
+        let script = repo().join("deploy/local/node.sh");
+        let mut all = vec!["-t", host.as_str(), "-m", "-n", "--", "bash", script.to_str().unwrap()];
+        all.extend(args);
+        Some(run("nsenter", &all))
+    }
+
     /// The toleration a pod needs to run on the lab's node.
     pub fn toleration() -> serde_json::Value {
         json!({"key": REAL_PODS_TAINT, "operator": "Exists", "effect": "NoSchedule"})

@@ -1,8 +1,9 @@
 """The Celery app of the seed setup (`celery -A app.worker`), used by the demo and the tests.
 
 Broker URL from CELERY_BROKER_URL (the operator sets it in every worker pod from the TaskQueue's
-Secret); CELERY_BROKER_MASTER_NAME sets the Sentinel master for `sentinel://` URLs. Routes: the seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set
-(the format the operator's routing ConfigMap holds).
+Secret); CELERY_BROKER_MASTER_NAME sets the Sentinel master for `sentinel://` URLs. Routes: the
+seed's task_routes, or a routing table JSON file when TASK_ROUTES_FILE is set (the format the
+operator's routing ConfigMap holds).
 """
 import glob
 import json
@@ -20,8 +21,14 @@ SEED_ROUTES = {
     "app.worker.tasks.emails.*": {"queue": "notifications"},
 }
 
+transport = {}
 if os.environ.get("CELERY_BROKER_MASTER_NAME"):
-    app.conf.broker_transport_options = {"master_name": os.environ["CELERY_BROKER_MASTER_NAME"]}
+    transport["master_name"] = os.environ["CELERY_BROKER_MASTER_NAME"]
+# CELERY_VISIBILITY_TIMEOUT=N: kombu restores a message left unacked (its worker died) N s after
+# its delivery (3600 by default).
+if os.environ.get("CELERY_VISIBILITY_TIMEOUT"):
+    transport["visibility_timeout"] = int(os.environ["CELERY_VISIBILITY_TIMEOUT"])
+app.conf.broker_transport_options = transport
 
 routes_file = os.environ.get("TASK_ROUTES_FILE")
 app.conf.update(

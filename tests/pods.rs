@@ -540,7 +540,11 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
             tokio::time::sleep(tick).await;
         }
         let ran_in = t0.elapsed();
-        let again = starts(&redis.url(), &prefix).await.iter().filter(|s| s.redelivered).count();
+        let batch = starts(&redis.url(), &prefix).await;
+        let again = batch.iter().filter(|s| s.redelivered).count();
+        if again > 0 {
+            println!("{what}: the batch's starts {batch:?}");
+        }
         let after = pool_replicas(&client, &work).await;
         if let Fault::DeleteLeader = fault {
             leader = wait_for("another operator pod to hold the Lease", T, || async {

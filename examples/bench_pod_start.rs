@@ -59,7 +59,8 @@ async fn main() {
     let ns = namespace(&client, "podstart").await;
     let redis = Redis::start_for_pods(&lab).await;
     let mut c = redis_conn(&redis.url()).await;
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("El").query_async(&mut c).await.unwrap();
+    let _: () =
+        redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("El").query_async(&mut c).await.unwrap();
     broker_secret(&client, &ns, &redis.url_for_pods()).await;
     let operator = Operator::start(&client, &ns);
 

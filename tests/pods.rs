@@ -540,9 +540,14 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
             tokio::time::sleep(tick).await;
         }
         let ran_in = t0.elapsed();
+        // Started twice: a task cut short. Redelivered at its first start: a message kombu restored
+        // before any worker ran it (delivered to a worker that let it go).
         let batch = starts(&redis.url(), &prefix).await;
-        let again = batch.iter().filter(|s| s.redelivered).count();
-        if again > 0 {
+        let mut seen = std::collections::HashSet::new();
+        let again = batch.iter().filter(|s| !seen.insert(s.id.as_str())).count();
+        let mut seen = std::collections::HashSet::new();
+        let restored_first = batch.iter().filter(|s| seen.insert(s.id.as_str()) && s.redelivered).count();
+        if again + restored_first > 0 {
             println!("{what}: the batch's starts {batch:?}");
         }
         let after = pool_replicas(&client, &work).await;
@@ -554,7 +559,7 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
         }
         let back = w.back.map_or("—".to_string(), |b| format!("{:.1} s after the fault", b.as_secs_f64()));
         rows.push(format!(
-            "| {what} | {}/{} | {}..{} | {:.1} s | {back} | {}/{} | 6 sent, 6 ran in {:.0} s, {again} run twice (redelivered), **0 lost** | {} |",
+            "| {what} | {}/{} | {}..{} | {:.1} s | {back} | {}/{} | 6 sent, 6 ran in {:.0} s, {again} started twice, {restored_first} redelivered before their first start, **0 lost** | {} |",
             before.0, before.1, w.desired.0, w.desired.1, w.below.as_secs_f64(), after.0, after.1, ran_in.as_secs_f64(), w.restarts
         ));
         println!("{}", rows.last().unwrap());

@@ -94,7 +94,10 @@ async fn main() {
         );
         all.push(round);
     }
-    let mode = run("kubectl", &["-n", &ns, "get", "tq", "podstart", "-o", "jsonpath={.status.mode}"]);
+    // taskqueue_broker_push{broker=...} is 1 while the broker's notifications drive the reads.
+    let metrics = operator.metrics_text();
+    let push = metrics.lines().any(|l| l.starts_with("taskqueue_broker_push{") && l.ends_with(" 1"));
+    let mode = if push { "push (keyspace notifications)" } else { "poll (every 1 s)" };
     println!("\n{rounds} rounds, {burst} tasks each ({} pods asked for), broker read mode: {mode}", burst.div_ceil(4));
     println!("| step | p50 | p95 | max |\n|---|---|---|---|");
     let row = |name: &str, unit: &str, scale: f64, f: &dyn Fn(&Round) -> f64| {
@@ -117,15 +120,16 @@ async fn one_round(client: &kube::Client, ns: &str, redis: &Redis, r: usize, bur
     // The first message, by the keyspace notification of its LPUSH (what push mode reacts to).
     let rc = redis::Client::open(redis.url()).unwrap();
     let mut pubsub = rc.get_async_pubsub().await.unwrap();
-    pubsub.subscribe(format!("__keyspace@0__:{QUEUE}")).await.unwrap();
+    // `El`: key-event notifications of list commands; kombu LPUSHes a message, the payload is the key.
+    pubsub.subscribe("__keyevent@0__:lpush").await.unwrap();
     let first = tokio::spawn(async move {
         let mut events = pubsub.on_message();
         while let Some(m) = events.next().await {
-            if m.get_payload::<String>().is_ok_and(|p| p == "lpush" || p == "rpush") {
-                return now();
+            if m.get_payload::<String>().is_ok_and(|key| key == QUEUE) {
+                return Ok(now());
             }
         }
-        panic!("no notification");
+        Err("the notifications ended")
     });
     // The Deployment's replicas and the pods, by watches.
     let written = watch_until(Api::<Deployment>::namespaced(client.clone(), ns), replicas_up).await;
@@ -134,9 +138,9 @@ async fn one_round(client: &kube::Client, ns: &str, redis: &Redis, r: usize, bur
     let url = redis.url();
     let n = burst.to_string();
     tokio::task::spawn_blocking(move || celery(&url, &["ids", QUEUE, &n, &prefix])).await.unwrap();
-    let first_message = first.await.unwrap();
-    let replicas_written = written.await.unwrap();
-    let pod_ready = ready.await.unwrap();
+    let first_message = within("the burst's keyspace notification", first).await.expect("a notification");
+    let replicas_written = within("the Deployment's replicas written", written).await;
+    let pod_ready = within("a new pod Ready", ready).await;
     let prefix = format!("r{r}-");
     let first_task = wait_for("the first task of the round to start", Duration::from_secs(180), || async {
         let mut c = redis_conn(&redis.url()).await;
@@ -182,8 +186,16 @@ where
         }
         panic!("the watch ended");
     });
-    is_listed.await.expect("the watch lists first");
+    within("the watch's first list", is_listed).await;
     task
+}
+
+/// `f`'s result, or a panic naming `what` after 3 minutes (a round never hangs).
+async fn within<T, E: std::fmt::Debug>(what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> T {
+    match tokio::time::timeout(Duration::from_secs(180), f).await {
+        Ok(v) => v.unwrap_or_else(|e| panic!("{what}: {e:?}")),
+        Err(_) => panic!("timed out after 180 s waiting for {what}"),
+    }
 }
 
 fn replicas_up(d: &Deployment) -> bool {

@@ -283,6 +283,11 @@ impl Operator {
         Self::start_with(client, ns, |_| {})
     }
 
+    /// Its `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
     /// As `start`, with the test defaults (1 s broker deadline, 1 s Secret cache) changed by `f`.
     pub fn start_with(client: &Client, ns: &str, f: impl FnOnce(&mut Settings)) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -53,7 +53,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args.get(1).map_or(10, |a| a.parse().expect("ROUNDS"));
     let burst: usize = args.get(2).map_or(8, |a| a.parse().expect("BURST"));
-    let lab = Lab::from_env().expect("the lab (TQ_LAB_NET): source the env file up.sh prints, run with `lab`");
+    let lab = Lab::from_env().unwrap_or_else(|why| panic!("{why} (source the env file up.sh prints, run with `lab`)"));
     let client = client().await;
     ensure_crd(&client).await;
     let ns = namespace(&client, "podstart").await;

@@ -29,9 +29,12 @@ fn real_pool(name: &str, queue: &str, scaling: serde_json::Value) -> serde_json:
 /// What each test here starts from: the lab's node (or a skip, counted by `make test`), a
 /// namespace, and a Redis the pods reach, named in the namespace's broker Secret.
 async fn setup(test: &str, prefix: &str) -> Option<(Lab, kube::Client, String, Redis)> {
-    let Some(lab) = Lab::from_env() else {
-        skipped(test, "no lab node (TQ_LAB_NET unset): run it with `make test`");
-        return None;
+    let lab = match Lab::from_env() {
+        Ok(lab) => lab,
+        Err(why) => {
+            skipped(test, &why);
+            return None;
+        }
     };
     let client = client().await;
     ensure_crd(&client).await;
@@ -446,6 +449,8 @@ enum Fault {
     KillWorker,
     /// Delete the operator's leader pod (as `kubectl delete pod` does: with its grace period).
     DeleteLeader,
+    /// SIGKILL the operator leader's container: the kubelet restarts it in the same pod.
+    KillLeader,
 }
 
 /// One reading of the pool while a fault plays out.
@@ -462,7 +467,7 @@ struct Watch {
 
 /// The node's faults, each while a pool of real workers (acks late, one 8 s task per pod) runs a
 /// batch: the kubelet restarted, containerd restarted, a worker container SIGKILLed mid-task, the
-/// in-cluster operator's leader pod deleted. For each: the pool's replicas before, during and
+/// in-cluster operator's leader pod deleted, its leader container SIGKILLed. For each: the pool's replicas before, during and
 /// after, and every task of the batch run (a task cut short runs again: kombu restores it after
 /// the visibility timeout, 20 s here). The operator runs from the chart, as in a cluster. With
 /// TQ_UPDATE_DOCS=1 the table goes to docs/reliability.md.
@@ -492,11 +497,12 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
     create_taskqueue(&client, &work, tq).await;
     wait_ready(&client, &work, "steady", 1).await;
 
-    let faults: [(&str, Fault); 4] = [
+    let faults: [(&str, Fault); 5] = [
         ("kubelet restarted (TERM, started again)", Fault::Node(&["restart", "kubelet"])),
         ("containerd restarted (TERM, started again)", Fault::Node(&["restart", "containerd"])),
         ("a worker container SIGKILLed mid-task", Fault::KillWorker),
         ("the operator's leader pod deleted", Fault::DeleteLeader),
+        ("the operator's leader container SIGKILLed (the kubelet restarts it)", Fault::KillLeader),
     ];
     let mut rows = Vec::new();
     for (i, (what, fault)) in faults.iter().enumerate() {
@@ -517,11 +523,15 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
             Fault::KillWorker => {
                 let running = starts(&redis.url(), &prefix).await;
                 let pod = running[0].worker.split_once('@').unwrap().1.to_string();
-                let id = container_id(&client, &work, &pod).await;
+                let id = container_id(&client, &work, &pod, "worker").await;
                 Lab::node_sh(&["kill-container", &id]).expect("TQ_HOST_PID");
             }
             Fault::DeleteLeader => {
                 run("kubectl", &["delete", "pod", "-n", &ops, &leader, "--wait=false"]);
+            }
+            Fault::KillLeader => {
+                let id = container_id(&client, &ops, &leader, "operator").await;
+                Lab::node_sh(&["kill-container", &id]).expect("TQ_HOST_PID");
             }
         }
         // Watch the pool until every task of the batch ran.
@@ -551,11 +561,32 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
             println!("{what}: the batch's starts {batch:?}");
         }
         let after = pool_replicas(&client, &work).await;
-        if let Fault::DeleteLeader = fault {
-            leader = wait_for("another operator pod to hold the Lease", T, || async {
-                lease_holder(&client, &ops).await.filter(|h| *h != leader)
-            })
-            .await;
+        match fault {
+            Fault::DeleteLeader => {
+                leader = wait_for("another operator pod to hold the Lease", T, || async {
+                    lease_holder(&client, &ops).await.filter(|h| *h != leader)
+                })
+                .await;
+            }
+            Fault::KillLeader => {
+                // The kubelet restarts the killed container in its pod, which is Ready again; the
+                // Lease names a live pod (the standby, or the restarted one under its old name).
+                let pods: Api<Pod> = Api::namespaced(client.clone(), &ops);
+                wait_for("the killed operator container restarted and Ready", T, || async {
+                    let p = pods.get(&leader).await.ok()?;
+                    let restarts = p.status.as_ref()?.container_statuses.as_ref()?.first()?.restart_count;
+                    (restarts >= 1 && is_ready(&p)).then_some(())
+                })
+                .await;
+                let live: Vec<String> =
+                    operator_pods(&client, &ops).await.iter().filter_map(|p| p.metadata.name.clone()).collect();
+                leader = wait_for("a live operator pod to hold the Lease", T, || async {
+                    lease_holder(&client, &ops).await.filter(|h| live.contains(h))
+                })
+                .await;
+                println!("{what}: the Lease is now held by {leader}");
+            }
+            _ => {}
         }
         let back = w.back.map_or("—".to_string(), |b| format!("{:.1} s after the fault", b.as_secs_f64()));
         rows.push(format!(
@@ -604,11 +635,11 @@ async fn wait_ready(client: &kube::Client, ns: &str, name: &str, n: i32) {
     .await;
 }
 
-async fn container_id(client: &kube::Client, ns: &str, pod: &str) -> String {
+async fn container_id(client: &kube::Client, ns: &str, pod: &str, container: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let p = pods.get(pod).await.unwrap();
     let statuses = p.status.and_then(|s| s.container_statuses).unwrap_or_default();
-    statuses.into_iter().find(|c| c.name == "worker").and_then(|c| c.container_id).expect("the worker's container id")
+    statuses.into_iter().find(|c| c.name == container).and_then(|c| c.container_id).expect("the container's id")
 }
 
 async fn container_restarts(client: &kube::Client, ns: &str) -> i32 {

@@ -32,6 +32,7 @@ if [ -z "${TQ_IN_LAB:-}" ]; then
   env_file=$(bash deploy/local/up.sh | tail -1 | sed 's/^source //')
   # shellcheck disable=SC1090
   . "$env_file"
+  if [ -n "${TQ_NODE_UNAVAILABLE:-}" ]; then echo "make demo needs the lab's node: $TQ_NODE_UNAVAILABLE" >&2; exit 1; fi
   echo "== building the operator"
   cargo build --quiet
   exec env TQ_IN_LAB=1 TQ_ENV_FILE="$env_file" ip netns exec "$TQ_LAB" bash "$0" "${ARGS[@]}"

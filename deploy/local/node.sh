@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# node.sh up|down|status|restart|kill-container - one node for the lab: kube-scheduler, containerd (+ runc, the CNI
+# node.sh up|down|status|probe|restart|kill-container - one node for the lab: kube-scheduler, containerd (+ runc, the CNI
 # bridge) and a kubelet v1.20.2 named 127.0.0.1, inside the lab's network namespace (lab.sh).
 #
 # Traps met on these machines (docs: deploy/local/README.md, "The node"):
@@ -149,6 +149,33 @@ cmd_down() {
 
 crictl_ps() { timeout 10 ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null || true; }
 
+# probe: can containers start here? A pod of the pause image (already loaded) must be Running
+# within 180 s; otherwise the reason (the container's or the sandbox's last word) and exit 1.
+cmd_probe() {
+  local pod=tq-node-probe phase="" end=$((SECONDS + 180))
+  kc delete pod "$pod" --ignore-not-found --grace-period=0 --force >/dev/null 2>&1 || true
+  # A new cluster's `default` ServiceAccount comes a moment after the API server.
+  until kc get serviceaccount default >/dev/null 2>&1; do
+    [ $SECONDS -lt "$end" ] || { echo "no ServiceAccount default/default after 180 s"; return 1; }
+    sleep 1
+  done
+  kc run "$pod" --image "$PAUSE" --restart Never --image-pull-policy Never \
+    --overrides '{"spec":{"tolerations":[{"operator":"Exists"}],"terminationGracePeriodSeconds":0}}' >/dev/null 2>&1 \
+    || { echo "could not create the probe pod $pod"; return 1; }
+  while [ $SECONDS -lt $end ]; do
+    phase=$(kc get pod "$pod" -o 'jsonpath={.status.phase}' 2>/dev/null || true)
+    [ "$phase" = Running ] && break
+    sleep 1
+  done
+  if [ "$phase" != Running ]; then
+    echo "containers do not start on this machine: pod $pod is ${phase:-unknown} after 180 s:" \
+      "$(kc get pod "$pod" -o 'jsonpath={.status.containerStatuses[0].state.waiting.message}' 2>/dev/null)" \
+      "$(kc get events --field-selector involvedObject.name=$pod -o 'jsonpath={.items[-1:].message}' 2>/dev/null)"
+  fi
+  kc delete pod "$pod" --grace-period=0 --force >/dev/null 2>&1 || true
+  [ "$phase" = Running ] && log "a pod started on the node"
+}
+
 # The node's faults (tests/pods.rs): `restart kubelet|containerd` stops one (TERM) and starts it
 # again; `kill-container ID` SIGKILLs a container's processes (ID from a pod's containerID).
 # Run them in the host's mount namespace (from inside the lab: nsenter -t HOST_PID -m -n).
@@ -156,11 +183,12 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) node_ready && echo "node 127.0.0.1 Ready" ;;
+  probe) cmd_probe ;;
   restart)
     case "${2:-}" in kubelet|containerd) ;; *) die "usage: $0 restart kubelet|containerd" ;; esac
     stop_pid "$2"; cmd_up ;;
   kill-container)
     [ -n "${2:-}" ] || die "usage: $0 kill-container ID"
     timeout 10 ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "${2#containerd://}" ;;
-  *) echo "usage: $0 up|down|status|restart kubelet|containerd|kill-container ID" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|probe|restart kubelet|containerd|kill-container ID" >&2; exit 2 ;;
 esac

@@ -17,7 +17,15 @@ if [ ! -s "$STATE/lab" ]; then "$HERE/node.sh" down; "$HERE/redis.sh" down; "$HE
 "$HERE/k8s.sh" up
 "$HERE/redis.sh" up
 TQ_OPERATOR_BIN=$("$HERE/operator-bin.sh") TQ_PYTHON="$VENV/bin/python" "$HERE/images.sh" build
-"$HERE/node.sh" up
+# A machine where containers cannot start still runs every test that needs no node: the ones that
+# do are counted as skipped, with this reason (TQ_NODE_UNAVAILABLE).
+NODE_UNAVAILABLE=""
+if ! "$HERE/node.sh" up; then
+  NODE_UNAVAILABLE="the lab's node did not come up (log: $LOGS/kubelet.log, $LOGS/containerd.log)"
+elif ! probe=$("$HERE/node.sh" probe); then
+  NODE_UNAVAILABLE=$probe
+fi
+[ -z "$NODE_UNAVAILABLE" ] || log "WARNING: $NODE_UNAVAILABLE; tests that need it will be skipped"
 LAB=$("$HERE/lab.sh" name)
 { "$HERE/k8s.sh" env
   "$HERE/redis.sh" env
@@ -27,6 +35,7 @@ LAB=$("$HERE/lab.sh" name)
   # What a pool needs to run on the lab's node: the worker image and the node's taint.
   "$HERE/images.sh" names | sed -n 's/^WORKER=/export TQ_WORKER_IMAGE=/p'
   printf 'export TQ_NODE_TAINT=%q\n' "$NODE_TAINT"
+  if [ -n "$NODE_UNAVAILABLE" ]; then printf 'export TQ_NODE_UNAVAILABLE=%q\n' "$NODE_UNAVAILABLE"; fi
   # Everything of the lab answers only inside its network namespace: these run commands there.
   printf 'lab() { ip netns exec %q "$@"; }\nkubectl() { ip netns exec %q kubectl "$@"; }\n' "$LAB" "$LAB"
 } > "$STATE/env.sh"

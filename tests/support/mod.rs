@@ -215,8 +215,14 @@ pub const OPERATOR_IMAGE: &str = "tq.local/taskqueue-operator:dev";
 pub const REAL_PODS_TAINT: &str = "tq.lab/real-pods";
 
 impl Lab {
-    pub fn from_env() -> Option<Lab> {
-        std::env::var("TQ_LAB_NET").ok().filter(|n| !n.is_empty()).map(|net| Lab { net })
+    /// The lab's node, or why there is none: run without the lab, or `up` found that containers
+    /// cannot start on this machine (TQ_NODE_UNAVAILABLE).
+    pub fn from_env() -> Result<Lab, String> {
+        if let Some(why) = std::env::var("TQ_NODE_UNAVAILABLE").ok().filter(|w| !w.is_empty()) {
+            return Err(why);
+        }
+        let net = std::env::var("TQ_LAB_NET").ok().filter(|n| !n.is_empty());
+        net.map(|net| Lab { net }).ok_or_else(|| "no lab node (TQ_LAB_NET unset): run it with `make test`".into())
     }
 
     /// The lab's bridge address: where pods reach the API server and Redis.

@@ -16,7 +16,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -28,10 +28,6 @@ use serde_json::json;
 use support::*;
 
 const QUEUE: &str = "podstartq";
-
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 /// One round's instants (seconds since the epoch).
 struct Round {
@@ -126,7 +122,7 @@ async fn one_round(client: &kube::Client, ns: &str, redis: &Redis, r: usize, bur
         let mut events = pubsub.on_message();
         while let Some(m) = events.next().await {
             if m.get_payload::<String>().is_ok_and(|key| key == QUEUE) {
-                return Ok(now());
+                return Ok(unix_now());
             }
         }
         Err("the notifications ended")
@@ -143,15 +139,7 @@ async fn one_round(client: &kube::Client, ns: &str, redis: &Redis, r: usize, bur
     let pod_ready = within("a new pod Ready", ready).await;
     let prefix = format!("r{r}-");
     let first_task = wait_for("the first task of the round to start", Duration::from_secs(180), || async {
-        let mut c = redis_conn(&redis.url()).await;
-        let starts: Vec<String> =
-            redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
-        starts
-            .iter()
-            .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-            .filter(|s| s["id"].as_str().is_some_and(|i| i.starts_with(&prefix)))
-            .filter_map(|s| s["t"].as_f64())
-            .min_by(f64::total_cmp)
+        starts(&redis.url(), &prefix).await.iter().map(|s| s.t).min_by(f64::total_cmp)
     })
     .await;
     // Back to 0, every pod gone.
@@ -180,7 +168,7 @@ where
                 Ok(watcher::Event::InitDone) => {
                     listed.take().map(|l| l.send(()));
                 }
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) if done(&o) => return now(),
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) if done(&o) => return unix_now(),
                 _ => {}
             }
         }
@@ -200,11 +188,4 @@ async fn within<T, E: std::fmt::Debug>(what: &str, f: impl std::future::Future<O
 
 fn replicas_up(d: &Deployment) -> bool {
     replicas(d) > 0
-}
-
-fn pod_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }

@@ -47,20 +47,7 @@ async fn setup(test: &str, prefix: &str) -> Option<(Lab, kube::Client, String, R
 async fn ready_pods(client: &kube::Client, ns: &str, name: &str) -> Vec<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"));
-    pods.list(&lp)
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| p.metadata.name)
-        .collect()
+    pods.list(&lp).await.unwrap().items.into_iter().filter(pod_ready).filter_map(|p| p.metadata.name).collect()
 }
 
 async fn hlen(url: &str, key: &str) -> i64 {
@@ -144,14 +131,6 @@ async fn operator_pods(client: &kube::Client, ns: &str) -> Vec<Pod> {
     pods.list(&ListParams::default().labels("app.kubernetes.io/name=taskqueue-operator")).await.unwrap().items
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_none()
-        && p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// The chart as a user installs it into `ops`, watching `work`, with the lab's image and the two
 /// lab-specific values: the toleration of the lab's node, and the API server's real address (no
 /// kube-proxy here). Returns once its two pods are Ready and the Lease names one of them: the
@@ -180,7 +159,7 @@ async fn install_operator(client: &kube::Client, lab: &Lab, ops: &str, work: &st
 
     // Two pods Ready (their /readyz passes), one leader named in the Lease.
     let pods = wait_for("2 operator pods Ready", T, || async {
-        let ready: Vec<Pod> = operator_pods(client, ops).await.into_iter().filter(is_ready).collect();
+        let ready: Vec<Pod> = operator_pods(client, ops).await.into_iter().filter(pod_ready).collect();
         (ready.len() == 2).then_some(ready)
     })
     .await;
@@ -251,7 +230,7 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
         let ready: Vec<String> = operator_pods(&client, &ops)
             .await
             .iter()
-            .filter(|p| is_ready(p))
+            .filter(|p| pod_ready(p))
             .filter_map(|p| p.metadata.name.clone())
             .collect();
         (ready.len() == 2 && !ready.contains(&leader)).then_some(())
@@ -279,6 +258,28 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
     delete_namespace(&client, &ops).await;
 }
 
+/// A pool of up to 2 pods that each run one task of `seconds` (concurrency 1, prefetch 1, acks
+/// late: a worker then holds one task, not one running and one reserved), with in-flight work not
+/// counted: once both pods hold their task the pool's demand is 0 and it scales in after a 6 s
+/// window, long enough for each worker's heartbeat (every 2 s) to report its running task.
+fn one_task_per_pod(name: &str, queue: &str, seconds: u32, env: &[(&str, &str)]) -> serde_json::Value {
+    let mut tq = real_pool(
+        name,
+        queue,
+        json!({"minReplicas": 0, "maxReplicas": 2, "tasksPerReplica": 1, "countInFlight": false,
+               "pollInterval": "1s", "scaleDown": {"stabilizationWindow": "6s"}}),
+    );
+    tq["spec"]["worker"]["concurrency"] = json!(1);
+    let mut vars = vec![
+        json!({"name": "TASK_RECORD_KEY", "value": "done"}),
+        json!({"name": "TASK_SCALE", "value": seconds.to_string()}),
+        json!({"name": "CELERY_ACKS_LATE", "value": "1"}),
+    ];
+    vars.extend(env.iter().map(|(k, v)| json!({"name": k, "value": v})));
+    tq["spec"]["worker"]["env"] = json!(vars);
+    tq
+}
+
 /// Scale-in with work running (the README's claim, observed): pods removed while each runs a
 /// task shorter than the grace period get SIGTERM as Celery's PID 1, finish the task (warm
 /// shutdown) and exit; nothing is lost. Before the scale-in the operator has put each pod's
@@ -294,22 +295,7 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
         return;
     };
     let operator = Operator::start(&client, &ns);
-    // One task per pod (concurrency 1, prefetch 1, acks late) of 15 s, in-flight work not counted: once both
-    // pods hold their task the pool's demand is 0 and it scales in after a 6 s window, long
-    // enough for each worker's heartbeat (every 2 s) to report its running task.
-    let mut tq = real_pool(
-        "busy",
-        "busyq",
-        json!({"minReplicas": 0, "maxReplicas": 2, "tasksPerReplica": 1, "countInFlight": false,
-               "pollInterval": "1s", "scaleDown": {"stabilizationWindow": "6s"}}),
-    );
-    tq["spec"]["worker"]["concurrency"] = json!(1);
-    // acks_late: a worker (prefetch 1) then holds one task, not one running and one reserved.
-    tq["spec"]["worker"]["env"] = json!([
-        {"name": "TASK_RECORD_KEY", "value": "done"}, {"name": "TASK_SCALE", "value": "15"},
-        {"name": "CELERY_ACKS_LATE", "value": "1"}
-    ]);
-    create_taskqueue(&client, &ns, tq).await;
+    create_taskqueue(&client, &ns, one_task_per_pod("busy", "busyq", 15, &[])).await;
     celery(&redis.url(), &["ids", "busyq", "2", "busy-"]);
     wait_replicas(&client, &ns, "busy", 2).await;
 
@@ -356,15 +342,6 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
     delete_namespace(&client, &ns).await;
 }
 
-/// One start of a recorded task, as the task appended it (`TASK_RECORD_KEY:starts`).
-#[derive(Debug, serde::Deserialize)]
-struct Start {
-    id: String,
-    worker: String,
-    t: f64,
-    redelivered: bool,
-}
-
 /// A pool scaled in while its pods run a task longer than `terminationGracePeriodSeconds`, with
 /// `acks_late`: the removed pod is killed mid-task, its message stays in kombu's `unacked` and
 /// the remaining worker restores it after the transport's `visibility_timeout` (30 s here, 1 h by
@@ -379,20 +356,9 @@ async fn a_task_longer_than_the_grace_period_is_redelivered_after_the_visibility
         return;
     };
     let operator = Operator::start(&client, &ns);
-    // As in the test above (one 20 s task per pod, in-flight work not counted, so the pool
-    // scales in while both run), with a 3 s grace period.
-    let mut tq = real_pool(
-        "long",
-        "longq",
-        json!({"minReplicas": 0, "maxReplicas": 2, "tasksPerReplica": 1, "countInFlight": false,
-               "pollInterval": "1s", "scaleDown": {"stabilizationWindow": "6s"}}),
-    );
-    tq["spec"]["worker"]["concurrency"] = json!(1);
+    // One 20 s task per pod, a 3 s grace period.
+    let mut tq = one_task_per_pod("long", "longq", 20, &[("CELERY_VISIBILITY_TIMEOUT", "30")]);
     tq["spec"]["worker"]["terminationGracePeriodSeconds"] = json!(3);
-    tq["spec"]["worker"]["env"] = json!([
-        {"name": "TASK_RECORD_KEY", "value": "done"}, {"name": "TASK_SCALE", "value": "20"},
-        {"name": "CELERY_ACKS_LATE", "value": "1"}, {"name": "CELERY_VISIBILITY_TIMEOUT", "value": "30"}
-    ]);
     create_taskqueue(&client, &ns, tq).await;
     celery(&redis.url(), &["ids", "longq", "2", "long-"]);
     wait_replicas(&client, &ns, "long", 2).await;
@@ -408,14 +374,13 @@ async fn a_task_longer_than_the_grace_period_is_redelivered_after_the_visibility
         (hlen(&redis.url(), "done").await == 2).then_some(())
     })
     .await;
-    let mut c = redis_conn(&redis.url()).await;
-    let starts: Vec<String> = redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
-    let starts: Vec<Start> = starts.iter().map(|s| serde_json::from_str(s).unwrap()).collect();
+    let starts = starts(&redis.url(), "").await;
     println!("starts: {starts:?}");
     assert_eq!(starts.len(), 3, "two starts, and one more for the task cut short: {starts:?}");
     let again = starts.iter().find(|s| s.redelivered).expect("one start is a redelivery");
     let first = starts.iter().find(|s| s.id == again.id && !s.redelivered).expect("its first start");
     assert!(again.t > scaled_in_at, "it ran again after the scale-in: {starts:?}");
+    let mut c = redis_conn(&redis.url()).await;
     let (pending, unacked): (i64, i64) =
         redis::pipe().cmd("LLEN").arg("longq").cmd("HLEN").arg("unacked").query_async(&mut c).await.unwrap();
     assert_eq!((pending, unacked), (0, 0), "nothing left behind");
@@ -430,10 +395,6 @@ async fn a_task_longer_than_the_grace_period_is_redelivered_after_the_visibility
     );
     operator.stop().await;
     delete_namespace(&client, &ns).await;
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 /// Serializes the node's faults against the other tests here: a kubelet or containerd restart
@@ -575,7 +536,7 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
                 wait_for("the killed operator container restarted and Ready", T, || async {
                     let p = pods.get(&leader).await.ok()?;
                     let restarts = p.status.as_ref()?.container_statuses.as_ref()?.first()?.restart_count;
-                    (restarts >= 1 && is_ready(&p)).then_some(())
+                    (restarts >= 1 && pod_ready(&p)).then_some(())
                 })
                 .await;
                 let live: Vec<String> =
@@ -605,12 +566,6 @@ async fn node_side_faults_keep_the_pools_replicas_and_lose_no_task() {
     docs::measured("docs/reliability.md", "node-faults", &table);
     run("helm", &["uninstall", "tqo", "--namespace", &ops]);
     delete_namespace(&client, &work).await;
-}
-
-async fn starts(url: &str, prefix: &str) -> Vec<Start> {
-    let mut c = redis_conn(url).await;
-    let all: Vec<String> = redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
-    all.iter().map(|s| serde_json::from_str::<Start>(s).unwrap()).filter(|s| s.id.starts_with(prefix)).collect()
 }
 
 async fn hlen_prefix(url: &str, prefix: &str) -> usize {

@@ -202,6 +202,38 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A pod that is Ready and not being deleted.
+pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// One start of a recorded task, as the demo app's `record` task appended it to the broker list
+/// `TASK_RECORD_KEY:starts` (the key is `done` in the tests).
+#[derive(Debug, serde::Deserialize)]
+pub struct Start {
+    pub id: String,
+    pub worker: String,
+    /// Seconds since the epoch, on the worker's clock (this machine's).
+    pub t: f64,
+    pub redelivered: bool,
+}
+
+/// Every start recorded in `done:starts` whose task id begins with `prefix`, in order.
+pub async fn starts(url: &str, prefix: &str) -> Vec<Start> {
+    let mut c = redis_conn(url).await;
+    let all: Vec<String> = redis::cmd("LRANGE").arg("done:starts").arg(0).arg(-1).query_async(&mut c).await.unwrap();
+    all.iter().map(|s| serde_json::from_str::<Start>(s).unwrap()).filter(|s| s.id.starts_with(prefix)).collect()
+}
+
+/// Seconds since the epoch: the clock the tasks' records use.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
 /// The lab's node side (deploy/local/lab.sh, node.sh): its network and the names of the images
 /// it built. `None` where the lab has no node (`make test` always has one).
 pub struct Lab {

@@ -18,11 +18,26 @@ use serde_json::json;
 
 /// Kombu's default separator between a queue name and its priority step (bytes 0x06 0x16).
 pub const DEFAULT_SEP: &str = "\u{6}\u{16}";
-/// Kombu's default priority steps.
 /// The annotation that freezes a pool's replica count (`"true"`).
 pub const PAUSED_ANNOTATION: &str = "taskqueue.dev/paused";
 
+/// Kombu's default priority steps.
 pub const DEFAULT_PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// The field manager of everything the operator writes, and its `managed-by` label value.
+pub const MANAGER: &str = "taskqueue-operator";
+pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=taskqueue-operator";
+/// The name of the Celery container in the worker pods the operator writes.
+pub const CONTAINER: &str = "worker";
+
+/// The labels the operator sets on the Deployment and its pods (name, instance, managed-by,
+/// component); the first two form the (immutable) selector.
+pub const MANAGED_LABELS: [&str; 4] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/component",
+];
 
 /// Desired state of a Celery worker pool consuming one queue (plus optional extra queues).
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -181,7 +196,8 @@ fn default_sep() -> String {
     DEFAULT_SEP.into()
 }
 
-/// The worker container: `celery -A <app> worker --queues=... --concurrency=<n> -n <nodeName>@%h`.
+/// The worker container: `[commandPrefix...] celery -A <app> worker --queues=... --concurrency=<n>
+/// -n <nodeName>@%h [extraArgs...]`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
@@ -191,6 +207,14 @@ pub struct WorkerSpec {
     /// Celery app for `celery -A` (e.g. `app.worker`).
     #[schemars(length(min = 1, max = 253))]
     pub app: String,
+    /// Words run before `celery`, for an app started through a wrapper: `[ddtrace-run]`,
+    /// `[opentelemetry-instrument]`, `[newrelic-admin, run-program]`, `[python, -m]`, `[uv, run]`
+    /// or an entrypoint script. The command stays in exec form, so the wrapper is the container's
+    /// first process: it must exec `celery` (all of the above do; a script ends with
+    /// `exec "$@"`), or SIGTERM never reaches Celery and a scale-in kills running tasks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 1024)))]
+    pub command_prefix: Vec<String>,
     /// Worker processes per pod (`--concurrency`).
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 1024))]
@@ -199,12 +223,17 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub prefetch_multiplier: Option<i32>,
-    /// Node name for `-n <nodeName>@%h`. Defaults to the TaskQueue's name.
+    /// Node name for `-n <nodeName>@%h`. Defaults to the TaskQueue's name. No `%`: the operator
+    /// finds each pod's worker by the name `<nodeName>@<pod name>` in its heartbeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^\s@]+$"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[^\s@%]+$"))]
     pub node_name: Option<String>,
-    /// Extra arguments appended to the worker command line.
+    /// Extra arguments appended to the worker command line (`-l info`, `-O fair`,
+    /// `--max-tasks-per-child=100`, ...). Options the operator sets or relies on are refused,
+    /// naming the field to use instead: `-A`, `-b`, `-Q`, `-X`, `-c`, `--autoscale`, `-n`,
+    /// `--prefetch-multiplier`, `--without-heartbeat`, `-D`, `-B`, `--purge`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 1024)))]
     pub extra_args: Vec<String>,
     /// Extra environment variables for the worker container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

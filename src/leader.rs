@@ -29,6 +29,9 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// The Lease of `run` without `--lease-name`.
+pub const DEFAULT_LEASE: &str = "taskqueue-operator";
+
 /// Where and how to hold the Lease.
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
@@ -47,9 +50,15 @@ pub struct LeaseConfig {
 impl LeaseConfig {
     /// client-go's defaults: 15 s lease, 10 s renew deadline, 2 s between attempts.
     pub fn new(namespace: &str, identity: &str) -> Self {
+        Self::named(namespace, DEFAULT_LEASE, identity)
+    }
+
+    /// As [`LeaseConfig::new`], on the Lease `name`: one per installation, so two releases in one
+    /// namespace each elect their own leader.
+    pub fn named(namespace: &str, name: &str, identity: &str) -> Self {
         Self {
             namespace: namespace.into(),
-            name: "taskqueue-operator".into(),
+            name: name.into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),

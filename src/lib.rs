@@ -1,6 +1,7 @@
 //! taskqueue-operator: Celery worker pools per queue on Kubernetes, scaled from the Redis broker.
 
 pub mod broker;
+pub mod celery_args;
 pub mod controller;
 pub mod crd;
 pub mod dashboard;

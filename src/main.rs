@@ -70,13 +70,17 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz (in a pod: `0.0.0.0:8080`).
         #[arg(long, default_value = "127.0.0.1:8080")]
         metrics_addr: std::net::SocketAddr,
-        /// Leader election on the Lease `taskqueue-operator`: only the leader reads brokers and
-        /// writes. `--leader-election=false` for a single process run by hand.
+        /// Leader election on the Lease `--lease-name`: only the leader reads brokers and writes.
+        /// `--leader-election=false` for a single process run by hand.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         leader_election: bool,
         /// Namespace of the Lease (the chart sets POD_NAMESPACE to the release namespace).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
+        /// Name of the Lease: one per installation (the chart uses the release's name), so two
+        /// installations in one namespace do not share a leader.
+        #[arg(long, default_value = taskqueue_operator::leader::DEFAULT_LEASE, value_parser = parse_lease_name)]
+        lease_name: String,
         /// Reconciles at once (each may hold an API connection; more only adds memory).
         #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -266,6 +270,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A byte count: `4194304`, `512Ki`, `4Mi` (Kubernetes' binary suffixes), at least 1 KiB.
+/// A Lease name: a DNS subdomain (lower-case letters, digits, '-' and '.', at most 253).
+fn parse_lease_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
+    ok.then(|| s.to_string()).ok_or_else(|| {
+        format!("{s:?} is not a Lease name: lower-case letters, digits, '-' and '.', at most 253, starting and ending alphanumeric")
+    })
+}
+
 fn parse_bytes(s: &str) -> Result<usize, String> {
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -341,6 +357,7 @@ async fn main() -> ExitCode {
             metrics_addr,
             leader_election,
             lease_namespace,
+            lease_name,
             concurrency,
         } => {
             init_tracing(log_json);
@@ -358,7 +375,7 @@ async fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let leader = leader_election.then(|| LeaseConfig::new(&lease_namespace, &identity()));
+            let leader = leader_election.then(|| LeaseConfig::named(&lease_namespace, &lease_name, &identity()));
             let broker_limits = Limits { max_reply: max_broker_reply, ..Limits::default() };
             let settings = Settings {
                 namespace,

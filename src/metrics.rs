@@ -49,12 +49,6 @@ pub struct WriteLabels {
     pub kind: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BrokerLabels {
-    /// The broker endpoint as shown in conditions (never with a password).
-    pub broker: String,
-}
-
 /// The kinds of object the operator writes (`taskqueue_api_writes_total{kind}`).
 pub const WRITE_KINDS: [&str; 5] = ["deployment", "status", "event", "configmap", "pod"];
 
@@ -68,9 +62,11 @@ pub struct Metrics {
     pub scheduled: Family<TaskQueueLabels, Gauge>,
     pub orphaned: Family<TaskQueueLabels, Gauge>,
     pub desired_replicas: Family<TaskQueueLabels, Gauge>,
+    pub ready_replicas: Family<TaskQueueLabels, Gauge>,
     pub broker_up: Family<TaskQueueLabels, Gauge>,
-    /// Per broker: 1 when it reacts by push (list-push notifications), 0 when it is polled.
-    pub broker_push: Family<BrokerLabels, Gauge>,
+    /// Per TaskQueue: 1 when its broker reacts by push (list-push notifications), 0 when it is
+    /// polled. Per TaskQueue, not per broker: a broker's address is no label.
+    pub broker_push: Family<TaskQueueLabels, Gauge>,
     pub paused: Family<TaskQueueLabels, Gauge>,
     /// 1 per condition that is not OK; no series while all are (the alerts' input, and cheap:
     /// a healthy TaskQueue costs no series here).
@@ -114,6 +110,7 @@ impl Metrics {
             scheduled: Family::default(),
             orphaned: Family::default(),
             desired_replicas: Family::default(),
+            ready_replicas: Family::default(),
             broker_up: Family::default(),
             broker_push: Family::default(),
             paused: Family::default(),
@@ -150,10 +147,11 @@ impl Metrics {
             m.orphaned.clone(),
         );
         registry.register("desired_replicas", "Replicas the operator decided", m.desired_replicas.clone());
+        registry.register("ready_replicas", "Ready worker pods of the pool", m.ready_replicas.clone());
         registry.register("broker_up", "1 when the pool's broker was read at the last poll", m.broker_up.clone());
         registry.register(
             "broker_push",
-            "1 when the broker sends list-push notifications (push reaction), 0 when it is only polled",
+            "1 when the pool's broker sends list-push notifications (push reaction), 0 when it is only polled",
             m.broker_push.clone(),
         );
         registry.register("paused", "1 while the pool is paused by annotation", m.paused.clone());
@@ -204,7 +202,6 @@ impl Metrics {
         for family in m.per_taskqueue() {
             family.get_or_create(&tq).set(1);
         }
-        m.broker_push.get_or_create(&BrokerLabels { broker: "redis://redis:6379/0".into() }).set(1);
         m.set_not_ok("prod", "ai", &[("ScalingLimited".into(), "AtMaxReplicas".into())]);
         m.scale_events
             .get_or_create(&ScaleLabels { namespace: "prod".into(), name: "ai".into(), direction: "up".into() })
@@ -269,14 +266,16 @@ impl Metrics {
     }
 
     /// The gauges with one series per TaskQueue.
-    fn per_taskqueue(&self) -> [&Family<TaskQueueLabels, Gauge>; 7] {
+    fn per_taskqueue(&self) -> [&Family<TaskQueueLabels, Gauge>; 9] {
         [
             &self.pending,
             &self.in_flight,
             &self.scheduled,
             &self.orphaned,
             &self.desired_replicas,
+            &self.ready_replicas,
             &self.broker_up,
+            &self.broker_push,
             &self.paused,
         ]
     }
@@ -288,7 +287,6 @@ impl Metrics {
             family.clear();
         }
         self.scale_events.clear();
-        self.broker_push.clear();
         self.not_ok.clear();
         self.not_ok_shown.lock().expect("lock").clear();
     }

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::controller::deployment::{CONTAINER, MANAGED_LABELS};
-use crate::crd::TaskQueueSpec;
+use crate::celery_args;
+use crate::crd::{TaskQueueSpec, CONTAINER, MANAGED_LABELS};
 use crate::quantity::Quantity;
 
 /// A spec that passed validation, with strings parsed into the types the controller uses.
@@ -227,12 +227,23 @@ fn check_worker(spec: &TaskQueueSpec, node_name: &str, p: &mut Problems) -> Opti
     if let Some(n) = w.prefetch_multiplier.filter(|n| *n < 1) {
         p.add("spec.worker.prefetchMultiplier", format!("{n} must be at least 1 (or omit it for Celery's default 4)"));
     }
-    if node_name.is_empty() || node_name.contains('@') || node_name.chars().any(|c| c.is_whitespace() || c.is_control())
+    if node_name.is_empty()
+        || node_name.contains(['@', '%'])
+        || node_name.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         p.add(
             "spec.worker.nodeName",
-            format!("{node_name:?} must be non-empty without '@' or spaces; the operator appends `@%h`"),
+            format!(
+                "{node_name:?} must be non-empty without '@', '%' or spaces; the operator appends `@%h` and finds \
+                 each pod's worker by the name `<nodeName>@<pod name>` (Celery would expand a %n or %d)"
+            ),
         );
+    }
+    for (i, message) in celery_args::prefix_problems(&w.command_prefix) {
+        p.add(&format!("spec.worker.commandPrefix[{i}]"), message);
+    }
+    for r in celery_args::refused_options(&w.extra_args) {
+        p.add(&format!("spec.worker.extraArgs[{}]", r.index), r.message);
     }
     if let Some(g) = w.termination_grace_period_seconds.filter(|g| *g < 0) {
         p.add("spec.worker.terminationGracePeriodSeconds", format!("{g} must not be negative"));
@@ -347,6 +358,24 @@ fn check_pod_template(template: &serde_json::Value, w: &crate::crd::WorkerSpec, 
             "is set by the operator; use spec.worker.terminationGracePeriodSeconds",
         );
     }
+    // The operator finds each pod's worker by the name `<nodeName>@<pod name>`; with another
+    // hostname every pod would look idle on a scale-in, and busy ones would go first.
+    for (key, how) in [
+        ("hostname", "sets another hostname"),
+        ("setHostnameAsFQDN", "makes the hostname the pod's FQDN"),
+        ("hostNetwork", "gives the worker the node's hostname"),
+    ] {
+        match template.pointer(&format!("/spec/{key}")) {
+            None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => {}
+            Some(_) => p.add(
+                &format!("{F}.spec.{key}"),
+                format!(
+                    "{how}, so the worker's name would not be `<nodeName>@<pod name>` and the operator could not tell \
+                     busy pods from idle ones on a scale-in; remove it"
+                ),
+            ),
+        }
+    }
     let containers = template.pointer("/spec/containers").and_then(|c| c.as_array()).map_or(&[][..], Vec::as_slice);
     for (i, c) in
         containers.iter().enumerate().filter(|(_, c)| c.get("name").and_then(|n| n.as_str()) == Some(CONTAINER))
@@ -354,7 +383,7 @@ fn check_pod_template(template: &serde_json::Value, w: &crate::crd::WorkerSpec, 
         let field = format!("{F}.spec.containers[{i}]");
         for (key, instead) in [
             ("image", "spec.worker.image"),
-            ("command", "spec.worker.app, queue and concurrency"),
+            ("command", "spec.worker.commandPrefix for a wrapper, spec.worker.app, queue and concurrency"),
             ("args", "spec.worker.extraArgs"),
             ("resources", "spec.worker.resources"),
         ] {
@@ -627,6 +656,37 @@ mod tests {
             "{e:?}"
         );
         let ok = json!({"worker": {"resources": {"requests": {"cpu": "0.5", "memory": "1Gi", "hugepages-2Mi": "0"}, "limits": {"cpu": "500m"}}}});
+        assert!(validate(&spec(ok), "general").is_ok());
+    }
+
+    #[test]
+    fn a_worker_name_that_cannot_match_its_pod_is_refused() {
+        let e = errors(json!({"worker": {"nodeName": "w%n", "podTemplate": {"spec": {
+            "hostname": "fixed", "setHostnameAsFQDN": true, "hostNetwork": true, "subdomain": "ok"}}}}));
+        for want in [
+            "spec.worker.nodeName: \"w%n\" must be non-empty without '@', '%' or spaces",
+            "spec.worker.podTemplate.spec.hostname: sets another hostname",
+            "spec.worker.podTemplate.spec.setHostnameAsFQDN: makes the hostname the pod's FQDN",
+            "spec.worker.podTemplate.spec.hostNetwork: gives the worker the node's hostname",
+        ] {
+            assert!(e.iter().any(|m| m.starts_with(want)), "missing {want:?} in {e:#?}");
+        }
+        assert_eq!(e.len(), 4, "{e:#?}");
+        let ok = json!({"worker": {"podTemplate": {"spec": {"hostNetwork": false, "setHostnameAsFQDN": false}}}});
+        assert!(validate(&spec(ok), "general").is_ok());
+    }
+
+    #[test]
+    fn owned_worker_options_and_bad_prefixes_name_the_field_to_use() {
+        let e = errors(json!({"worker": {"commandPrefix": ["uv", "run", "celery"],
+                                         "extraArgs": ["-l", "info", "-Q", "other", "--autoscale=8,2"]}}));
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(e[0].starts_with("spec.worker.commandPrefix[2]: \"celery\" is added by the operator"), "{e:#?}");
+        assert!(
+            e[1].starts_with("spec.worker.extraArgs[2]: \"-Q\" sets the queues") && e[1].contains("spec.extraQueues")
+        );
+        assert!(e[2].starts_with("spec.worker.extraArgs[4]: \"--autoscale=8,2\" sets Celery's own autoscaler"));
+        let ok = json!({"worker": {"commandPrefix": ["ddtrace-run"], "extraArgs": ["-l", "info", "-O", "fair"]}});
         assert!(validate(&spec(ok), "general").is_ok());
     }
 

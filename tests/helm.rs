@@ -122,6 +122,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
             "--metrics-addr",
             "0.0.0.0:8080",
             "--leader-election=true",
+            "--lease-name=tq",
             "--concurrency=32",
             "--broker-timeout=2s",
             "--max-broker-reply=1Mi"
@@ -150,6 +151,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert_eq!(verbs(&all, "secrets"), ["get"]);
     assert!(!verbs(&all, "deployments").contains(&"delete".to_string()));
     assert_eq!(verbs(&all, "pods"), ["list", "patch"]);
+    assert_eq!(verbs(&all, "replicasets"), ["list"], "to tell the Deployment's own pods from look-alikes");
     let leases: Vec<&(String, Value)> = all.iter().filter(|(_, r)| r["resources"] == json!(["leases"])).collect();
     assert!(!leases.is_empty() && leases.iter().all(|(at, _)| at == "Role/ops"), "{leases:?}");
     let mut table = String::from("| where | apiGroups | resources | resourceNames | verbs |\n|---|---|---|---|---|\n");
@@ -182,7 +184,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(!k.iter().any(|k| k.starts_with("Cluster")), "{k:?}");
     assert!(k.contains(&"Role/prod".to_string()) && k.contains(&"RoleBinding/prod".to_string()), "{k:?}");
     let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
-    assert_eq!(args.as_array().unwrap()[7..], [json!("--namespace"), json!("prod")]);
+    assert_eq!(args.as_array().unwrap()[8..], [json!("--namespace"), json!("prod")]);
     // Without leader election: one writer at a time, so no overlap on updates.
     let docs = render(&["leaderElection=false", "replicaCount=1"]);
     assert_eq!(find(&docs, "Deployment")["spec"]["strategy"]["type"], "Recreate");
@@ -311,7 +313,7 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     .await;
     assert_eq!(condition(&tq, "BrokerReachable").map(|c| c.0).as_deref(), Some("True"));
     assert!(!events(&client, &work, "ai-processing", "ScaledUp").await.is_empty(), "events written");
-    let lease = Api::<Lease>::namespaced(client.clone(), &release_ns).get("taskqueue-operator").await.unwrap();
+    let lease = Api::<Lease>::namespaced(client.clone(), &release_ns).get(&release).await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, Some(format!("{release}-0")));
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(!logs.to_lowercase().contains("forbidden"), "{logs}");
@@ -424,6 +426,7 @@ fn the_grafana_dashboard_and_the_alerts_query_only_metrics_the_operator_exports(
     for want in [
         "TaskQueueBrokerUnreadable",
         "TaskQueueAtMaxReplicas",
+        "TaskQueueNoReadyWorkers",
         "TaskQueueRoutesNotAccepted",
         "TaskQueueSpecInvalid",
         "TaskQueueOperatorNotLeading",
@@ -436,6 +439,94 @@ fn the_grafana_dashboard_and_the_alerts_query_only_metrics_the_operator_exports(
         assert!(!used.is_empty(), "{expr} queries no taskqueue_ metric");
         for m in used {
             assert!(exported.contains(&m), "{expr}: {m} is not exported (exported: {exported:?})");
+        }
+    }
+}
+
+/// Prometheus's target labels for a scrape through a ServiceMonitor endpoint (the
+/// prometheus-operator's relabelling: job = the Service's name, namespace = its namespace, and
+/// service, pod, container, endpoint), merged with a scraped series' labels as Prometheus does:
+/// with `honor_labels` the scraped ones win; without, a scraped label that clashes is renamed
+/// `exported_<name>` and the target's value takes its place.
+fn as_prometheus_stores(scraped: &[(String, String)], target: &[(&str, &str)], honor: bool) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in scraped {
+        let clash = target.iter().any(|(t, _)| t == k);
+        let name = if clash && !honor { format!("exported_{k}") } else { k.clone() };
+        out.push((name, v.clone()));
+    }
+    for (k, v) in target {
+        if !(honor && scraped.iter().any(|(s, _)| s == k)) {
+            out.push((k.to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// `name{a="x",b="y"} 1` -> (name, [(a, x), (b, y)]).
+fn parse_series(line: &str) -> (String, Vec<(String, String)>) {
+    let (head, _) = line.rsplit_once(' ').unwrap();
+    let Some((name, labels)) = head.split_once('{') else { return (head.to_string(), Vec::new()) };
+    let labels = labels.trim_end_matches('}');
+    let pairs = labels
+        .split("\",")
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once("=\"").unwrap();
+            (k.to_string(), v.trim_end_matches('"').to_string())
+        })
+        .collect();
+    (name.to_string(), pairs)
+}
+
+#[test]
+#[ignore = "needs helm: make test"]
+fn alerts_and_panels_see_each_taskqueue_under_its_own_namespace_as_prometheus_stores_it() {
+    let docs = render(&["serviceMonitor.enabled=true", "prometheusRule.enabled=true"]);
+    let monitor = find(&docs, "ServiceMonitor");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    let honor = endpoint["honorLabels"] == true;
+    let service = find(&docs, "Service")["metadata"]["name"].as_str().unwrap().to_string();
+    let target = [
+        ("job", service.as_str()),
+        ("namespace", "ops"),
+        ("service", service.as_str()),
+        ("pod", "tq-5d8f-abcde"),
+        ("container", "operator"),
+        ("endpoint", "metrics"),
+    ];
+    let text = taskqueue_operator::metrics::Metrics::example().render();
+    let stored: Vec<(String, Vec<(String, String)>)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(parse_series)
+        .map(|(n, l)| (n, as_prometheus_stores(&l, &target, honor)))
+        .collect();
+    let get = |labels: &[(String, String)], k: &str| labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let pending = &stored.iter().find(|(n, _)| n == "taskqueue_pending").unwrap().1;
+    assert_eq!(
+        (get(pending, "namespace"), get(pending, "exported_namespace")),
+        (Some("prod".to_string()), None),
+        "a TaskQueue's series keeps its own namespace (honorLabels): {pending:?}"
+    );
+    // The leader alert selects the operator's own series by the labels Prometheus gives them.
+    let leader = &stored.iter().find(|(n, _)| n == "taskqueue_leader").unwrap().1;
+    let rule = find(&docs, "PrometheusRule");
+    let expr = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["alert"] == "TaskQueueOperatorNotLeading")
+        .unwrap()["expr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(expr.contains("absent(taskqueue_leader{"), "fires with no operator scraped at all: {expr}");
+    for selector in expr.match_indices("taskqueue_leader{").map(|(i, _)| &expr[i + 17..]) {
+        let selector = &selector[..selector.find('}').unwrap()];
+        for m in selector.split(", ") {
+            let (k, v) = m.split_once("=").unwrap();
+            assert_eq!(get(leader, k), Some(v.trim_matches('"').to_string()), "{k} in {expr} vs {leader:?}");
         }
     }
 }

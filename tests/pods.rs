@@ -123,7 +123,7 @@ fn api_port() -> String {
 
 async fn lease_holder(client: &kube::Client, ns: &str) -> Option<String> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
-    leases.get_opt("taskqueue-operator").await.ok().flatten()?.spec?.holder_identity
+    leases.get_opt("tqo").await.ok().flatten()?.spec?.holder_identity
 }
 
 async fn operator_pods(client: &kube::Client, ns: &str) -> Vec<Pod> {
@@ -282,8 +282,10 @@ fn one_task_per_pod(name: &str, queue: &str, seconds: u32, env: &[(&str, &str)])
 
 /// Scale-in with work running (the README's claim, observed): pods removed while each runs a
 /// task shorter than the grace period get SIGTERM as Celery's PID 1, finish the task (warm
-/// shutdown) and exit; nothing is lost. Before the scale-in the operator has put each pod's
-/// `pod-deletion-cost` from its worker's heartbeat, matched by the real pod name. (The 1.20
+/// shutdown) and exit; nothing is lost. The worker starts through a `commandPrefix`
+/// (`python -m celery`), as apps with a wrapper do. Before the scale-in the operator has put
+/// each pod's `pod-deletion-cost` from its worker's heartbeat, matched by the real pod name,
+/// and left alone a pod of someone else's that carries the same labels. (The 1.20
 /// controller-manager here ignores that annotation: which pod goes first is not tested.)
 #[tokio::test]
 #[ignore = "needs the lab's node: make test"]
@@ -295,12 +297,21 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
         return;
     };
     let operator = Operator::start(&client, &ns);
-    create_taskqueue(&client, &ns, one_task_per_pod("busy", "busyq", 15, &[])).await;
+    let mut tq = one_task_per_pod("busy", "busyq", 15, &[]);
+    tq["spec"]["worker"]["commandPrefix"] = json!(["python", "-m"]);
+    create_taskqueue(&client, &ns, tq).await;
+    // Another chart's pod with the worker labels (it never schedules: no toleration).
+    let decoy: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "decoy", "labels": {"app.kubernetes.io/name": "celery-worker", "app.kubernetes.io/instance": "busy"}},
+        "spec": {"containers": [{"name": "c", "image": WORKER_IMAGE}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&Default::default(), &decoy).await.unwrap();
     celery(&redis.url(), &["ids", "busyq", "2", "busy-"]);
     wait_replicas(&client, &ns, "busy", 2).await;
 
     // Watch the pods until the scale-in: their deletion costs as the operator set them.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels("app.kubernetes.io/instance=busy");
     let mut costs = std::collections::BTreeMap::new();
     let started = std::time::Instant::now();
@@ -321,10 +332,17 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("deletion costs before the scale-in: {costs:?}");
+    assert_eq!(costs.remove("decoy"), None, "a pod the Deployment does not own gets no cost");
     assert!(
         costs.len() == 2 && costs.values().all(|c| c == "1"),
         "each busy pod's cost is its 1 running task, matched by its real name: {costs:?}"
     );
+    let command = deployment(&client, &ns, "busy").await.unwrap().spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(command[..4], ["python", "-m", "celery", "-A"], "{command:?}");
+    pods.delete("decoy", &Default::default()).await.unwrap();
     // The scale-in came while both tasks ran; they finish (one in its pod's warm shutdown), the
     // pool goes to 0 and the pods go.
     assert_eq!(hlen(&redis.url(), "done").await, 0, "both tasks were still running at the scale-in");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::*;
-use taskqueue_operator::broker::BrokerEndpoint;
 use taskqueue_operator::metrics::Metrics;
 
 async fn notify(url: &str, flags: &str) {
@@ -61,10 +60,9 @@ async fn a_notifying_broker_is_read_on_push_and_a_silent_one_at_its_poll() {
     assert_eq!(replicas(&deployment(&client, &ns, "slow").await.unwrap()), 0, "the silent broker waits for its poll");
     println!("push to spec.replicas (seen by a 200 ms API poll): {took:?}");
     let text = metrics.render();
-    let mode = |url: &str| {
-        metric(&text, &format!("taskqueue_broker_push{{broker=\"{}\"}}", BrokerEndpoint::parse(url).unwrap()))
-    };
-    assert_eq!((mode(&pushing.url()), mode(&silent.url())), (1.0, 0.0), "{text}");
+    let mode = |name: &str| metric(&text, &format!("taskqueue_broker_push{{namespace=\"{ns}\",name=\"{name}\"}}"));
+    assert_eq!((mode("fast"), mode("slow")), (1.0, 0.0), "{text}");
+    assert!(!text.contains("redis://") && !text.contains("127.0.0.1"), "no broker address in a label: {text}");
 
     operator.stop().await;
     delete_namespace(&client, &ns).await;

@@ -7,10 +7,28 @@
 //! reported by the worker's last heartbeat, so idle workers go first and busy ones keep their
 //! work. A pod whose worker is not heard from (starting, or gone) counts as idle.
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// The pods of `pods` that a ReplicaSet of the Deployment with uid `deployment` controls. Labels
+/// alone would also take another chart's pods that happen to carry the worker labels.
+pub fn owned_pods(pods: Vec<Pod>, replicasets: &[ReplicaSet], deployment: &str) -> Vec<Pod> {
+    let controller_uid = |refs: Option<&Vec<_>>| -> Option<String> {
+        let refs: &Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> = refs?;
+        refs.iter().find(|r| r.controller == Some(true)).map(|r| r.uid.clone())
+    };
+    let ours: Vec<String> = replicasets
+        .iter()
+        .filter(|rs| controller_uid(rs.metadata.owner_references.as_ref()).as_deref() == Some(deployment))
+        .filter_map(|rs| rs.metadata.uid.clone())
+        .collect();
+    pods.into_iter()
+        .filter(|p| controller_uid(p.metadata.owner_references.as_ref()).is_some_and(|uid| ours.contains(&uid)))
+        .collect()
+}
 
 /// `(pod name, cost)` for every live pod whose annotation must change.
 pub fn plan(pods: &[Pod], node_name: &str, active: impl Fn(&str) -> Option<i64>) -> Vec<(String, String)> {
@@ -51,6 +69,37 @@ mod tests {
         let plan = plan(&pods, "demo", active);
         let want = [("w-a", "3"), ("w-b", "0"), ("w-d", "1")];
         assert_eq!(plan, want.map(|(p, c)| (p.to_string(), c.to_string())), "w-c already carries 0");
+    }
+
+    #[test]
+    fn only_pods_of_the_deployments_own_replicasets_count() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let owner = |uid: &str, controller: bool| OwnerReference {
+            uid: uid.into(),
+            controller: Some(controller),
+            ..OwnerReference::default()
+        };
+        let rs = |uid: &str, deployment: &str| {
+            let mut r = ReplicaSet::default();
+            r.metadata.uid = Some(uid.into());
+            r.metadata.owner_references = Some(vec![owner(deployment, true)]);
+            r
+        };
+        let owned = |name: &str, refs: Vec<OwnerReference>| {
+            let mut p = pod(name, None);
+            p.metadata.owner_references = Some(refs);
+            p
+        };
+        let pods = vec![
+            owned("ours-old", vec![owner("rs-1", true)]),
+            owned("ours-new", vec![owner("rs-2", true)]),
+            owned("other-chart", vec![owner("rs-9", true)]),
+            owned("not-controller", vec![owner("rs-1", false)]),
+            pod("bare", None),
+        ];
+        let sets = [rs("rs-1", "dep-uid"), rs("rs-2", "dep-uid"), rs("rs-9", "someone-else")];
+        let names: Vec<String> = owned_pods(pods, &sets, "dep-uid").iter().map(|p| p.name_any()).collect();
+        assert_eq!(names, ["ours-old", "ours-new"]);
     }
 
     #[test]

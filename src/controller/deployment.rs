@@ -17,19 +17,8 @@ use crate::crd::TaskQueue;
 use crate::quantity;
 use crate::validate::ValidSpec;
 
-pub const MANAGER: &str = "taskqueue-operator";
-pub const MANAGED_BY_SELECTOR: &str = "app.kubernetes.io/managed-by=taskqueue-operator";
-pub const CONTAINER: &str = "worker";
+pub use crate::crd::{CONTAINER, MANAGED_BY_SELECTOR, MANAGED_LABELS, MANAGER};
 pub const DEFAULT_GRACE_SECONDS: i64 = 300;
-
-/// The labels the operator sets on the Deployment and its pods (name, instance, managed-by,
-/// component); the first two form the (immutable) selector.
-pub const MANAGED_LABELS: [&str; 4] = [
-    "app.kubernetes.io/name",
-    "app.kubernetes.io/instance",
-    "app.kubernetes.io/managed-by",
-    "app.kubernetes.io/component",
-];
 
 pub fn selector_labels(tq: &TaskQueue) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -49,11 +38,13 @@ pub fn selector_string(tq: &TaskQueue) -> String {
     selector_labels(tq).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-/// `celery -A <app> worker --queues=<q>[,<extra>...] --concurrency=<n> -n <node>@%h [...]`,
-/// as the container command (exec form, so Celery is PID 1 and gets SIGTERM for warm shutdown).
+/// `[prefix...] celery -A <app> worker --queues=<q>[,<extra>...] --concurrency=<n> -n <node>@%h
+/// [...]`, as the container command (exec form, so Celery, or a wrapper that execs it, is PID 1
+/// and gets SIGTERM for warm shutdown).
 pub fn worker_command(tq: &TaskQueue, valid: &ValidSpec) -> Vec<String> {
     let w = &tq.spec.worker;
-    let mut cmd = vec![
+    let mut cmd = w.command_prefix.clone();
+    cmd.extend([
         "celery".to_string(),
         "-A".into(),
         w.app.clone(),
@@ -62,7 +53,7 @@ pub fn worker_command(tq: &TaskQueue, valid: &ValidSpec) -> Vec<String> {
         format!("--concurrency={}", w.concurrency),
         "-n".into(),
         format!("{}@%h", valid.node_name),
-    ];
+    ]);
     if let Some(p) = w.prefetch_multiplier {
         cmd.push(format!("--prefetch-multiplier={p}"));
     }
@@ -293,6 +284,25 @@ mod tests {
         assert_eq!(
             worker_command(&minimal, &v).join(" "),
             "celery -A app.worker worker --queues=urgent --concurrency=1 -n urgent-pool@%h"
+        );
+        let wrapped = tq(json!({"queue": "urgent", "broker": {"urlSecretRef": {"name": "b"}},
+            "worker": {"image": "i", "app": "app.worker", "commandPrefix": ["newrelic-admin", "run-program"]}}));
+        let v = validate(&wrapped.spec, "urgent").unwrap();
+        assert_eq!(
+            worker_command(&wrapped, &v),
+            [
+                "newrelic-admin",
+                "run-program",
+                "celery",
+                "-A",
+                "app.worker",
+                "worker",
+                "--queues=urgent",
+                "--concurrency=1",
+                "-n",
+                "urgent@%h"
+            ],
+            "the wrapper first, each word its own element (exec form: no shell in between)"
         );
     }
 

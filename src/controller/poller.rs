@@ -29,7 +29,7 @@ use crate::broker::unacked::{Streamed, Tags};
 use crate::broker::{BrokerEndpoint, BrokerPool, DepthQuery, QueueDepth, ReadError};
 use crate::crd::TaskQueue;
 use crate::demand::{Consumer, Share};
-use crate::metrics::{BrokerLabels, Metrics, ResultLabels};
+use crate::metrics::{Metrics, ResultLabels};
 
 pub type Key = ObjectRef<TaskQueue>;
 pub type Depths = Result<Vec<Result<QueueDepth, ReadError>>, ReadError>;
@@ -534,7 +534,6 @@ impl BrokerState {
         self.unacked.lock().expect("lock").retain(|e, _| want.contains(e));
         self.servers.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
-            self.metrics.broker_push.remove(&BrokerLabels { broker: e.to_string() });
             self.pool.forget(&e).await;
         }
     }
@@ -589,16 +588,12 @@ impl BrokerState {
         wanted.1.clone()
     }
 
-    /// Live workers and each broker's reaction mode, for /metrics.
+    /// Live workers, for /metrics (each pool's reaction mode is set with its other gauges).
     fn report(&self) {
         let now = Instant::now();
         let live: usize =
             self.heartbeats.lock().expect("lock").values().map(|(w, _, _)| w.lock().expect("lock").live(now)).sum();
         self.metrics.live_workers.set(i64::try_from(live).unwrap_or(i64::MAX));
-        for endpoint in self.endpoints() {
-            let labels = BrokerLabels { broker: endpoint.to_string() };
-            self.metrics.broker_push.get_or_create(&labels).set(i64::from(self.push_mode(&endpoint)));
-        }
     }
 }
 

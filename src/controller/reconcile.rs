@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -299,8 +299,9 @@ fn observe_routes(ctx: &Context, tq: &TaskQueue) -> RoutesView {
 async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> Result<Option<Rejected>, Error> {
     let Some(desired) = &plan.deployment else { return Ok(None) };
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
-    if let (true, Ok(valid)) = (plan.scale_in, &seen.valid) {
-        mark_idle_pods(ctx, tq, valid).await;
+    let observed_uid = seen.deployment.as_ref().and_then(|d| d.metadata.uid.clone());
+    if let (true, Ok(valid), Some(uid)) = (plan.scale_in, &seen.valid, observed_uid) {
+        mark_idle_pods(ctx, tq, valid, &uid).await;
     }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(ops) = &plan.repair {
@@ -334,14 +335,18 @@ async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> R
 }
 
 /// Right before a scale-in: set each worker pod's deletion cost to its running tasks, so the
-/// ReplicaSet removes idle workers first. Best effort: a failure is logged, the scale-in goes on.
-async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec) {
+/// ReplicaSet removes idle workers first. Only pods of the Deployment's own ReplicaSets (uid
+/// `deployment`) are touched. Best effort: a failure is logged, the scale-in goes on.
+async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec, deployment: &str) {
     let key = ObjectRef::from_obj(tq);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
-    let list = match pods.list(&ListParams::default().labels(&selector_string(tq))).await {
-        Ok(l) => l.items,
+    let ns = tq.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let lp = ListParams::default().labels(&selector_string(tq));
+    let list = match tokio::try_join!(pods.list(&lp), sets.list(&lp)) {
+        Ok((pods, sets)) => deletion_cost::owned_pods(pods.items, &sets.items, deployment),
         Err(e) => {
-            warn!(taskqueue = %key, error = %e, "cannot list worker pods; scaling in without deletion costs");
+            warn!(taskqueue = %key, error = %e, "cannot list worker pods and their ReplicaSets; scaling in without deletion costs");
             return;
         }
     };
@@ -383,7 +388,8 @@ async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, mut plan: Plan) -> Res
     for a in std::mem::take(&mut plan.events) {
         event(ctx, tq, a).await;
     }
-    gauges(&ctx.metrics, TaskQueueLabels { namespace: ns, name }, &plan.status, plan.paused);
+    let push = ctx.broker.push_mode_of(&key);
+    gauges(&ctx.metrics, TaskQueueLabels { namespace: ns, name }, &plan.status, plan.paused, push);
     let last = plan.memory.status_write.clone();
     ctx.memory.lock().expect("lock").insert(key.clone(), plan.memory);
     if let Some(written) = write_status(ctx, tq, plan.status, last.as_ref()).await? {
@@ -394,7 +400,7 @@ async fn publish(ctx: &Context, tq: &TaskQueue, key: Key, mut plan: Plan) -> Res
     Ok(plan.requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused: bool) {
+fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused: bool, push: Option<bool>) {
     if let (Some(p), Some(f)) = (status.pending, status.in_flight) {
         m.pending.get_or_create(&labels).set(p);
         m.in_flight.get_or_create(&labels).set(f);
@@ -403,6 +409,12 @@ fn gauges(m: &Metrics, labels: TaskQueueLabels, status: &TaskQueueStatus, paused
     }
     if let Some(d) = status.desired_replicas {
         m.desired_replicas.get_or_create(&labels).set(i64::from(d));
+    }
+    if let Some(r) = status.ready_replicas {
+        m.ready_replicas.get_or_create(&labels).set(i64::from(r));
+    }
+    if let Some(push) = push {
+        m.broker_push.get_or_create(&labels).set(i64::from(push));
     }
     let up = status.conditions.iter().any(|c| c.type_ == BROKER_REACHABLE && c.status == "True");
     m.broker_up.get_or_create(&labels).set(i64::from(up));

@@ -158,7 +158,7 @@ async fn master_addr(
                 Ok(p) => return Ok((h, p)),
                 Err(_) => {
                     refused = true;
-                    failures.push(format!("{at}: odd master port {p:?}"));
+                    failures.push(format!("{at}: a master port that is not a number"));
                 }
             },
             Ok(Ok(None)) => {
@@ -170,7 +170,7 @@ async fn master_addr(
                     e.kind(),
                     redis::ErrorKind::Server(_) | redis::ErrorKind::Extension | redis::ErrorKind::UnexpectedReturnType
                 );
-                failures.push(format!("{at}: {e}"));
+                failures.push(format!("{at}: {}", super::reader::peer_safe_cause(&e)));
             }
             Err(_) => failures.push(format!("{at}: no reply within {:?}", timeout * 2)),
         }

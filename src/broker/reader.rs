@@ -78,7 +78,7 @@ impl ReadError {
 
     pub fn from_redis(endpoint: &str, e: &redis::RedisError) -> Self {
         let code = e.code().unwrap_or("");
-        let cause = e.to_string();
+        let cause = peer_safe_cause(e);
         let endpoint = endpoint.to_string();
         if code == "NOPERM" {
             ReadError::NoPermission { endpoint, cause }
@@ -90,6 +90,56 @@ impl ReadError {
             ReadError::Other { endpoint, cause }
         }
     }
+}
+
+/// Redis's error codes, the only words of an error reply a message repeats.
+const REDIS_CODES: &[&str] = &[
+    "ERR",
+    "NOPERM",
+    "NOAUTH",
+    "WRONGPASS",
+    "WRONGTYPE",
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "BUSY",
+    "NOSCRIPT",
+    "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
+    "TRYAGAIN",
+    "CROSSSLOT",
+    "EXECABORT",
+    "NOPROTO",
+    "NOREPLICAS",
+    "OOM",
+    "MISCONF",
+];
+
+/// What went wrong, in the operator's own words: never bytes the peer sent (an error reply's
+/// text, a reply of the wrong type, bytes that do not parse), only their kind, and for an error
+/// reply its code if it is one of Redis's. A TaskQueue's broker URL may name any address the
+/// operator reaches; its conditions must not show the tenant what answers there.
+pub fn peer_safe_cause(e: &redis::RedisError) -> String {
+    if let Some(code) = e.code() {
+        let code = if REDIS_CODES.contains(&code) { code } else { "not a Redis error code" };
+        return format!("the server answered with an error ({code})");
+    }
+    let cause = if e.is_connection_refusal() {
+        "connection refused"
+    } else if e.is_timeout() {
+        "no reply in time"
+    } else if e.is_connection_dropped() {
+        "the connection was closed"
+    } else if e.kind() == redis::ErrorKind::AuthenticationFailed {
+        "authentication failed"
+    } else if e.is_io_error() {
+        // This process's own I/O and TLS errors (the peer's bytes never get into them).
+        return e.to_string();
+    } else {
+        "a reply that is not what a Redis server sends there"
+    };
+    cause.to_string()
 }
 
 /// Read all `queries` in one pipeline (see [`ReadPlan`]), the values of unacked messages over
@@ -189,7 +239,7 @@ impl ReadPlan {
                     (Ok(_), Err(e)) if e.code() == Some("WRONGTYPE") => {
                         depth = Err(ReadError::WrongType {
                             key: String::from_utf8_lossy(&q.key(step)).into_owned(),
-                            cause: e.to_string(),
+                            cause: peer_safe_cause(&e),
                         });
                     }
                     // Anything else (NOAUTH, NOPERM, ...) concerns the whole broker, not this queue.

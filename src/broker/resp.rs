@@ -32,11 +32,13 @@ pub const DEFAULT_MAX_REPLY: usize = 1 << 20;
 /// Why a reply was refused; the connection it came on is closed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
-    #[error("a reply of {size} bytes or more, over the bound of {bound} bytes (--max-broker-reply)")]
+    // The size is the peer's own header: not repeated.
+    #[error("a reply over the bound of {bound} bytes (--max-broker-reply)")]
     TooLarge { size: u64, bound: usize },
     #[error("a reply nested more than {bound} arrays deep")]
     TooDeep { bound: usize },
-    #[error("bytes that are not a Redis reply (0x{byte:02x} where a reply starts)")]
+    // The byte itself is not repeated: a message must not show what answers at an address.
+    #[error("bytes that are not a Redis reply")]
     NotResp { byte: u8 },
     #[error("a malformed Redis reply header")]
     BadHeader,

@@ -245,7 +245,7 @@ fn error_reply(endpoint: &str, line: &[u8]) -> ReadError {
     let reply = [line, b"\r\n"].concat();
     match redis::parse_redis_value(&reply) {
         Ok(redis::Value::ServerError(e)) => ReadError::from_redis(endpoint, &e.into()),
-        _ => ReadError::Other { endpoint: endpoint.to_string(), cause: String::from_utf8_lossy(line).into_owned() },
+        _ => ReadError::Other { endpoint: endpoint.to_string(), cause: "an error reply that does not parse".into() },
     }
 }
 

@@ -2,6 +2,13 @@
 //! (its data as JSON, `?namespace=NS` to filter, `&limit=N` rows, 300 by default), `/metrics` (OpenMetrics text), `/healthz`
 //! (the process serves requests) and `/readyz` (the caches are filled and reconciling has
 //! started).
+//!
+//! The page and its API show every watched namespace's TaskQueues, their reasons and
+//! conditions: they are served on loopback addresses only ([`Serves::page`]). In a pod that
+//! means through `kubectl port-forward`, which the API server allows only to those who may
+//! create `pods/portforward` in the operator's namespace: Kubernetes authentication and RBAC,
+//! with no token handling (and no cluster-wide TokenReview/SubjectAccessReview rights) in the
+//! operator. `/metrics` and the probes may be served on any address (Prometheus, the kubelet).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +25,20 @@ use tracing::{debug, info};
 use crate::dashboard::{Dashboard, DEFAULT_LIMIT, PAGE};
 use crate::metrics::Metrics;
 
+/// What one listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Serves {
+    /// `/` and `/api/taskqueues`, besides `/metrics` and the probes.
+    pub page: bool,
+}
+
+impl Serves {
+    /// The page only where nothing but this host can connect.
+    pub fn at(addr: &SocketAddr) -> Self {
+        Serves { page: addr.ip().is_loopback() }
+    }
+}
+
 /// The response to one request (no IO, so it is tested without a socket).
 pub fn respond(
     method: &Method,
@@ -25,6 +46,7 @@ pub fn respond(
     query: Option<&str>,
     metrics: &Metrics,
     dashboard: &Dashboard,
+    serves: Serves,
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()
@@ -37,6 +59,11 @@ pub fn respond(
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
     }
     match path {
+        "/" | "/index.html" | "/api/taskqueues" if !serves.page => {
+            let msg = "the page is served on a loopback address only (run --page-addr, 127.0.0.1:8081 by default): \
+                       kubectl port-forward to the operator pod's page port, then open it\n";
+            reply(StatusCode::NOT_FOUND, "text/plain", msg.into())
+        }
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
         "/api/taskqueues" => {
             let namespace = query_param(query, "namespace");
@@ -75,15 +102,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, dashboard: Arc<Dashboard>) {
+    let serves = listener.local_addr().map(|a| Serves::at(&a)).unwrap_or(Serves { page: false });
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving / (live page), /api/taskqueues, /metrics, /healthz, /readyz");
+        if serves.page {
+            info!(%addr, "serving / (live page), /api/taskqueues, /metrics, /healthz, /readyz");
+        } else {
+            info!(%addr, "serving /metrics, /healthz, /readyz (the page: loopback only)");
+        }
     }
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let (metrics, dashboard) = (metrics.clone(), dashboard.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let response = respond(req.method(), req.uri().path(), req.uri().query(), &metrics, &dashboard);
+                let response = respond(req.method(), req.uri().path(), req.uri().query(), &metrics, &dashboard, serves);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(e) =
@@ -102,7 +134,8 @@ mod tests {
     #[test]
     fn routes() {
         let (m, d) = (Metrics::new(), Dashboard::default());
-        let get = |path: &str, query: Option<&str>| respond(&Method::GET, path, query, &m, &d);
+        let all = Serves { page: true };
+        let get = |path: &str, query: Option<&str>| respond(&Method::GET, path, query, &m, &d, all);
         assert_eq!(get("/healthz", None).status(), StatusCode::OK);
         assert_eq!(get("/readyz", None).status(), StatusCode::SERVICE_UNAVAILABLE);
         m.set_ready();
@@ -117,8 +150,24 @@ mod tests {
         assert_eq!(get("/api/taskqueues", Some("limit=all")).status(), StatusCode::BAD_REQUEST);
         assert_eq!(get("/api/taskqueues", Some("namespace=prod&limit=20")).status(), StatusCode::OK);
         assert_eq!(get("/nope", None).status(), StatusCode::NOT_FOUND);
-        assert_eq!(respond(&Method::POST, "/metrics", None, &m, &d).status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(respond(&Method::POST, "/metrics", None, &m, &d, all).status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(query_param(Some("a=1&namespace=team%2Da"), "namespace").as_deref(), Some("team-a"));
         assert_eq!(query_param(None, "namespace"), None);
+    }
+
+    #[test]
+    fn the_page_and_its_api_only_on_loopback() {
+        let (m, d) = (Metrics::new(), Dashboard::default());
+        let public = Serves::at(&"0.0.0.0:8080".parse().unwrap());
+        assert_eq!(public, Serves { page: false });
+        for path in ["/", "/index.html", "/api/taskqueues"] {
+            assert_eq!(respond(&Method::GET, path, None, &m, &d, public).status(), StatusCode::NOT_FOUND, "{path}");
+        }
+        assert_eq!(respond(&Method::GET, "/metrics", None, &m, &d, public).status(), StatusCode::OK);
+        assert_eq!(respond(&Method::GET, "/healthz", None, &m, &d, public).status(), StatusCode::OK);
+        for loopback in ["127.0.0.1:8081", "[::1]:8081"] {
+            let serves = Serves::at(&loopback.parse().unwrap());
+            assert_eq!(respond(&Method::GET, "/", None, &m, &d, serves).status(), StatusCode::OK, "{loopback}");
+        }
     }
 }

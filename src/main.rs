@@ -67,9 +67,14 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long, env = "LOG_JSON")]
         log_json: bool,
-        /// Address for /metrics, /healthz and /readyz (in a pod: `0.0.0.0:8080`).
+        /// Address for /metrics, /healthz and /readyz (in a pod: `0.0.0.0:8080`). On a loopback
+        /// address it serves the live page (`/`, `/api/taskqueues`) too.
         #[arg(long, default_value = "127.0.0.1:8080")]
         metrics_addr: std::net::SocketAddr,
+        /// Loopback address of the live page and its API when --metrics-addr is not loopback
+        /// (in a pod: reach it with `kubectl port-forward`, which Kubernetes RBAC guards).
+        #[arg(long, default_value = "127.0.0.1:8081", value_parser = parse_page_addr)]
+        page_addr: std::net::SocketAddr,
         /// Leader election on the Lease `--lease-name`: only the leader reads brokers and writes.
         /// `--leader-election=false` for a single process run by hand.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -270,6 +275,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// A byte count: `4194304`, `512Ki`, `4Mi` (Kubernetes' binary suffixes), at least 1 KiB.
+/// The page's address: loopback only (see `http`).
+fn parse_page_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = s.parse().map_err(|e| format!("{s:?}: {e} (e.g. 127.0.0.1:8081)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{s:?} is not a loopback address: the page shows every watched namespace's TaskQueues and is served on \
+             loopback only; use 127.0.0.1:PORT and kubectl port-forward"
+        ));
+    }
+    Ok(addr)
+}
+
 /// A Lease name: a DNS subdomain (lower-case letters, digits, '-' and '.', at most 253).
 fn parse_lease_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
@@ -355,6 +372,7 @@ async fn main() -> ExitCode {
             routes_configmap,
             log_json,
             metrics_addr,
+            page_addr,
             leader_election,
             lease_namespace,
             lease_name,
@@ -386,11 +404,26 @@ async fn main() -> ExitCode {
                 concurrency,
                 ..Settings::default()
             };
-            let mut server = tokio::spawn(taskqueue_operator::http::serve(
-                listener,
-                settings.metrics.clone(),
-                settings.dashboard.clone(),
-            ));
+            // The page on its own loopback listener unless the metrics one is loopback already.
+            let page = if metrics_addr.ip().is_loopback() {
+                None
+            } else {
+                match taskqueue_operator::http::bind(page_addr).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen on {page_addr} for the live page; pick another --page-addr");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
+            let (metrics, dashboard) = (settings.metrics.clone(), settings.dashboard.clone());
+            let mut server = tokio::spawn(async move {
+                let serve = |l| taskqueue_operator::http::serve(l, metrics.clone(), dashboard.clone());
+                match page {
+                    Some(page) => tokio::join!(serve(listener), serve(page)).0,
+                    None => serve(listener).await,
+                }
+            });
             // A dead background task (or metrics server) ends the process with an error, so the
             // pod restarts instead of running on with stale readings.
             let outcome = tokio::select! {

@@ -235,6 +235,7 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
     })
     .await;
     let _ = forward.kill();
+    let _ = forward.wait();
     assert!(page.0 == 200 && page.1.contains("\"role\":\"leader\""), "{page:?}");
 
     // The in-cluster leader scales a pool of real workers from the broker.

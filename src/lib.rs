@@ -10,6 +10,7 @@ pub mod http;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;
+pub mod pod_policy;
 pub mod quantity;
 pub mod report;
 pub mod routing;

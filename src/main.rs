@@ -86,6 +86,11 @@ enum Command {
         /// installations in one namespace do not share a leader.
         #[arg(long, default_value = taskqueue_operator::leader::DEFAULT_LEASE, value_parser = parse_lease_name)]
         lease_name: String,
+        /// What a TaskQueue's podTemplate may ask beyond an ordinary pod, comma-separated:
+        /// privileged, host-namespaces, host-path, run-as-root, service-account. Empty (the
+        /// default): none of them; a TaskQueue asking one shows SpecValid=False naming the field.
+        #[arg(long, default_value = "", value_parser = taskqueue_operator::pod_policy::PodPolicy::parse_allow)]
+        pod_policy_allow: taskqueue_operator::pod_policy::PodPolicy,
         /// Reconciles at once (each may hold an API connection; more only adds memory).
         #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -376,6 +381,7 @@ async fn main() -> ExitCode {
             leader_election,
             lease_namespace,
             lease_name,
+            pod_policy_allow,
             concurrency,
         } => {
             init_tracing(log_json);
@@ -402,6 +408,7 @@ async fn main() -> ExitCode {
                 routes_configmap,
                 leader,
                 concurrency,
+                pod_policy: pod_policy_allow,
                 ..Settings::default()
             };
             // The page on its own loopback listener unless the metrics one is loopback already.

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::celery_args;
 use crate::crd::{TaskQueueSpec, CONTAINER, MANAGED_LABELS};
+use crate::pod_policy::{self, PodPolicy};
 use crate::quantity::Quantity;
 
 /// A spec that passed validation, with strings parsed into the types the controller uses.
@@ -78,7 +79,13 @@ impl Problems {
     }
 }
 
+/// [`validate_with`] under the default pod policy (nothing beyond an ordinary pod allowed).
 pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, InvalidSpec> {
+    validate_with(spec, object_name, &PodPolicy::default())
+}
+
+/// The spec checked, the podTemplate also against the platform's pod policy.
+pub fn validate_with(spec: &TaskQueueSpec, object_name: &str, policy: &PodPolicy) -> Result<ValidSpec, InvalidSpec> {
     let mut p = Problems::default();
     if object_name.len() > MAX_LABEL_VALUE {
         p.add(
@@ -94,7 +101,7 @@ pub fn validate(spec: &TaskQueueSpec, object_name: &str) -> Result<ValidSpec, In
     check_routes(spec, &queues, &mut p);
     check_broker(spec, &mut p);
     let node_name = spec.worker.node_name.clone().unwrap_or_else(|| object_name.to_string());
-    let pod_template = check_worker(spec, &node_name, &mut p);
+    let pod_template = check_worker(spec, &node_name, policy, &mut p);
     let s = &spec.scaling;
     let poll_interval = duration(&s.poll_interval, "spec.scaling.pollInterval", MIN_POLL, MAX_POLL, &mut p);
     let window = duration(
@@ -213,7 +220,12 @@ fn check_broker(spec: &TaskQueueSpec, p: &mut Problems) {
 }
 
 /// `spec.worker`; returns the parsed pod template.
-fn check_worker(spec: &TaskQueueSpec, node_name: &str, p: &mut Problems) -> Option<PodTemplateSpec> {
+fn check_worker(
+    spec: &TaskQueueSpec,
+    node_name: &str,
+    policy: &PodPolicy,
+    p: &mut Problems,
+) -> Option<PodTemplateSpec> {
     let w = &spec.worker;
     if w.image.trim().is_empty() || w.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         p.add("spec.worker.image", format!("{:?} is not a container image; use e.g. `example/app:1.0`", w.image));
@@ -254,6 +266,9 @@ fn check_worker(spec: &TaskQueueSpec, node_name: &str, p: &mut Problems) -> Opti
     }
     let template = w.pod_template.as_ref()?;
     check_pod_template(template, w, p);
+    for (field, message) in pod_policy::refused(template, policy) {
+        p.add(&field, message);
+    }
     match serde_json::from_value::<PodTemplateSpec>(template.clone()) {
         Ok(t) => {
             // Unknown keys would be dropped here without a word: a misspelled field must not

@@ -297,6 +297,50 @@ async fn an_invalid_taskqueue_is_reported_and_others_are_unaffected() {
     delete_namespace(&client, &ns).await;
 }
 
+/// A tenant who may create TaskQueues but not Deployments cannot use the operator to run a pod
+/// that shares the node's namespaces, mounts its filesystem or runs with another
+/// ServiceAccount: the TaskQueue says which field the pod policy refused, and nothing is
+/// written; once the platform allows those kinds (`--pod-policy-allow`), the same TaskQueue
+/// gets its Deployment with them.
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_pod_template_beyond_the_pod_policy_is_refused_until_the_platform_allows_it() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "policy").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    let mut tq = pool("escape", "escape", json!({"minReplicas": 1, "pollInterval": "500ms"}));
+    tq["spec"]["worker"]["podTemplate"] = json!({"spec": {
+        "hostPID": true, "serviceAccountName": "builder",
+        "volumes": [{"name": "root", "hostPath": {"path": "/"}}],
+        "containers": [{"name": "worker", "volumeMounts": [{"name": "root", "mountPath": "/host"}]}]
+    }});
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+    let refused = wait_for("SpecValid=False", T, || async {
+        let t = taskqueue(&client, &ns, "escape").await;
+        condition(&t, "SpecValid").filter(|c| c.0 == "False").map(|c| c.2)
+    })
+    .await;
+    for field in
+        ["podTemplate.spec.hostPID", "podTemplate.spec.serviceAccountName", "podTemplate.spec.volumes[0].hostPath"]
+    {
+        assert!(refused.contains(&format!("spec.worker.{field}: ")), "{field} named in: {refused}");
+    }
+    assert!(refused.contains("pod policy refuses") && refused.contains("podPolicy.allowHostPath"), "{refused}");
+    assert!(deployment(&client, &ns, "escape").await.is_none(), "nothing written for a refused template");
+    operator.stop().await;
+
+    let allowed = taskqueue_operator::pod_policy::PodPolicy::parse_allow("host-namespaces,host-path,service-account");
+    let operator = Operator::start_with(&client, &ns, |s| s.pod_policy = allowed.unwrap());
+    let d = wait_for("the Deployment once allowed", T, || async { deployment(&client, &ns, "escape").await }).await;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!((pod.host_pid, pod.service_account_name.as_deref()), (Some(true), Some("builder")));
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
 #[tokio::test]
 #[ignore = "needs the local stack: make test"]
 async fn a_pattern_claimed_twice_goes_to_the_older_taskqueue() {

@@ -185,6 +185,15 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(k.contains(&"Role/prod".to_string()) && k.contains(&"RoleBinding/prod".to_string()), "{k:?}");
     let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
     assert_eq!(args.as_array().unwrap()[8..], [json!("--namespace"), json!("prod")]);
+    // The pod policy: nothing beyond an ordinary pod unless allowed, each value its own word.
+    let policy_args = |docs: &[Value]| -> Vec<String> {
+        let args = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+        let args = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string());
+        args.filter(|a| a.starts_with("--pod-policy-allow")).collect()
+    };
+    assert!(policy_args(&render(&[])).is_empty(), "strict by default");
+    let docs = render(&["podPolicy.allowHostPath=true", "podPolicy.allowServiceAccount=true"]);
+    assert_eq!(policy_args(&docs), ["--pod-policy-allow=host-path,service-account"]);
     // Without leader election: one writer at a time, so no overlap on updates.
     let docs = render(&["leaderElection=false", "replicaCount=1"]);
     assert_eq!(find(&docs, "Deployment")["spec"]["strategy"]["type"], "Recreate");
@@ -198,6 +207,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         ("resources.limits.memroy=1Gi", "memroy"),
         ("logFormat=xml", "logFormat"),
         ("concurrency=0", "concurrency"),
+        ("podPolicy.allowRoot=true", "allowRoot"),
         ("maxBrokerReply=4MB", "maxBrokerReply"),
         ("brokerTimeout=2", "brokerTimeout"),
         ("leaderElection=false", "replicaCount > 1 needs leaderElection"),

@@ -42,6 +42,7 @@ fn harness() -> Harness {
         routes: Default::default(),
         leading: tokio::sync::watch::channel(true).1,
         dashboard: Default::default(),
+        pod_policy: Default::default(),
     });
     Harness { ctx, handle, deployments: writer }
 }

@@ -55,6 +55,8 @@ pub struct Settings {
     /// Reconciles at once. Each holds an API connection and its own buffers: unbounded, a
     /// start with 10 000 TaskQueues opened 10 000 connections at once (over 1 GiB).
     pub concurrency: u16,
+    /// What a podTemplate may ask beyond an ordinary pod (`--pod-policy-allow`).
+    pub pod_policy: crate::pod_policy::PodPolicy,
 }
 
 impl Default for Settings {
@@ -69,6 +71,7 @@ impl Default for Settings {
             dashboard: Arc::default(),
             leader: None,
             concurrency: DEFAULT_CONCURRENCY,
+            pod_policy: crate::pod_policy::PodPolicy::default(),
         }
     }
 }
@@ -171,6 +174,7 @@ pub async fn run(
         routes: verdicts.clone(),
         leading: leading.clone(),
         dashboard: settings.dashboard.clone(),
+        pod_policy: settings.pod_policy,
     });
     let mut tasks = JoinSet::new();
     let mut holder = Arc::default();

@@ -36,8 +36,9 @@ use crate::crd::{TaskQueue, TaskQueueStatus};
 use crate::dashboard::{now_millis, Dashboard, Mark, Sample};
 use crate::demand::QueueReading;
 use crate::metrics::{Metrics, ScaleLabels, TaskQueueLabels};
+use crate::pod_policy::PodPolicy;
 use crate::report::not_ok_conditions;
-use crate::validate::{validate, ValidSpec};
+use crate::validate::{validate_with, ValidSpec};
 
 /// Everything a reconcile needs, shared by all reconciles.
 pub struct Context {
@@ -58,6 +59,8 @@ pub struct Context {
     pub leading: tokio::sync::watch::Receiver<bool>,
     /// The live page's history.
     pub dashboard: Arc<Dashboard>,
+    /// What a podTemplate may ask beyond an ordinary pod.
+    pub pod_policy: PodPolicy,
 }
 
 impl Context {
@@ -129,7 +132,7 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 
 /// What the decision needs. An invalid spec is not read further: no broker, no API reads.
 async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error> {
-    let valid = validate(&tq.spec, &tq.name_any());
+    let valid = validate_with(&tq.spec, &tq.name_any(), &ctx.pod_policy);
     let memory = ctx.memory.lock().expect("lock").get(key).cloned().unwrap_or_default();
     let broker = match &valid {
         Ok(v) => observe_broker(ctx, tq, key, v).await,

@@ -194,6 +194,44 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(policy_args(&render(&[])).is_empty(), "strict by default");
     let docs = render(&["podPolicy.allowHostPath=true", "podPolicy.allowServiceAccount=true"]);
     assert_eq!(policy_args(&docs), ["--pod-policy-allow=host-path,service-account"]);
+    // The ecosystem's conventions: names, the ServiceAccount, RBAC, the image, extra args,
+    // scrape annotations and the security contexts, each overridable.
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let docs = render(&[
+        "fullnameOverride=team-a-op",
+        "serviceAccount.create=false",
+        "serviceAccount.name=ops-sa",
+        "rbac.create=false",
+        "image.registry=reg.example.com",
+        &format!("image.digest={digest}"),
+        "scrapeAnnotations=false",
+        "extraArgs[0]=--broker-timeout=5s",
+        "podSecurityContext.runAsUser=null",
+        "podSecurityContext.runAsGroup=null",
+    ]);
+    let k = kinds(&docs);
+    assert!(!k.iter().any(|k| k.starts_with("ServiceAccount") || k.contains("Role")), "nothing to create: {k:?}");
+    let d = find(&docs, "Deployment");
+    assert_eq!(d["metadata"]["name"], "team-a-op");
+    assert_eq!(find(&docs, "Service")["metadata"]["name"], "team-a-op-metrics");
+    let pod = &d["spec"]["template"];
+    assert_eq!(pod["spec"]["serviceAccountName"], "ops-sa");
+    assert_eq!(
+        pod["spec"]["securityContext"],
+        json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}}),
+        "OpenShift's restricted SCC: no fixed uid"
+    );
+    assert!(pod["metadata"]["annotations"].is_null(), "no scrape annotations: {}", pod["metadata"]);
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["image"], format!("reg.example.com/taskqueue-operator@{digest}"));
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--lease-name=team-a-op") && args.last() == Some(&"--broker-timeout=5s"), "{args:?}");
+    let docs = render(&["nameOverride=celery-scaler", "serviceAccount.annotations.team=a"]);
+    let d = find(&docs, "Deployment");
+    assert_eq!(d["metadata"]["name"], "tq-celery-scaler");
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "celery-scaler");
+    assert_eq!(find(&docs, "ServiceAccount")["metadata"]["annotations"]["team"], "a");
+    assert_eq!(find(&docs, "ClusterRoleBinding")["subjects"][0]["name"], "tq-celery-scaler");
     // Without leader election: one writer at a time, so no overlap on updates.
     let docs = render(&["leaderElection=false", "replicaCount=1"]);
     assert_eq!(find(&docs, "Deployment")["spec"]["strategy"]["type"], "Recreate");
@@ -208,6 +246,8 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         ("logFormat=xml", "logFormat"),
         ("concurrency=0", "concurrency"),
         ("podPolicy.allowRoot=true", "allowRoot"),
+        ("image.digest=latest", "digest"),
+        ("serviceAccount.craete=false", "craete"),
         ("maxBrokerReply=4MB", "maxBrokerReply"),
         ("brokerTimeout=2", "brokerTimeout"),
         ("leaderElection=false", "replicaCount > 1 needs leaderElection"),

@@ -7,6 +7,7 @@ pub mod crd;
 pub mod dashboard;
 pub mod demand;
 pub mod http;
+pub mod install_check;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;

@@ -123,6 +123,19 @@ enum Command {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Exit 0 when an installation is up: its Lease holder renewed recently and is a Ready pod
+    /// matching --selector (the chart's `helm test` runs this).
+    Check {
+        /// Namespace of the Lease and the operator's pods.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Name of the Lease (the chart: the release's name).
+        #[arg(long, default_value = taskqueue_operator::leader::DEFAULT_LEASE)]
+        lease: String,
+        /// Label selector of the installation's operator pods.
+        #[arg(long)]
+        selector: String,
+    },
     /// Print the Celery routing table (`task_routes.json`) the TaskQueues declare.
     Routes {
         #[command(flatten)]
@@ -335,6 +348,15 @@ async fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Check { namespace, lease, selector } => {
+            match taskqueue_operator::install_check::check(&namespace, &lease, &selector).await {
+                Ok(summary) => {
+                    println!("ok: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Timeline { namespace, out, every, seconds } => match timeline(namespace, &out, every, seconds).await {
             Ok(done) => {
                 eprintln!("{done}");

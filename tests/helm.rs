@@ -26,6 +26,15 @@ fn chart() -> String {
 
 /// `helm template` with `--set` values, as JSON documents.
 fn render(sets: &[&str]) -> Vec<Value> {
+    render_all(sets).into_iter().filter(|d| d["metadata"]["annotations"]["helm.sh/hook"].is_null()).collect()
+}
+
+/// The `helm test` hook's documents.
+fn render_hooks(sets: &[&str]) -> Vec<Value> {
+    render_all(sets).into_iter().filter(|d| d["metadata"]["annotations"]["helm.sh/hook"] == "test").collect()
+}
+
+fn render_all(sets: &[&str]) -> Vec<Value> {
     let chart = chart();
     let mut args = vec!["template", "tq", chart.as_str(), "--namespace", "ops"];
     for s in sets {
@@ -194,6 +203,28 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(policy_args(&render(&[])).is_empty(), "strict by default");
     let docs = render(&["podPolicy.allowHostPath=true", "podPolicy.allowServiceAccount=true"]);
     assert_eq!(policy_args(&docs), ["--pod-policy-allow=host-path,service-account"]);
+    // `helm test`: a pod of the operator's image runs `check` with a ServiceAccount that may only
+    // read the Lease and list pods.
+    let hooks = render_hooks(&[]);
+    assert_eq!(kinds(&hooks), ["ServiceAccount/ops", "Role/ops", "RoleBinding/ops", "Pod/ops"]);
+    let check = &find(&hooks, "Pod")["spec"];
+    assert_eq!(
+        check["containers"][0]["args"],
+        json!([
+            "check",
+            "--namespace=ops",
+            "--lease=tq",
+            "--selector=app.kubernetes.io/name=taskqueue-operator,app.kubernetes.io/instance=tq"
+        ])
+    );
+    assert_eq!(check["serviceAccountName"], "tq-test");
+    assert_eq!(
+        find(&hooks, "Role")["rules"],
+        json!([
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["tq"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}
+        ])
+    );
     // The ecosystem's conventions: names, the ServiceAccount, RBAC, the image, extra args,
     // scrape annotations and the security contexts, each overridable.
     let digest = format!("sha256:{}", "a".repeat(64));

@@ -294,6 +294,21 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
         (hlen(&redis.url(), "done").await == 12).then_some(())
     })
     .await;
+    // `helm test`: up now; not up once no operator pod runs (the leader released the Lease).
+    let test =
+        std::process::Command::new("helm").args(["test", "tqo", "--namespace", &ops, "--logs"]).output().unwrap();
+    let out = String::from_utf8_lossy(&test.stdout).to_string() + &String::from_utf8_lossy(&test.stderr);
+    assert!(test.status.success() && out.contains("ok: leader tqo-"), "helm test: {out}");
+    run("kubectl", &["scale", "deployment/tqo", "-n", &ops, "--replicas=0"]);
+    wait_for("no operator pod", T, || async { operator_pods(&client, &ops).await.is_empty().then_some(()) }).await;
+    let test =
+        std::process::Command::new("helm").args(["test", "tqo", "--namespace", &ops, "--logs"]).output().unwrap();
+    let out = String::from_utf8_lossy(&test.stdout).to_string() + &String::from_utf8_lossy(&test.stderr);
+    assert!(!test.status.success(), "helm test passes with no operator running: {out}");
+    println!(
+        "helm test with no operator pod: {}",
+        out.lines().filter(|l| l.contains("error")).collect::<Vec<_>>().join(" | ")
+    );
     run("helm", &["uninstall", "tqo", "--namespace", &ops]);
     delete_namespace(&client, &work).await;
     delete_namespace(&client, &ops).await;

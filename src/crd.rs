@@ -117,7 +117,8 @@ pub struct BrokerSpec {
     #[serde(default)]
     pub transport_options: TransportOptions,
     /// Secret in this namespace holding the PEM CA bundle that signed the broker's certificate
-    /// (`rediss://` only). Without it the system's trusted roots are used.
+    /// (`rediss://` only). Without it the Mozilla root store built into the operator is used
+    /// (public CAs; not the OS trust store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<CaSecretRef>,
 }

@@ -5,6 +5,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
@@ -610,4 +611,79 @@ fn alerts_and_panels_see_each_taskqueue_under_its_own_namespace_as_prometheus_st
             assert_eq!(get(leader, k), Some(v.trim_matches('"').to_string()), "{k} in {expr} vs {leader:?}");
         }
     }
+}
+
+/// The TaskQueue CRD as JSON under another group (so this test's upgrade does not touch the CRD
+/// the other tests share), without `spec.worker.commandPrefix` when `old`: a CRD from before
+/// that field.
+fn crd_in_group(group: &str, old: bool) -> Value {
+    let mut crd = serde_json::to_value(taskqueue_operator::crd::crd()).unwrap();
+    crd["metadata"]["name"] = json!(format!("taskqueues.{group}"));
+    crd["spec"]["group"] = json!(group);
+    if old {
+        let worker =
+            crd.pointer_mut("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/worker/properties");
+        worker.unwrap().as_object_mut().unwrap().remove("commandPrefix").expect("the field exists today");
+    }
+    crd
+}
+
+/// Helm installs `crds/` once and never upgrades it; an API server with the old schema prunes a
+/// field it does not know, silently. The documented path (README, "Upgrading"): apply the chart's
+/// CRD with `kubectl apply --server-side` before `helm upgrade`. Shown on the real API server:
+/// with the old CRD a new field is dropped; after applying the new CRD the same write keeps it,
+/// and the objects written before are still there.
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn an_old_crd_prunes_a_new_field_and_applying_the_chart_crd_first_keeps_it() {
+    use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+    use kube::core::GroupVersionKind;
+    let client = client().await;
+    let group = "upgrade-test.taskqueue.dev";
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let name = format!("taskqueues.{group}");
+    let apply = |old: bool| {
+        let (crds, name) = (crds.clone(), name.clone());
+        async move {
+            let crd = crd_in_group(group, old);
+            crds.patch(&name, &PatchParams::apply("upgrade-test").force(), &Patch::Apply(&crd)).await.unwrap();
+            wait_for("the CRD to serve its schema", Duration::from_secs(30), || async {
+                let c = crds.get(&name).await.ok()?;
+                let ok = c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                ok.then_some(())
+            })
+            .await;
+        }
+    };
+    apply(true).await;
+    let ns = namespace(&client, "crd-upgrade").await;
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1alpha1", "TaskQueue"));
+    let tqs: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+    let mut tq = pool("wrapped", "wrapped", json!({}));
+    tq["apiVersion"] = json!(format!("{group}/v1alpha1"));
+    tq["spec"]["worker"]["commandPrefix"] = json!(["ddtrace-run"]);
+    let obj: DynamicObject = serde_json::from_value(tq.clone()).unwrap();
+    // The schema changes take a moment to reach the API server's handlers: write until the
+    // outcome is the old schema's (pruned) or, later, the new one's (kept).
+    let written = |want_kept: bool| {
+        let (tqs, obj) = (tqs.clone(), obj.clone());
+        async move {
+            wait_for("the write under the expected schema", Duration::from_secs(30), || async {
+                let pp = PatchParams::apply("upgrade-test").force();
+                let got = tqs.patch("wrapped", &pp, &Patch::Apply(&obj)).await.ok()?;
+                let kept = got.data["spec"]["worker"].get("commandPrefix").is_some();
+                (kept == want_kept).then_some(got)
+            })
+            .await
+        }
+    };
+    written(false).await;
+    println!("with the old CRD: spec.worker.commandPrefix written, read back: absent (pruned)");
+    apply(false).await;
+    let got = written(true).await;
+    assert_eq!(got.data["spec"]["worker"]["commandPrefix"], json!(["ddtrace-run"]));
+    println!("after `kubectl apply --server-side` of the chart's CRD: kept");
+    delete_namespace(&client, &ns).await;
+    crds.delete(&name, &Default::default()).await.unwrap();
 }

@@ -192,3 +192,64 @@ async fn celery_loading_the_table_sends_each_task_to_the_routed_list() {
     assert_eq!(observed, want);
     let _ = std::fs::remove_file(table);
 }
+
+/// A file laid out as the kubelet lays out a ConfigMap volume: `task_routes.json` ->
+/// `..data/task_routes.json`, `..data` -> `..VERSION`; a new version is swapped in by renaming a
+/// new `..data` symlink over the old one (atomic, as the kubelet's AtomicWriter does).
+fn kubelet_writes(dir: &std::path::Path, version: &str, table: &str) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("task_routes.json"), table).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if std::fs::symlink_metadata(dir.join("task_routes.json")).is_err() {
+        symlink("..data/task_routes.json", dir.join("task_routes.json")).unwrap();
+    }
+}
+
+/// The example router (deploy/examples/taskqueue_routes.py) in one real Celery producer that
+/// never restarts: no table yet (the volume mounted optional) sends to the default queue; the
+/// table appearing, then changing, moves the same task name to the new queue; a table that
+/// does not parse keeps the last good one. Each checked by the Redis list the message lands in.
+#[tokio::test]
+#[ignore = "needs redis-server and the Celery venv: make test"]
+async fn the_example_router_follows_a_changed_table_without_a_restart() {
+    use std::io::{BufRead, Write};
+    let redis = support::Redis::start().await;
+    let dir = std::env::temp_dir().join(format!("celery-routes-{}", redis.port));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut producer = support::python(&redis.url())
+        .env("CHECK_EVERY", "0.2")
+        .arg(support::repo().join("tests/celery_reload.py"))
+        .arg(dir.join("task_routes.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = producer.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(producer.stdout.take().unwrap());
+    let redis_url = redis.url();
+    let mut send = move || {
+        std::thread::sleep(std::time::Duration::from_millis(400)); // past CHECK_EVERY
+        writeln!(stdin, "app.worker.tasks.reports.monthly").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "sent");
+        let depths: Vec<i64> = ["celery", "first", "second"].iter().map(|q| support::kombu_count(&redis_url, q)).collect();
+        depths
+    };
+    assert_eq!(send(), [1, 0, 0], "no table yet: Celery's default queue");
+    kubelet_writes(&dir, "v1", r#"[["app.worker.tasks.reports.*", {"queue": "first"}]]"#);
+    assert_eq!(send(), [1, 1, 0], "the table appeared");
+    kubelet_writes(&dir, "v2", r#"[["app.worker.tasks.reports.*", {"queue": "second"}]]"#);
+    assert_eq!(send(), [1, 1, 1], "the table changed: same process, new queue");
+    kubelet_writes(&dir, "v3", "not json");
+    assert_eq!(send(), [1, 1, 2], "a table that does not parse keeps the last good one");
+    let _ = producer.kill();
+    let _ = producer.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -91,6 +91,11 @@ enum Command {
         /// default): none of them; a TaskQueue asking one shows SpecValid=False naming the field.
         #[arg(long, default_value = "", value_parser = taskqueue_operator::pod_policy::PodPolicy::parse_allow)]
         pod_policy_allow: taskqueue_operator::pod_policy::PodPolicy,
+        /// Broker addresses TaskQueues may name, comma-separated HOST:PORT rules (HOST: a name,
+        /// `*.suffix`, an IP or CIDR, or `*`; PORT: a number or `*`), matched as written in the
+        /// URL. Empty (the default): any address.
+        #[arg(long, default_value = "", value_parser = taskqueue_operator::broker::allow::BrokerAllow::parse)]
+        broker_allow: taskqueue_operator::broker::allow::BrokerAllow,
         /// Reconciles at once (each may hold an API connection; more only adds memory).
         #[arg(long, default_value_t = controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -404,6 +409,7 @@ async fn main() -> ExitCode {
             lease_namespace,
             lease_name,
             pod_policy_allow,
+            broker_allow,
             concurrency,
         } => {
             init_tracing(log_json);
@@ -431,6 +437,7 @@ async fn main() -> ExitCode {
                 leader,
                 concurrency,
                 pod_policy: pod_policy_allow,
+                broker_allow,
                 ..Settings::default()
             };
             // The page on its own loopback listener unless the metrics one is loopback already.

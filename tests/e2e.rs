@@ -341,6 +341,48 @@ async fn a_pod_template_beyond_the_pod_policy_is_refused_until_the_platform_allo
     delete_namespace(&client, &ns).await;
 }
 
+/// With `--broker-allow`, a TaskQueue whose Secret names another address is told so
+/// (`BrokerNotAllowed`) and the operator never connects there, while a TaskQueue on an allowed
+/// broker is read and scaled as usual.
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn a_broker_outside_the_allowed_addresses_is_never_dialled() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "allow").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    // Somewhere else on this host: counts every connection it gets.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = elsewhere.local_addr().unwrap().port();
+    elsewhere.set_nonblocking(true).unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let other =
+        json!({"metadata": {"name": "other-broker"}, "stringData": {"url": format!("redis://127.0.0.1:{port}/0")}});
+    secrets.create(&Default::default(), &serde_json::from_value(other).unwrap()).await.unwrap();
+    create_taskqueue(&client, &ns, pool("allowed", "allowedq", json!({"minReplicas": 0, "pollInterval": "500ms"})))
+        .await;
+    let mut tq = pool("scanner", "scannerq", json!({"minReplicas": 0, "pollInterval": "500ms"}));
+    tq["spec"]["broker"]["urlSecretRef"]["name"] = json!("other-broker");
+    create_taskqueue(&client, &ns, tq).await;
+    let allow = taskqueue_operator::broker::allow::BrokerAllow::parse(&format!("127.0.0.1:{}", redis.port)).unwrap();
+    let operator = Operator::start_with(&client, &ns, |s| s.broker_allow = allow);
+
+    let refused = wait_for("BrokerReachable=False on scanner", T, || async {
+        let t = taskqueue(&client, &ns, "scanner").await;
+        condition(&t, "BrokerReachable").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(refused.1, "BrokerNotAllowed", "{refused:?}");
+    assert!(refused.2.contains(&format!("127.0.0.1:{port}")) && refused.2.contains("brokerAllow"), "{refused:?}");
+    celery(&redis.url(), &["sendq", "allowedq", "1"]);
+    wait_replicas(&client, &ns, "allowed", 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // several polls of both
+    assert!(elsewhere.accept().is_err(), "the operator connected to a broker it may not use");
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
 #[tokio::test]
 #[ignore = "needs the local stack: make test"]
 async fn a_pattern_claimed_twice_goes_to_the_older_taskqueue() {

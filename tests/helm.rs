@@ -202,6 +202,10 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         args.filter(|a| a.starts_with("--pod-policy-allow")).collect()
     };
     assert!(policy_args(&render(&[])).is_empty(), "strict by default");
+    let args = find(&render(&["brokerAllow={redis.celery.svc:6379,10.0.0.0/8:*}"]), "Deployment")["spec"]["template"]
+        ["spec"]["containers"][0]["args"]
+        .clone();
+    assert!(args.as_array().unwrap().contains(&json!("--broker-allow=redis.celery.svc:6379,10.0.0.0/8:*")), "{args}");
     let docs = render(&["podPolicy.allowHostPath=true", "podPolicy.allowServiceAccount=true"]);
     assert_eq!(policy_args(&docs), ["--pod-policy-allow=host-path,service-account"]);
     // `helm test`: a pod of the operator's image runs `check` with a ServiceAccount that may only
@@ -279,6 +283,7 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         ("concurrency=0", "concurrency"),
         ("podPolicy.allowRoot=true", "allowRoot"),
         ("image.digest=latest", "digest"),
+        ("brokerAllow={redis.celery.svc}", "brokerAllow"),
         ("serviceAccount.craete=false", "craete"),
         ("maxBrokerReply=4MB", "maxBrokerReply"),
         ("brokerTimeout=2", "brokerTimeout"),

@@ -43,6 +43,7 @@ fn harness() -> Harness {
         leading: tokio::sync::watch::channel(true).1,
         dashboard: Default::default(),
         pod_policy: Default::default(),
+        broker_allow: Default::default(),
     });
     Harness { ctx, handle, deployments: writer }
 }

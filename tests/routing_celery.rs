@@ -239,7 +239,8 @@ async fn the_example_router_follows_a_changed_table_without_a_restart() {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "sent");
-        let depths: Vec<i64> = ["celery", "first", "second"].iter().map(|q| support::kombu_count(&redis_url, q)).collect();
+        let depths: Vec<i64> =
+            ["celery", "first", "second"].iter().map(|q| support::kombu_count(&redis_url, q)).collect();
         depths
     };
     assert_eq!(send(), [1, 0, 0], "no table yet: Celery's default queue");

@@ -1,6 +1,7 @@
 //! Reading Celery's Redis broker: URL parsing, kombu's key layout, one pipelined read per broker.
 //! The operator only ever reads from the broker.
 
+pub mod allow;
 pub mod dial;
 pub mod heartbeat;
 pub mod keys;

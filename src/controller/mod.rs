@@ -57,6 +57,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// What a podTemplate may ask beyond an ordinary pod (`--pod-policy-allow`).
     pub pod_policy: crate::pod_policy::PodPolicy,
+    /// Which broker addresses TaskQueues may name (`--broker-allow`; empty: any).
+    pub broker_allow: crate::broker::allow::BrokerAllow,
 }
 
 impl Default for Settings {
@@ -72,6 +74,7 @@ impl Default for Settings {
             leader: None,
             concurrency: DEFAULT_CONCURRENCY,
             pod_policy: crate::pod_policy::PodPolicy::default(),
+            broker_allow: crate::broker::allow::BrokerAllow::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ pub async fn run(
         leading: leading.clone(),
         dashboard: settings.dashboard.clone(),
         pod_policy: settings.pod_policy,
+        broker_allow: settings.broker_allow.clone(),
     });
     let mut tasks = JoinSet::new();
     let mut holder = Arc::default();

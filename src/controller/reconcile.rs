@@ -61,6 +61,8 @@ pub struct Context {
     pub dashboard: Arc<Dashboard>,
     /// What a podTemplate may ask beyond an ordinary pod.
     pub pod_policy: PodPolicy,
+    /// Which broker addresses TaskQueues may name.
+    pub broker_allow: crate::broker::allow::BrokerAllow,
 }
 
 impl Context {
@@ -234,6 +236,14 @@ async fn resolve_target(
     let endpoint = BrokerEndpoint::resolve(&url, opts.master_name.as_deref(), ca).map_err(|e| {
         ("InvalidBrokerURL", format!("Secret {ns}/{} key {:?} (spec.broker.urlSecretRef): {e}", sref.name, sref.key))
     })?;
+    if let Some(address) = ctx.broker_allow.refused(&endpoint) {
+        let msg = format!(
+            "the broker URL in Secret {ns}/{} (spec.broker.urlSecretRef) names {address}, which is not among the \
+             brokers this operator may connect to (chart value brokerAllow, run --broker-allow); nothing was dialled",
+            sref.name
+        );
+        return Err(("BrokerNotAllowed", msg));
+    }
     Ok(Target {
         endpoint,
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),

@@ -202,6 +202,20 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
         args.filter(|a| a.starts_with("--pod-policy-allow")).collect()
     };
     assert!(policy_args(&render(&[])).is_empty(), "strict by default");
+    // The optional NetworkPolicy: only the metrics port, only from the listed peers.
+    assert!(!kinds(&render(&[])).contains(&"NetworkPolicy/ops".to_string()), "off by default");
+    let docs = render(&[
+        "networkPolicy.enabled=true",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring",
+    ]);
+    let np = &find(&docs, "NetworkPolicy")["spec"];
+    assert_eq!(np["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "tq");
+    assert_eq!(np["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        np["ingress"],
+        json!([{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}])
+    );
     let args = find(&render(&["brokerAllow={redis.celery.svc:6379,10.0.0.0/8:*}"]), "Deployment")["spec"]["template"]
         ["spec"]["containers"][0]["args"]
         .clone();

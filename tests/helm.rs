@@ -383,6 +383,7 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
         Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
             .args(["run", "--namespace", &work, "--broker-timeout", "1s", "--metrics-addr"])
             .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(format!("--lease-name={release}")) // as the chart's pods run it
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", &release_ns)
             .env("POD_NAME", format!("{release}-0"))

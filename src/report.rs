@@ -6,7 +6,8 @@ use crate::crd::TaskQueue;
 
 /// Conditions that are fine when True; the others (`ScalingLimited`, `Paused`, `QueueShared`)
 /// are worth a look when True.
-const GOOD_WHEN_TRUE: &[&str] = &["Ready", "SpecValid", "BrokerReachable", "DeploymentOwned", "RoutesAccepted"];
+const GOOD_WHEN_TRUE: &[&str] =
+    &["Ready", "SpecValid", "BrokerReachable", "DeploymentOwned", "RoutesAccepted", "WorkersHeard"];
 
 /// The conditions of `tq` that are not OK, as `Type=Status(Reason)`.
 pub fn not_ok(tq: &TaskQueue) -> Vec<String> {

@@ -260,6 +260,12 @@ fn any_stored_spec_is_handled_without_panicking() {
                 broker,
                 deployment: observed,
                 routes: RoutesView::Published("r".into()),
+                // Any answer of the heartbeats, including a pool never heard with pods Ready.
+                heard: (outage % 3 != 0).then(|| taskqueue_operator::controller::poller::Heard {
+                    live: (outage % 2) as usize,
+                    pool: "p@d".into(),
+                    channel: "/0.celeryev/worker.heartbeat".into(),
+                }),
                 memory: Memory { unknown_since: Some(t0), ..Memory::default() },
                 now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
                 instant: t0 + Duration::from_secs(outage),

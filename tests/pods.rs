@@ -683,3 +683,47 @@ async fn container_restarts(client: &kube::Client, ns: &str) -> i32 {
         .map(|c| c.restart_count)
         .sum()
 }
+
+/// A pool whose `globalKeyprefix` is not the app's: its pods run and are Ready, but the
+/// operator hears none of their workers (kombu prefixes the event channels too) and counts
+/// lists nobody fills. After 60 s of Ready pods unheard, `WorkersHeard=False` names the setting;
+/// set right, the workers are heard and it turns True.
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn a_pool_whose_key_prefix_is_not_the_apps_says_which_setting() {
+    let _node = NODE.read().await;
+    let Some((_, client, ns, _redis)) =
+        setup("a_pool_whose_key_prefix_is_not_the_apps_says_which_setting", "prefix").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&client, &ns);
+    let mut tq = real_pool("pfx", "pfxq", json!({"minReplicas": 1, "maxReplicas": 2, "pollInterval": "1s"}));
+    tq["spec"]["broker"]["transportOptions"] = json!({"globalKeyprefix": "other:"});
+    create_taskqueue(&client, &ns, tq).await;
+    wait_for("the pool's pod Ready", T, || async { (!ready_pods(&client, &ns, "pfx").await.is_empty()).then_some(()) })
+        .await;
+    let ready_at = std::time::Instant::now();
+    let heard = |status: &'static str| {
+        let (client, ns) = (client.clone(), ns.clone());
+        async move {
+            wait_for(&format!("WorkersHeard={status}"), T, || async {
+                let t = taskqueue(&client, &ns, "pfx").await;
+                condition(&t, "WorkersHeard").filter(|c| c.0 == status).map(|c| c.2)
+            })
+            .await
+        }
+    };
+    let message = heard("False").await;
+    println!("WorkersHeard=False {:.0} s after the pod was Ready: {message}", ready_at.elapsed().as_secs_f64());
+    assert!(message.contains("globalKeyprefix") && message.contains("other:/0.celeryev/worker.heartbeat"), "{message}");
+    assert!(!events(&client, &ns, "pfx", "WorkersNotHeard").await.is_empty(), "a Warning Event too");
+
+    let api: Api<taskqueue_operator::crd::TaskQueue> = Api::namespaced(client.clone(), &ns);
+    let fix = kube::api::Patch::Merge(json!({"spec": {"broker": {"transportOptions": {"globalKeyprefix": ""}}}}));
+    api.patch("pfx", &Default::default(), &fix).await.unwrap();
+    let message = heard("True").await;
+    println!("after the fix: WorkersHeard=True: {message}");
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}

@@ -93,6 +93,14 @@ impl Workers {
         self.beats.get(hostname).filter(|b| alive(b, now)).map(|b| b.active)
     }
 
+    /// Live workers of `pool` (see [`pool_of`]) at `now`, once this subscription has listened
+    /// for `settle` (None before: a worker may not have beaten yet).
+    pub fn live_in_pool(&self, pool: &str, now: Instant, settle: Duration) -> Option<usize> {
+        self.listening
+            .filter(|l| now.saturating_duration_since(*l) >= settle)
+            .map(|_| self.beats.iter().filter(|(h, b)| alive(b, now) && pool_of(h).as_deref() == Some(pool)).count())
+    }
+
     /// Workers alive at `now`.
     pub fn live(&self, now: Instant) -> usize {
         self.beats.values().filter(|b| alive(b, now)).count()

@@ -30,6 +30,8 @@ pub struct Memory {
     pub rejected: Option<Rejected>,
     /// Our last status write.
     pub status_write: Option<StatusWrite>,
+    /// Since when the pool has had Ready pods (for `WorkersHeard`).
+    pub ready_since: Option<Instant>,
 }
 
 /// A status write: a hash of what it said, and when. The watch cache shows our own write a

@@ -15,10 +15,11 @@ use kube::ResourceExt;
 
 use super::conditions::{
     find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, QUEUE_SHARED, READY, ROUTES_ACCEPTED,
-    SCALING_LIMITED, SPEC_VALID,
+    SCALING_LIMITED, SPEC_VALID, WORKERS_HEARD,
 };
 use super::deployment::{self, owned_by, selector_string};
 use super::memory::{Applied, Memory};
+use super::poller::Heard;
 use crate::broker::unacked::{TAG_PAGE, TAG_PAGES};
 use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
 use crate::demand::{self, Demand, QueueReading};
@@ -27,6 +28,9 @@ use crate::validate::{InvalidSpec, ValidSpec};
 
 /// A refused Deployment template is tried again after this long (or at once when it changes).
 pub const REJECT_RETRY: Duration = Duration::from_secs(60);
+/// Ready pods whose workers are not heard by heartbeat for this long make `WorkersHeard=False`.
+const NOT_HEARD_AFTER: Duration = Duration::from_secs(60);
+
 /// A Deployment someone else owns is looked at again this often: its removal raises no event
 /// here (only Deployments labelled as ours are watched).
 const FOREIGN_RECHECK: Duration = Duration::from_secs(60);
@@ -39,6 +43,8 @@ pub struct Seen {
     /// The Deployment named like the TaskQueue, ours or not.
     pub deployment: Option<Deployment>,
     pub routes: RoutesView,
+    /// What the heartbeats say of this pool (None: not registered or not listened long enough).
+    pub heard: Option<Heard>,
     pub memory: Memory,
     /// Wall clock (whole seconds) for condition and scale times.
     pub now: Time,
@@ -358,6 +364,41 @@ impl Draft<'_> {
         self.out.requeue = Some(FOREIGN_RECHECK);
     }
 
+    /// `WorkersHeard`: once the pool has had Ready pods for `NOT_HEARD_AFTER`, whether any of
+    /// its workers is heard by heartbeat on the channel the operator listens to. None heard
+    /// means the operator's key prefix (or broker, or db) is not the app's: it then counts
+    /// lists nobody uses and cannot tell busy pods from idle ones. Returns when to look again.
+    fn workers_heard(&mut self, ready: i32) -> Option<Duration> {
+        let now = self.seen.instant;
+        self.memory.ready_since = (ready > 0).then(|| self.memory.ready_since.unwrap_or(now));
+        let (Some(since), Some(heard)) = (self.memory.ready_since, self.seen.heard.as_ref()) else {
+            self.conds.keep(WORKERS_HEARD);
+            return None;
+        };
+        if heard.live > 0 {
+            let msg = format!("the pool's workers send heartbeats on {}", heard.channel);
+            self.conds.set(WORKERS_HEARD, true, "Heard", msg);
+            return None;
+        }
+        if now < since + NOT_HEARD_AFTER {
+            self.conds.keep(WORKERS_HEARD);
+            return Some(since + NOT_HEARD_AFTER - now);
+        }
+        let msg = format!(
+            "worker pods have been Ready for over {}s, but no worker of the pool ({}-...) sends heartbeats on {}: \
+             the operator reads keys under a prefix the app does not use, so it counts lists nobody fills and cannot \
+             tell busy pods from idle ones. Check spec.broker.transportOptions.globalKeyprefix against the app's \
+             broker_transport_options global_keyprefix (kombu prefixes the event channels too), and that the workers \
+             use this broker URL and db",
+            NOT_HEARD_AFTER.as_secs(),
+            heard.pool,
+            heard.channel
+        );
+        self.conds.set(WORKERS_HEARD, false, "WorkersNotHeard", msg);
+        self.warn_on_failure(WORKERS_HEARD);
+        None
+    }
+
     /// The main path: decide the replicas, build the Deployment, say why.
     fn scale(&mut self, valid: &ValidSpec, observed: Option<&Deployment>, demand: Option<Demand>) {
         let name = self.tq.name_any();
@@ -413,6 +454,7 @@ impl Draft<'_> {
         } else {
             self.conds.set(READY, true, "WorkersReady", format!("{ready}/{} worker pods ready", decision.replicas));
         }
+        let heard_at = self.workers_heard(ready);
         // Nothing is looked at on a timer unless something is due: the poller wakes us when a
         // reading changes, the watches when the spec or the Deployment do, the Secret
         // refresher when a Secret does. A pending scale-down or step, or an unread broker,
@@ -424,6 +466,9 @@ impl Draft<'_> {
         if let Some(due) = demand.and_then(|d| d.next_due) {
             let due = due + Duration::from_secs(1);
             requeue = Some(requeue.map_or(due, |r| r.min(due)));
+        }
+        if let Some(at) = heard_at {
+            requeue = Some(requeue.map_or(at, |r| r.min(at)));
         }
         self.out.requeue = requeue;
     }
@@ -602,6 +647,8 @@ fn event_reason(reason: &str) -> &'static str {
         "BrokerReadFailed",
         "BrokerReplyRejected",
         "BrokerPermissionDenied",
+        "BrokerNotAllowed",
+        "WorkersNotHeard",
     ];
     KNOWN.iter().copied().find(|k| *k == reason).unwrap_or("Warning")
 }
@@ -652,6 +699,7 @@ mod tests {
             broker,
             deployment,
             routes: RoutesView::Published("0 route(s)".into()),
+            heard: None,
             memory,
             now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
             instant: t0() + Duration::from_secs(100),
@@ -659,6 +707,44 @@ mod tests {
     }
 
     /// Our Deployment for `tq` at `replicas`, as stored at `generation`.
+    #[test]
+    fn ready_pods_whose_workers_are_never_heard_name_the_key_prefix() {
+        let tq = plain();
+        let mut d = ours(&tq, 2, 1);
+        d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+            replicas: Some(2),
+            ready_replicas: Some(2),
+            ..Default::default()
+        });
+        let heard = |live| Heard { live, pool: "ai-worker@ai".into(), channel: "/0.celeryev/worker.heartbeat".into() };
+        let at = |secs: u64, live: usize, memory: Memory| Seen {
+            instant: t0() + Duration::from_secs(secs),
+            heard: Some(heard(live)),
+            ..seen(&tq, read(2), Some(d.clone()), memory)
+        };
+        let cond = |p: &Plan| find(&p.status.conditions, WORKERS_HEARD).map(|c| (c.status.clone(), c.reason.clone()));
+        // Ready since t=100, nobody heard: nothing said yet, but a look is due by t=160.
+        let first = plan(&tq, &at(100, 0, wrote(&d, 1)));
+        assert_eq!(cond(&first), None);
+        assert!(first.requeue.is_some_and(|r| r <= Duration::from_secs(60)), "{:?}", first.requeue);
+        let later = plan(&tq, &at(161, 0, first.memory.clone()));
+        assert_eq!(cond(&later), Some(("False".into(), "WorkersNotHeard".into())));
+        let c = find(&later.status.conditions, WORKERS_HEARD).unwrap();
+        assert!(
+            c.message.contains("globalKeyprefix") && c.message.contains("/0.celeryev/worker.heartbeat"),
+            "{}",
+            c.message
+        );
+        let warnings: Vec<_> = later.events.iter().filter(|e| e.type_ == EventType::Warning).collect();
+        assert!(warnings.len() == 1 && warnings[0].reason == "WorkersNotHeard", "one Warning: {warnings:?}");
+        // Heard: True, the same words every time (no status write per heartbeat count).
+        let heard_now = plan(&tq, &at(170, 2, later.memory.clone()));
+        assert_eq!(cond(&heard_now), Some(("True".into(), "Heard".into())));
+        // Not listened long enough (None): nothing judged.
+        let unsure = plan(&tq, &Seen { heard: None, ..at(300, 0, first.memory.clone()) });
+        assert_eq!(cond(&unsure), None);
+    }
+
     fn ours(tq: &TaskQueue, replicas: i32, generation: i64) -> Deployment {
         let mut d = deployment::build(tq, validate(&tq.spec, "ai").as_ref().unwrap(), replicas);
         d.metadata.generation = Some(generation).filter(|g| *g > 0);

@@ -48,6 +48,17 @@ pub struct Target {
     pub pool: String,
 }
 
+/// What the heartbeats say of one pool (see [`BrokerState::heard`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Heard {
+    /// Its workers alive by heartbeat.
+    pub live: usize,
+    /// `<nodeName>@<Deployment>`.
+    pub pool: String,
+    /// The heartbeat channel listened to.
+    pub channel: String,
+}
+
 /// The latest read for one TaskQueue: one entry per query of its target, in order.
 #[derive(Clone, Debug)]
 pub struct Reading {
@@ -252,6 +263,21 @@ impl BrokerState {
             reading.at = reading.at.max(last);
         }
         Some(reading)
+    }
+
+    /// Whether the workers of a registered TaskQueue's pool are heard: how many are alive by
+    /// heartbeat and the channel listened to; None until the subscription has listened for
+    /// two heartbeat intervals.
+    pub fn heard(&self, key: &Key, now: Instant) -> Option<Heard> {
+        let (pool, prefix, db) = {
+            let targets = self.targets.lock().expect("lock");
+            let t = targets.target_of.get(key)?;
+            (t.pool.clone(), t.queries.first()?.prefix.clone(), t.endpoint.db)
+        };
+        let workers = self.workers(key)?;
+        let live = workers.lock().expect("lock").live_in_pool(&pool, now, Duration::from_secs(10))?;
+        let channel = crate::broker::heartbeat::channels(&prefix, db).swap_remove(1);
+        Some(Heard { live, pool, channel })
     }
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).

@@ -154,6 +154,7 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
         broker,
         deployment,
         routes: observe_routes(ctx, tq),
+        heard: ctx.broker.heard(key, Instant::now()),
         memory,
         now: Time(jiff::Timestamp::from_second(now).unwrap_or(jiff::Timestamp::UNIX_EPOCH)),
         instant: Instant::now(),

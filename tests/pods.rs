@@ -720,7 +720,7 @@ async fn a_pool_whose_key_prefix_is_not_the_apps_says_which_setting() {
     assert!(!events(&client, &ns, "pfx", "WorkersNotHeard").await.is_empty(), "a Warning Event too");
 
     let api: Api<taskqueue_operator::crd::TaskQueue> = Api::namespaced(client.clone(), &ns);
-    let fix = kube::api::Patch::Merge(json!({"spec": {"broker": {"transportOptions": {"globalKeyprefix": ""}}}}));
+    let fix = kube::api::Patch::Merge(json!({"spec": {"broker": {"transportOptions": {"globalKeyprefix": null}}}}));
     api.patch("pfx", &Default::default(), &fix).await.unwrap();
     let message = heard("True").await;
     println!("after the fix: WorkersHeard=True: {message}");

@@ -30,6 +30,10 @@ use crate::validate::{InvalidSpec, ValidSpec};
 pub const REJECT_RETRY: Duration = Duration::from_secs(60);
 /// Ready pods whose workers are not heard by heartbeat for this long make `WorkersHeard=False`.
 const NOT_HEARD_AFTER: Duration = Duration::from_secs(60);
+/// While the heartbeat subscription settles, look again this often.
+const HEARD_SETTLE: Duration = Duration::from_secs(5);
+/// While `WorkersHeard=False`, look again this often (a fix in the app raises no event here).
+const NOT_HEARD_RECHECK: Duration = Duration::from_secs(30);
 
 /// A Deployment someone else owns is looked at again this often: its removal raises no event
 /// here (only Deployments labelled as ours are watched).
@@ -371,19 +375,29 @@ impl Draft<'_> {
     fn workers_heard(&mut self, ready: i32) -> Option<Duration> {
         let now = self.seen.instant;
         self.memory.ready_since = (ready > 0).then(|| self.memory.ready_since.unwrap_or(now));
-        let (Some(since), Some(heard)) = (self.memory.ready_since, self.seen.heard.as_ref()) else {
+        let Some(since) = self.memory.ready_since else {
             self.conds.keep(WORKERS_HEARD);
             return None;
         };
-        if heard.live > 0 {
-            let msg = format!("the pool's workers send heartbeats on {}", heard.channel);
-            self.conds.set(WORKERS_HEARD, true, "Heard", msg);
-            return None;
-        }
-        if now < since + NOT_HEARD_AFTER {
-            self.conds.keep(WORKERS_HEARD);
-            return Some(since + NOT_HEARD_AFTER - now);
-        }
+        let due = since + NOT_HEARD_AFTER;
+        // Heartbeats trigger no reconcile: each case says when to look again.
+        let heard = match &self.seen.heard {
+            // The subscription is younger than two heartbeats (or not up yet): soon.
+            None => {
+                self.conds.keep(WORKERS_HEARD);
+                return Some(HEARD_SETTLE);
+            }
+            Some(h) if h.live > 0 => {
+                let msg = format!("the pool's workers send heartbeats on {}", h.channel);
+                self.conds.set(WORKERS_HEARD, true, "Heard", msg);
+                return None;
+            }
+            Some(_) if now < due => {
+                self.conds.keep(WORKERS_HEARD);
+                return Some(due - now);
+            }
+            Some(h) => h.clone(),
+        };
         let msg = format!(
             "worker pods have been Ready for over {}s, but no worker of the pool ({}-...) sends heartbeats on {}: \
              the operator reads keys under a prefix the app does not use, so it counts lists nobody fills and cannot \
@@ -396,7 +410,8 @@ impl Draft<'_> {
         );
         self.conds.set(WORKERS_HEARD, false, "WorkersNotHeard", msg);
         self.warn_on_failure(WORKERS_HEARD);
-        None
+        // A fix in the app (not the spec) changes nothing the operator watches: look again.
+        Some(NOT_HEARD_RECHECK)
     }
 
     /// The main path: decide the replicas, build the Deployment, say why.
@@ -741,8 +756,10 @@ mod tests {
         let heard_now = plan(&tq, &at(170, 2, later.memory.clone()));
         assert_eq!(cond(&heard_now), Some(("True".into(), "Heard".into())));
         // Not listened long enough (None): nothing judged.
+        assert_eq!(later.requeue, Some(Duration::from_secs(30)), "while not heard, looked at again");
         let unsure = plan(&tq, &Seen { heard: None, ..at(300, 0, first.memory.clone()) });
         assert_eq!(cond(&unsure), None);
+        assert_eq!(unsure.requeue, Some(Duration::from_secs(5)), "the subscription settles: soon again");
     }
 
     fn ours(tq: &TaskQueue, replicas: i32, generation: i64) -> Deployment {

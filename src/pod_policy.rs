@@ -44,37 +44,37 @@ impl PodPolicy {
     pub fn parse_allow(list: &str) -> Result<Self, String> {
         let mut p = PodPolicy::default();
         for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
-            match word {
-                "privileged" => p.privileged = true,
-                "host-namespaces" => p.host_namespaces = true,
-                "host-path" => p.host_path = true,
-                "run-as-root" => p.run_as_root = true,
-                "service-account" => p.service_account = true,
-                _ => {
-                    let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
-                    return Err(format!("{word:?} is not a pod policy kind; use {}", known.join(", ")));
-                }
-            }
+            let Some(flag) = p.flag(word) else {
+                let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
+                return Err(format!("{word:?} is not a pod policy kind; use {}", known.join(", ")));
+            };
+            *flag = true;
         }
         Ok(p)
     }
 
-    fn allows(&self, kind: &str) -> bool {
+    /// The flag of a `--pod-policy-allow` word.
+    fn flag(&mut self, kind: &str) -> Option<&mut bool> {
         match kind {
-            "privileged" => self.privileged,
-            "host-namespaces" => self.host_namespaces,
-            "host-path" => self.host_path,
-            "run-as-root" => self.run_as_root,
-            _ => self.service_account,
+            "privileged" => Some(&mut self.privileged),
+            "host-namespaces" => Some(&mut self.host_namespaces),
+            "host-path" => Some(&mut self.host_path),
+            "run-as-root" => Some(&mut self.run_as_root),
+            "service-account" => Some(&mut self.service_account),
+            _ => None,
         }
+    }
+
+    fn allows(&self, kind: &str) -> bool {
+        let mut copy = *self;
+        copy.flag(kind).is_some_and(|f| *f)
     }
 }
 
 impl fmt::Display for PodPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let allowed: Vec<&str> = KINDS.iter().map(|(k, _)| *k).filter(|k| self.allows(k)).collect();
-        f.write_str(if allowed.is_empty() { "nothing" } else { "" })?;
-        f.write_str(&allowed.join(","))
+        f.write_str(if allowed.is_empty() { "nothing".to_string() } else { allowed.join(",") }.as_str())
     }
 }
 

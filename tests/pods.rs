@@ -50,19 +50,6 @@ async fn ready_pods(client: &kube::Client, ns: &str, name: &str) -> Vec<String> 
     pods.list(&lp).await.unwrap().items.into_iter().filter(pod_ready).filter_map(|p| p.metadata.name).collect()
 }
 
-/// `GET path` on `ip:port`: the status code and the body.
-async fn http_get(ip: &str, port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect((ip, port)).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
-}
-
 async fn hlen(url: &str, key: &str) -> i64 {
     let mut c = redis_conn(url).await;
     redis::cmd("HLEN").arg(key).query_async(&mut c).await.unwrap()
@@ -218,10 +205,10 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
         .find(|p| p.metadata.name.as_deref() == Some(leader.as_str()))
         .and_then(|p| p.status?.pod_ip)
         .expect("the leader pod's IP");
-    let (status, body) = http_get(&ip, 8080, "/").await;
+    let (status, body) = http_get_at(&ip, 8080, "/");
     assert!(status == 404 && body.contains("loopback"), "{status} {body}");
-    assert_eq!(http_get(&ip, 8080, "/api/taskqueues").await.0, 404);
-    let (status, body) = http_get(&ip, 8080, "/metrics").await;
+    assert_eq!(http_get_at(&ip, 8080, "/api/taskqueues").0, 404);
+    let (status, body) = http_get_at(&ip, 8080, "/metrics");
     assert!(status == 200 && body.contains("taskqueue_leader 1"), "{status} {body}");
     let mut forward = std::process::Command::new("kubectl")
         .args(["port-forward", "-n", &ops, &format!("pod/{leader}"), "18081:8081"])
@@ -231,7 +218,7 @@ async fn the_chart_runs_the_operator_in_the_cluster_and_a_killed_leader_is_repla
     let page = wait_for("the page through kubectl port-forward", Duration::from_secs(30), || async {
         let s = tokio::net::TcpStream::connect(("127.0.0.1", 18081)).await.ok()?;
         drop(s);
-        Some(http_get("127.0.0.1", 18081, "/api/taskqueues").await)
+        Some(http_get_at("127.0.0.1", 18081, "/api/taskqueues"))
     })
     .await;
     let _ = forward.kill();

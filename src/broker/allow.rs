@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 
+use super::url::bracketed;
 use super::BrokerEndpoint;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,13 +45,7 @@ impl BrokerAllow {
         }
         let mut addresses = vec![(endpoint.host.as_str(), endpoint.port)];
         addresses.extend(endpoint.sentinels.iter().map(|(h, p)| (h.as_str(), *p)));
-        addresses.into_iter().find(|(h, p)| !self.permits(h, *p)).map(|(h, p)| {
-            if h.contains(':') {
-                format!("[{h}]:{p}")
-            } else {
-                format!("{h}:{p}")
-            }
-        })
+        addresses.into_iter().find(|(h, p)| !self.permits(h, *p)).map(|(h, p)| format!("{}:{p}", bracketed(h)))
     }
 
     fn permits(&self, host: &str, port: u16) -> bool {

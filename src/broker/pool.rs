@@ -140,7 +140,7 @@ async fn master_addr(
     // Some sentinel replied (unknown master / an error reply) as opposed to none being reachable.
     let (mut unknown, mut refused) = (false, false);
     for (host, port) in &endpoint.sentinels {
-        let at = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let at = format!("{}:{port}", super::url::bracketed(host));
         let ask = async {
             let (mut conn, _, _) =
                 dial::connect(&sentinel, (host, *port), timeout, limits, Counter::default())

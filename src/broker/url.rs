@@ -213,7 +213,8 @@ impl BrokerEndpoint {
     }
 }
 
-fn bracketed(host: &str) -> String {
+/// `host`, in brackets when it is an IPv6 address (as it is written before `:port`).
+pub(crate) fn bracketed(host: &str) -> String {
     if host.contains(':') {
         format!("[{host}]")
     } else {

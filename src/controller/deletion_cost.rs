@@ -11,23 +11,19 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
+use super::deployment::controller_uid;
+
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// The pods of `pods` that a ReplicaSet of the Deployment with uid `deployment` controls. Labels
 /// alone would also take another chart's pods that happen to carry the worker labels.
 pub fn owned_pods(pods: Vec<Pod>, replicasets: &[ReplicaSet], deployment: &str) -> Vec<Pod> {
-    let controller_uid = |refs: Option<&Vec<_>>| -> Option<String> {
-        let refs: &Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference> = refs?;
-        refs.iter().find(|r| r.controller == Some(true)).map(|r| r.uid.clone())
-    };
-    let ours: Vec<String> = replicasets
+    let ours: Vec<&str> = replicasets
         .iter()
-        .filter(|rs| controller_uid(rs.metadata.owner_references.as_ref()).as_deref() == Some(deployment))
-        .filter_map(|rs| rs.metadata.uid.clone())
+        .filter(|rs| controller_uid(*rs) == Some(deployment))
+        .filter_map(|rs| rs.metadata.uid.as_deref())
         .collect();
-    pods.into_iter()
-        .filter(|p| controller_uid(p.metadata.owner_references.as_ref()).is_some_and(|uid| ours.contains(&uid)))
-        .collect()
+    pods.into_iter().filter(|p| controller_uid(p).is_some_and(|uid| ours.contains(&uid))).collect()
 }
 
 /// `(pod name, cost)` for every live pod whose annotation must change.

@@ -230,8 +230,12 @@ fn is_empty(v: &Value) -> bool {
 
 /// True when `d` is controlled by this TaskQueue (same uid), i.e. ours to manage.
 pub fn owned_by(d: &Deployment, tq: &TaskQueue) -> bool {
-    let uid = tq.meta().uid.as_deref();
-    d.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+    controller_uid(d).is_some_and(|uid| tq.meta().uid.as_deref() == Some(uid))
+}
+
+/// The uid of the object's controller (the owner reference marked `controller`, at most one).
+pub fn controller_uid(obj: &impl Resource) -> Option<&str> {
+    obj.meta().owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
 }
 
 #[cfg(test)]

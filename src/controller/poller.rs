@@ -269,24 +269,26 @@ impl BrokerState {
     /// heartbeat and the channel listened to; None until the subscription has listened for
     /// two heartbeat intervals.
     pub fn heard(&self, key: &Key, now: Instant) -> Option<Heard> {
-        let (pool, prefix, db) = {
-            let targets = self.targets.lock().expect("lock");
-            let t = targets.target_of.get(key)?;
-            (t.pool.clone(), t.queries.first()?.prefix.clone(), t.endpoint.db)
-        };
-        let workers = self.workers(key)?;
-        let live = workers.lock().expect("lock").live_in_pool(&pool, now, Duration::from_secs(10))?;
-        let channel = crate::broker::heartbeat::channels(&prefix, db).swap_remove(1);
-        Some(Heard { live, pool, channel })
+        let target = self.target(key)?;
+        let workers = self.workers_of(&target)?;
+        let live = workers.lock().expect("lock").live_in_pool(&target.pool, now, Duration::from_secs(10))?;
+        let prefix = &target.queries.first()?.prefix;
+        let channel = crate::broker::heartbeat::channels(prefix, target.endpoint.db).swap_remove(1);
+        Some(Heard { live, pool: target.pool.clone(), channel })
     }
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
     pub fn workers(&self, key: &Key) -> Option<SharedWorkers> {
-        let subscription = {
-            let targets = self.targets.lock().expect("lock");
-            let target = targets.target_of.get(key)?;
-            (target.endpoint.clone(), target.queries.first()?.prefix.clone())
-        };
+        self.workers_of(&*self.target(key)?)
+    }
+
+    fn target(&self, key: &Key) -> Option<Arc<Target>> {
+        self.targets.lock().expect("lock").target_of.get(key).cloned()
+    }
+
+    /// The heartbeat subscription's workers for `target`'s broker and key prefix.
+    fn workers_of(&self, target: &Target) -> Option<SharedWorkers> {
+        let subscription = (target.endpoint.clone(), target.queries.first()?.prefix.clone());
         self.heartbeats.lock().expect("lock").get(&subscription).map(|(w, _, _)| w.clone())
     }
 

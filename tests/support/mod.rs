@@ -629,9 +629,14 @@ pub async fn routes_configmap(client: &kube::Client, ns: &str) -> Option<String>
 
 /// `GET path` on the operator's metrics port: (status code, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// `GET path` on `host:port`: (status code, body).
+pub fn http_get_at(host: &str, port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port open");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut s = std::net::TcpStream::connect((host, port)).expect("port open");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
     let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

@@ -129,45 +129,154 @@ pub struct Refused {
     pub message: String,
 }
 
-/// Every word of `args` that sets an option the operator owns.
-pub fn refused_options(args: &[String]) -> Vec<Refused> {
+/// An option's name as written: `--name` or `-c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Name<'a> {
+    Long(&'a str),
+    Short(char),
+}
+
+/// One option of an argument list, read as click reads `celery worker`'s.
+#[derive(Debug)]
+struct Opt<'a> {
+    /// Index of the word the option starts in.
+    index: usize,
+    name: Name<'a>,
+    value: Option<&'a str>,
+}
+
+/// The options of `args`, in order: `--name=value`, `--name value` (for options that take a
+/// value), `-cVALUE`, `-c VALUE` and bundled flags (`-ED`); a value word is not read as an
+/// option, and `--` ends the options.
+fn options(args: &[String]) -> Vec<Opt<'_>> {
     let mut out = Vec::new();
-    let mut skip_value = false;
-    for (index, arg) in args.iter().enumerate() {
-        if std::mem::take(&mut skip_value) {
-            continue;
-        }
+    let mut i = 0;
+    while i < args.len() {
+        let (index, arg) = (i, args[i].as_str());
         if arg == "--" {
             break;
         }
-        let mut refuse = |o: &Owned| {
-            out.push(Refused {
-                index,
-                message: format!("{arg:?} sets {}, which the operator owns; {}", o.what, o.instead),
-            })
+        let mut next_word = || {
+            i += 1;
+            args.get(i).map(String::as_str)
         };
         if let Some(long) = arg.strip_prefix("--") {
-            let (name, value) = long.split_once('=').map_or((long, None), |(n, v)| (n, Some(v)));
-            if let Some(o) = OWNED.iter().find(|o| o.long.contains(&name)) {
-                refuse(o);
-            }
-            skip_value = value.is_none() && LONG_WITH_VALUE.contains(&name);
+            let (name, inline) = long.split_once('=').map_or((long, None), |(n, v)| (n, Some(v)));
+            let value = match inline {
+                Some(v) => Some(v),
+                None if LONG_WITH_VALUE.contains(&name) => next_word(),
+                None => None,
+            };
+            out.push(Opt { index, name: Name::Long(name), value });
         } else if let Some(letters) = arg.strip_prefix('-').filter(|l| !l.is_empty()) {
-            for (i, c) in letters.char_indices() {
-                if let Some(o) = OWNED.iter().find(|o| o.short == Some(c)) {
-                    refuse(o);
-                }
+            for (j, c) in letters.char_indices() {
                 if SHORT_WITH_VALUE.contains(c) {
-                    skip_value = i + c.len_utf8() == letters.len();
+                    let rest = &letters[j + c.len_utf8()..];
+                    let value = if rest.is_empty() { next_word() } else { Some(rest) };
+                    out.push(Opt { index, name: Name::Short(c), value });
                     break;
                 }
+                out.push(Opt { index, name: Name::Short(c), value: None });
                 if !SHORT_FLAGS.contains(c) {
                     break;
                 }
             }
         }
+        i += 1;
     }
     out
+}
+
+impl Name<'_> {
+    fn is(&self, long: &[&str], short: Option<char>) -> bool {
+        match *self {
+            Name::Long(n) => long.contains(&n),
+            Name::Short(c) => short == Some(c),
+        }
+    }
+}
+
+/// Every word of `args` that sets an option the operator owns.
+pub fn refused_options(args: &[String]) -> Vec<Refused> {
+    let mut out = Vec::new();
+    for opt in options(args) {
+        if let Some(o) = OWNED.iter().find(|o| opt.name.is(o.long, o.short)) {
+            let arg = &args[opt.index];
+            out.push(Refused {
+                index: opt.index,
+                message: format!("{arg:?} sets {}, which the operator owns; {}", o.what, o.instead),
+            });
+        }
+    }
+    out
+}
+
+/// What a `celery worker` command line says about what the operator relies on (read from a
+/// Deployment it scales but did not write).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerCommand {
+    /// `-Q`: None when not given (the app's default queue, `celery` unless `task_default_queue`
+    /// says otherwise).
+    pub queues: Option<Vec<String>>,
+    /// `-X`: queues excluded.
+    pub exclude: Vec<String>,
+    /// `-c`, as written.
+    pub concurrency: Option<String>,
+    pub autoscale: bool,
+    /// `-n`, as written.
+    pub hostname: Option<String>,
+    pub without_heartbeat: bool,
+    pub beat: bool,
+    pub detach: bool,
+}
+
+/// Global options of `celery` that take a value (before the subcommand).
+const GLOBAL_WITH_VALUE: &[&str] =
+    &["-A", "--app", "-b", "--broker", "--result-backend", "--loader", "--config", "--workdir"];
+
+/// The `celery [global options] worker [options]` in `words` (a wrapper may come first:
+/// `ddtrace-run celery …`, `python -m celery …`); None when no word starts a Celery worker.
+pub fn read_worker(words: &[String]) -> Option<WorkerCommand> {
+    let is_celery = |w: &str| w == "celery" || w.ends_with("/celery");
+    let start = words.iter().position(|w| is_celery(w))?;
+    // The first word after `celery` that is neither an option nor an option's value is the
+    // subcommand.
+    let mut i = start + 1;
+    loop {
+        let w = words.get(i)?.as_str();
+        if w == "worker" {
+            break;
+        }
+        if !w.starts_with('-') {
+            return None; // beat, flower, inspect, ...
+        }
+        i += if GLOBAL_WITH_VALUE.contains(&w) { 2 } else { 1 };
+    }
+    let mut cmd = WorkerCommand::default();
+    let list = |v: Option<&str>| -> Vec<String> {
+        v.unwrap_or_default().split(',').map(str::trim).filter(|q| !q.is_empty()).map(String::from).collect()
+    };
+    for opt in options(&words[i + 1..]) {
+        let n = opt.name;
+        if n.is(&["queues"], Some('Q')) {
+            cmd.queues = Some(list(opt.value));
+        } else if n.is(&["exclude-queues"], Some('X')) {
+            cmd.exclude = list(opt.value);
+        } else if n.is(&["concurrency"], Some('c')) {
+            cmd.concurrency = opt.value.map(String::from);
+        } else if n.is(&["autoscale"], None) {
+            cmd.autoscale = true;
+        } else if n.is(&["hostname"], Some('n')) {
+            cmd.hostname = opt.value.map(String::from);
+        } else if n.is(&["without-heartbeat"], None) {
+            cmd.without_heartbeat = true;
+        } else if n.is(&["beat"], Some('B')) {
+            cmd.beat = true;
+        } else if n.is(&["detach"], Some('D')) {
+            cmd.detach = true;
+        }
+    }
+    Some(cmd)
 }
 
 /// What is wrong with `spec.worker.commandPrefix`, one message per problem word.
@@ -264,6 +373,33 @@ mod tests {
         assert!(
             r[0].message.contains("\"-c\" sets the concurrency") && r[0].message.contains("spec.worker.concurrency")
         );
+    }
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_worker_command_is_read_after_any_wrapper() {
+        let read = |s: &str| read_worker(&words(s));
+        let full = read("ddtrace-run python -m celery -A app.worker --broker x worker -Qa,b -c4 -n w@%h -l info --without-heartbeat -B").unwrap();
+        assert_eq!(full.queues, Some(vec!["a".to_string(), "b".into()]));
+        assert_eq!(full.concurrency.as_deref(), Some("4"));
+        assert_eq!(full.hostname.as_deref(), Some("w@%h"));
+        assert!(full.without_heartbeat && full.beat && !full.autoscale && !full.detach);
+        let long =
+            read("/venv/bin/celery --app=app worker --queues=x --concurrency 8 --hostname=h@%h --autoscale=4,1 -X y")
+                .unwrap();
+        assert_eq!(
+            (long.queues, long.concurrency.as_deref(), long.hostname.as_deref(), long.autoscale, long.exclude),
+            (Some(vec!["x".to_string()]), Some("8"), Some("h@%h"), true, vec!["y".to_string()])
+        );
+        let bare = read("celery -A app worker --loglevel=INFO").unwrap();
+        assert_eq!(bare, WorkerCommand::default());
+        assert_eq!(read("celery -A app beat"), None, "beat is not a worker");
+        assert_eq!(read("gunicorn app:wsgi"), None);
+        assert_eq!(read("celery -A worker flower"), None, "-A takes `worker` as its value");
+        assert_eq!(read("celery -A app worker -l -Q").unwrap().queues, None, "-Q is the value of -l");
     }
 
     #[test]

@@ -83,8 +83,17 @@ pub struct TaskQueueSpec {
     /// Where the Redis broker is and how kombu lays out its keys.
     pub broker: BrokerSpec,
 
-    /// The Celery worker container.
-    pub worker: WorkerSpec,
+    /// The Celery worker container, for a worker Deployment the operator writes and owns.
+    /// Exactly one of `worker` and `scaleTargetRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerSpec>,
+
+    /// An existing Deployment in this namespace (e.g. from the app's own chart) that the
+    /// operator only scales: it sets `spec.replicas` and the pods' deletion costs, never the
+    /// template. Its worker command is read and mismatches are reported in `WorkerMatches`.
+    /// Exactly one of `worker` and `scaleTargetRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_target_ref: Option<ScaleTargetRef>,
 
     /// Replica bounds and how demand turns into replicas.
     #[serde(default)]
@@ -197,6 +206,19 @@ fn default_sep() -> String {
     DEFAULT_SEP.into()
 }
 
+/// An existing Deployment to scale (KEDA's `scaleTargetRef`, Deployments only).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleTargetRef {
+    /// Name of the Deployment, in the TaskQueue's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The container that runs `celery worker`. Default: the one whose command or args do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub container: Option<String>,
+}
+
 /// The worker container: `[commandPrefix...] celery -A <app> worker --queues=... --concurrency=<n>
 /// -n <nodeName>@%h [extraArgs...]`.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -284,7 +306,8 @@ pub struct ScalingSpec {
     #[serde(default = "default_max_replicas")]
     #[schemars(range(min = 0, max = 10000))]
     pub max_replicas: i32,
-    /// Pending messages one replica is expected to handle. Defaults to `worker.concurrency`.
+    /// Pending messages one replica is expected to handle. Defaults to `worker.concurrency`
+    /// (with `scaleTargetRef`: the `-c`/`--concurrency` of the target's worker command).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub tasks_per_replica: Option<i32>,
@@ -490,6 +513,11 @@ const CEL_RULES: &[(&str, &str, &str)] = &[
     ),
     (
         "/properties/spec",
+        "has(self.worker) != has(self.scaleTargetRef)",
+        "exactly one of spec.worker (a worker Deployment the operator writes) and spec.scaleTargetRef (an existing Deployment it only scales) must be set",
+    ),
+    (
+        "/properties/spec",
         "self.scaling.minReplicas <= self.scaling.maxReplicas",
         "spec.scaling.minReplicas must not exceed spec.scaling.maxReplicas",
     ),
@@ -630,7 +658,7 @@ mod tests {
         assert_eq!(spec.broker.url_secret_ref.key, "url");
         assert_eq!(spec.broker.transport_options.sep, "\u{6}\u{16}");
         assert_eq!(spec.broker.transport_options.priority_steps, vec![0, 3, 6, 9]);
-        assert_eq!(spec.worker.concurrency, 1);
+        assert_eq!(spec.worker.as_ref().unwrap().concurrency, 1);
         assert_eq!(spec.scaling.max_replicas, 10);
         assert_eq!(spec.scaling.poll_interval, "2s");
         assert_eq!(spec.scaling.scale_down.stabilization_window, "300s");

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::celery_args;
-use crate::crd::{TaskQueueSpec, CONTAINER, MANAGED_LABELS};
+use crate::crd::{ScaleTargetRef, TaskQueueSpec, WorkerSpec, CONTAINER, MANAGED_LABELS};
 use crate::pod_policy::{self, PodPolicy};
 use crate::quantity::Quantity;
 
@@ -26,12 +26,21 @@ pub struct ValidSpec {
     pub eta_horizon: Duration,
     /// `spec.queue` followed by `spec.extraQueues`, in order.
     pub queues: Vec<String>,
+    /// The worker name before `@` in `-n`: from `spec.worker.nodeName` (or the TaskQueue's name);
+    /// with `scaleTargetRef`, from the target's command once read (`scale_target::resolve`).
     pub node_name: String,
+    /// The worker Deployment's name: the TaskQueue's, or `spec.scaleTargetRef.name`.
+    pub deployment: String,
+    /// An existing Deployment the operator only scales (`spec.scaleTargetRef`).
+    pub scale_target: Option<ScaleTargetRef>,
     pub poll_interval: Duration,
     pub stabilization_window: Duration,
     pub min_replicas: i32,
     pub max_replicas: i32,
     pub tasks_per_replica: i64,
+    /// With `scaleTargetRef` and no `spec.scaling.tasksPerReplica`, `tasks_per_replica` comes
+    /// from the target's `-c` once read (`scale_target::resolve`); 1 until then.
+    pub tasks_per_replica_from_target: bool,
     pub activation_threshold: i64,
     pub scale_up_max_step: Option<i32>,
     pub scale_down_max_step: Option<i32>,
@@ -100,8 +109,33 @@ pub fn validate_with(spec: &TaskQueueSpec, object_name: &str, policy: &PodPolicy
     let queues = check_queues(spec, &mut p);
     check_routes(spec, &queues, &mut p);
     check_broker(spec, &mut p);
-    let node_name = spec.worker.node_name.clone().unwrap_or_else(|| object_name.to_string());
-    let pod_template = check_worker(spec, &node_name, policy, &mut p);
+    let (node_name, pod_template) = match (&spec.worker, &spec.scale_target_ref) {
+        (Some(w), None) => {
+            let node_name = w.node_name.clone().unwrap_or_else(|| object_name.to_string());
+            let template = check_worker(w, &node_name, policy, &mut p);
+            (node_name, template)
+        }
+        (None, Some(target)) => {
+            check_scale_target(target, &mut p);
+            (DEFAULT_NODE_NAME.to_string(), None)
+        }
+        (Some(_), Some(_)) => {
+            p.add(
+                "spec.scaleTargetRef",
+                "is set together with spec.worker; set spec.worker for a worker Deployment the operator writes, or \
+                 spec.scaleTargetRef for an existing Deployment it only scales, not both",
+            );
+            (String::new(), None)
+        }
+        (None, None) => {
+            p.add(
+                "spec.worker",
+                "is required: describe the worker (image, app, concurrency), or set spec.scaleTargetRef to scale an \
+                 existing Deployment",
+            );
+            (String::new(), None)
+        }
+    };
     let s = &spec.scaling;
     let poll_interval = duration(&s.poll_interval, "spec.scaling.pollInterval", MIN_POLL, MAX_POLL, &mut p);
     let window = duration(
@@ -124,11 +158,14 @@ pub fn validate_with(spec: &TaskQueueSpec, object_name: &str, policy: &PodPolicy
         eta_horizon: eta_horizon.unwrap_or_default(),
         queues,
         node_name,
+        deployment: spec.scale_target_ref.as_ref().map_or_else(|| object_name.to_string(), |t| t.name.clone()),
+        scale_target: spec.scale_target_ref.clone(),
         poll_interval: poll_interval.unwrap_or(MIN_POLL),
         stabilization_window: window.unwrap_or_default(),
         min_replicas: s.min_replicas,
         max_replicas: s.max_replicas,
-        tasks_per_replica: i64::from(s.tasks_per_replica.unwrap_or(spec.worker.concurrency)),
+        tasks_per_replica: i64::from(s.tasks_per_replica.or(spec.worker.as_ref().map(|w| w.concurrency)).unwrap_or(1)),
+        tasks_per_replica_from_target: s.tasks_per_replica.is_none() && spec.worker.is_none(),
         activation_threshold: s.activation_threshold,
         scale_up_max_step: s.scale_up.max_step,
         scale_down_max_step: s.scale_down.max_step,
@@ -219,14 +256,33 @@ fn check_broker(spec: &TaskQueueSpec, p: &mut Problems) {
     }
 }
 
+/// Celery's worker name before `@` when `-n` is not given (`celery@<hostname>`).
+pub const DEFAULT_NODE_NAME: &str = "celery";
+
+/// `spec.scaleTargetRef`: names the API server would accept.
+fn check_scale_target(t: &ScaleTargetRef, p: &mut Problems) {
+    let dns = |s: &str, dots: bool| {
+        !s.is_empty()
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    if !dns(&t.name, true) || t.name.len() > 253 {
+        p.add(
+            "spec.scaleTargetRef.name",
+            format!("{:?} is not a Deployment name (lowercase letters, digits, '-' and '.'); name the existing Deployment to scale", t.name),
+        );
+    }
+    if let Some(c) = t.container.as_deref().filter(|c| !dns(c, false) || c.len() > 63) {
+        p.add(
+            "spec.scaleTargetRef.container",
+            format!("{c:?} is not a container name (lowercase letters, digits and '-', at most 63); name the container that runs `celery worker`, or omit it"),
+        );
+    }
+}
+
 /// `spec.worker`; returns the parsed pod template.
-fn check_worker(
-    spec: &TaskQueueSpec,
-    node_name: &str,
-    policy: &PodPolicy,
-    p: &mut Problems,
-) -> Option<PodTemplateSpec> {
-    let w = &spec.worker;
+fn check_worker(w: &WorkerSpec, node_name: &str, policy: &PodPolicy, p: &mut Problems) -> Option<PodTemplateSpec> {
     if w.image.trim().is_empty() || w.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         p.add("spec.worker.image", format!("{:?} is not a container image; use e.g. `example/app:1.0`", w.image));
     }

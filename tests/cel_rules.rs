@@ -41,6 +41,18 @@ type Case = (&'static str, fn(&mut Value), &'static str);
 const INVALID: &[Case] = &[
     // CEL rules (src/crd.rs CEL_RULES)
     (
+        "worker-and-scale-target",
+        |s| s["scaleTargetRef"] = json!({"name": "app-worker"}),
+        "exactly one of spec.worker (a worker Deployment the operator writes) and spec.scaleTargetRef",
+    ),
+    (
+        "neither-worker-nor-scale-target",
+        |s| {
+            s.as_object_mut().unwrap().remove("worker");
+        },
+        "exactly one of spec.worker (a worker Deployment the operator writes) and spec.scaleTargetRef",
+    ),
+    (
         "min-above-max",
         |s| s["scaling"] = json!({"minReplicas": 5, "maxReplicas": 2}),
         "spec.scaling.minReplicas must not exceed spec.scaling.maxReplicas",
@@ -156,6 +168,10 @@ async fn cel_rules_reject_invalid_taskqueues_and_accept_the_seed() {
     };
 
     create(valid("baseline")).await.expect("the baseline of the invalid cases is valid");
+    let mut target = valid("scale-target");
+    target["spec"].as_object_mut().unwrap().remove("worker");
+    target["spec"]["scaleTargetRef"] = json!({"name": "app-worker", "container": "app"});
+    create(target).await.expect("a TaskQueue that scales an existing Deployment is valid");
 
     let mut failures = Vec::new();
     for (name, break_spec, want) in INVALID {

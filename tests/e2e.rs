@@ -6,7 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use kube::api::DeleteParams;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 use support::*;
@@ -379,6 +380,91 @@ async fn a_broker_outside_the_allowed_addresses_is_never_dialled() {
     wait_replicas(&client, &ns, "allowed", 1).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // several polls of both
     assert!(elsewhere.accept().is_err(), "the operator connected to a broker it may not use");
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn an_existing_deployment_is_only_scaled_and_its_worker_command_checked() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "adopt").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    // The app's own Deployment, as its chart would write it (no replicas: the chart leaves them
+    // to the autoscaler).
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let own = json!({
+        "metadata": {"name": "app-worker", "labels": {"app": "celery-app"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "celery-app", "role": "worker"}},
+            "template": {
+                "metadata": {"labels": {"app": "celery-app", "role": "worker"}},
+                "spec": {"containers": [
+                    {"name": "statsd", "image": "example/statsd:1"},
+                    {"name": "app", "image": "example/celery-app:1.0",
+                     "command": ["opentelemetry-instrument", "python", "-m", "celery"],
+                     "args": ["-A", "app.worker", "worker", "-Q", "adoptq", "-c", "2", "-n", "app@%h"]}
+                ]}
+            }
+        }
+    });
+    let before = deployments.create(&Default::default(), &serde_json::from_value(own).unwrap()).await.unwrap();
+    let mut tq = pool(
+        "adopt",
+        "adoptq",
+        json!({"minReplicas": 0, "pollInterval": "500ms", "scaleDown": {"stabilizationWindow": "0s"}}),
+    );
+    tq["spec"].as_object_mut().unwrap().remove("worker");
+    tq["spec"]["scaleTargetRef"] = json!({"name": "app-worker"});
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+
+    // 5 waiting at -c 2 (tasksPerReplica from the command): 3 replicas.
+    celery(&redis.url(), &["sendq", "adoptq", "5"]);
+    wait_replicas(&client, &ns, "app-worker", 3).await;
+    let matches = wait_for("WorkerMatches=True", T, || async {
+        condition(&taskqueue(&client, &ns, "adopt").await, "WorkerMatches").filter(|c| c.0 == "True")
+    })
+    .await;
+    assert!(matches.2.contains("container app runs `celery worker` on adoptq with concurrency 2"), "{matches:?}");
+    assert!(matches.2.contains("named app@<pod name>"), "{matches:?}");
+    let after = deployment(&client, &ns, "app-worker").await.unwrap();
+    let template = |d: &Deployment| serde_json::to_value(&d.spec.as_ref().unwrap().template).unwrap();
+    assert_eq!(template(&after), template(&before), "the app's template is never written");
+    assert_eq!(after.metadata.labels, before.metadata.labels, "no label of ours on the app's Deployment");
+    assert!(after.metadata.owner_references.is_none(), "not taken over");
+    let ours: Vec<String> = after
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() == Some("taskqueue-operator"))
+        .map(|m| m.fields_v1.as_ref().map(|f| f.0.to_string()).unwrap_or_default())
+        .collect();
+    assert_eq!(ours, [r#"{"f:spec":{"f:replicas":{}}}"#], "the operator's fields: replicas alone");
+    assert!(deployment(&client, &ns, "adopt").await.is_none(), "no worker Deployment of its own");
+
+    // The app's chart moves the workers to another queue: said, and the count is kept.
+    let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "app",
+        "args": ["-A", "app.worker", "worker", "-Q", "other", "-c", "2", "-n", "app@%h"]}]}}}});
+    deployments.patch("app-worker", &PatchParams::default(), &Patch::Strategic(&patch)).await.unwrap();
+    let mismatch = wait_for("WorkerMatches=False", T, || async {
+        condition(&taskqueue(&client, &ns, "adopt").await, "WorkerMatches").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(mismatch.1, "WorkerMismatch");
+    assert!(mismatch.2.contains("do not consume adoptq (their -Q is other)"), "{mismatch:?}");
+    assert!(mismatch.2.contains("also consume other") && mismatch.2.contains("spec.extraQueues"), "{mismatch:?}");
+    let ready = condition(&taskqueue(&client, &ns, "adopt").await, "Ready").unwrap();
+    assert_eq!((ready.0.as_str(), ready.1.as_str()), ("False", "WorkerMismatch"), "{ready:?}");
+    assert_eq!(replicas(&deployment(&client, &ns, "app-worker").await.unwrap()), 3);
+
+    // Deleting the TaskQueue leaves the app's Deployment where it is.
+    Api::<TaskQueue>::namespaced(client.clone(), &ns).delete("adopt", &Default::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(deployment(&client, &ns, "app-worker").await.is_some(), "the app's Deployment is not garbage-collected");
     operator.stop().await;
     delete_namespace(&client, &ns).await;
 }

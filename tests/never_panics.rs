@@ -23,9 +23,9 @@ use taskqueue_operator::broker::resp::{Framer, Limits};
 use taskqueue_operator::broker::unacked::Bindings;
 use taskqueue_operator::broker::BrokerEndpoint;
 use taskqueue_operator::broker::QueueDepth;
-use taskqueue_operator::controller::deployment;
 use taskqueue_operator::controller::memory::Memory;
 use taskqueue_operator::controller::plan::{plan, BrokerView, RoutesView, Seen};
+use taskqueue_operator::controller::{deployment, scale_target};
 use taskqueue_operator::crd::TaskQueue;
 use taskqueue_operator::demand::{Consumer, QueueReading, Share};
 use taskqueue_operator::quantity::Quantity;
@@ -85,6 +85,9 @@ const PATHS: &[(&str, Kind)] = &[
     ("/broker/transportOptions/sep", Kind::Str),
     ("/broker/transportOptions/masterName", Kind::Str),
     ("/broker/caSecretRef/name", Kind::Str),
+    ("/worker", Kind::Any),
+    ("/scaleTargetRef/name", Kind::Str),
+    ("/scaleTargetRef/container", Kind::Str),
     ("/worker/image", Kind::Str),
     ("/worker/app", Kind::Str),
     ("/worker/concurrency", Kind::Int),
@@ -153,6 +156,16 @@ fn value_of(kind: Kind) -> BoxedStrategy<Value> {
 
 fn edit() -> impl Strategy<Value = (&'static str, Value)> {
     prop::sample::select(PATHS).prop_flat_map(|(path, kind)| (Just(path), value_of(kind)))
+}
+
+/// An app's own Deployment whose worker container runs `words`.
+fn target_deployment(words: Vec<String>, replicas: i32) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "app-worker", "uid": "d"},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"a": "b"}},
+                 "template": {"spec": {"containers": [{"name": "app", "command": words}]}}}
+    }))
+    .unwrap()
 }
 
 fn base_spec() -> Value {
@@ -239,9 +252,14 @@ fn any_stored_spec_is_handled_without_panicking() {
         broker_view(),
         any::<i32>(),
         0u64..200_000,
+        // A scale target's worker command, any words.
+        prop::collection::vec(
+            prop_oneof![Just("celery".to_string()), Just("worker".to_string()), "[-a-zA-Z0-9=%@,]{0,12}"],
+            0..10,
+        ),
     );
     runner
-        .run(&strategy, |(edits, name, annotations, broker, replicas, outage)| {
+        .run(&strategy, |(edits, name, annotations, broker, replicas, outage, words)| {
             let mut spec = base_spec();
             for (path, v) in edits {
                 set(&mut spec, path, v);
@@ -250,8 +268,20 @@ fn any_stored_spec_is_handled_without_panicking() {
             let Ok(tq) = serde_json::from_value::<TaskQueue>(taskqueue(spec, name, annotations)) else { return Ok(()) };
             reached.fetch_add(1, Ordering::Relaxed);
             // The generated name: names reach the name checks too.
-            let checked = validate(&tq.spec, &tq.name_any());
-            let observed = checked.as_ref().ok().map(|v| deployment::build(&tq, v, replicas));
+            let mut checked = validate(&tq.spec, &tq.name_any());
+            let observed = match (&mut checked, &tq.spec.worker) {
+                (Ok(v), Some(w)) => Some(deployment::build(&tq, w, v, replicas)),
+                (Ok(_), None) => Some(target_deployment(words, replicas)),
+                (Err(_), _) => None,
+            };
+            let target = match (&mut checked, &observed) {
+                (Ok(v), Some(d)) if v.scale_target.is_some() => {
+                    let t = scale_target::check(d, v.scale_target.as_ref().unwrap(), &v.queues, false);
+                    scale_target::resolve(v, &t);
+                    Some(t)
+                }
+                _ => None,
+            };
             let seen_deployment = observed.clone();
             valid.fetch_add(usize::from(checked.is_ok()), Ordering::Relaxed);
             let t0 = Instant::now();
@@ -266,6 +296,7 @@ fn any_stored_spec_is_handled_without_panicking() {
                     pool: "p@d".into(),
                     channel: "/0.celeryev/worker.heartbeat".into(),
                 }),
+                target,
                 memory: Memory { unknown_since: Some(t0), ..Memory::default() },
                 now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
                 instant: t0 + Duration::from_secs(outage),

@@ -714,3 +714,96 @@ async fn a_pool_whose_key_prefix_is_not_the_apps_says_which_setting() {
     operator.stop().await;
     delete_namespace(&client, &ns).await;
 }
+
+/// An app's own Deployment (as its chart writes it: its own labels, its own command through
+/// `python -m`, `-n own@%h`) scaled through `spec.scaleTargetRef`: the operator reads the
+/// worker name from the command, hears the pods' workers, puts each busy pod's deletion cost
+/// before the scale-in, and never touches the template; both tasks finish.
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn an_apps_own_deployment_is_scaled_and_its_busy_pods_are_kept() {
+    let _node = NODE.read().await;
+    let Some((_, client, ns, redis)) =
+        setup("an_apps_own_deployment_is_scaled_and_its_busy_pods_are_kept", "own").await
+    else {
+        return;
+    };
+    let app = json!({
+        "metadata": {"name": "app-worker"},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "shop", "role": "worker"}},
+            "template": {
+                "metadata": {"labels": {"app": "shop", "role": "worker"}},
+                "spec": {
+                    "tolerations": [Lab::toleration()],
+                    "containers": [{
+                        "name": "app", "image": WORKER_IMAGE,
+                        "command": ["python", "-m", "celery", "-A", "app.worker", "worker", "-Q", "ownq", "-c", "1",
+                                    "-n", "own@%h", "--prefetch-multiplier=1"],
+                        "env": [
+                            {"name": "CELERY_BROKER_URL", "valueFrom": {"secretKeyRef": {"name": "celery-broker", "key": "url"}}},
+                            {"name": "TASK_RECORD_KEY", "value": "done"},
+                            {"name": "TASK_SCALE", "value": "15"},
+                            {"name": "CELERY_ACKS_LATE", "value": "1"}
+                        ]
+                    }]
+                }
+            }
+        }
+    });
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+    let before = deployments.create(&Default::default(), &serde_json::from_value(app).unwrap()).await.unwrap();
+    let mut tq = pool(
+        "own",
+        "ownq",
+        json!({"minReplicas": 0, "maxReplicas": 2, "countInFlight": false, "pollInterval": "1s",
+               "scaleDown": {"stabilizationWindow": "6s"}}),
+    );
+    tq["spec"].as_object_mut().unwrap().remove("worker");
+    tq["spec"]["scaleTargetRef"] = json!({"name": "app-worker"});
+    create_taskqueue(&client, &ns, tq).await;
+    let operator = Operator::start(&client, &ns);
+    celery(&redis.url(), &["ids", "ownq", "2", "own-"]);
+    wait_replicas(&client, &ns, "app-worker", 2).await;
+    let heard = wait_for("WorkersHeard=True", T, || async {
+        condition(&taskqueue(&client, &ns, "own").await, "WorkersHeard").filter(|c| c.0 == "True").map(|c| c.2)
+    })
+    .await;
+    println!("WorkersHeard=True: {heard}");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let lp = ListParams::default().labels("app=shop,role=worker");
+    let mut costs = std::collections::BTreeMap::new();
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < T, "no scale-in within {T:?}; costs seen: {costs:?}");
+        let done = deployment(&client, &ns, "app-worker").await.is_some_and(|d| replicas(&d) < 2);
+        for p in pods.list(&lp).await.unwrap().items {
+            let cost =
+                p.metadata.annotations.as_ref().and_then(|a| a.get("controller.kubernetes.io/pod-deletion-cost"));
+            if let (Some(name), Some(cost)) = (p.metadata.name.clone(), cost) {
+                costs.insert(name, cost.clone());
+            }
+        }
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("deletion costs before the scale-in: {costs:?}");
+    assert!(
+        costs.len() == 2 && costs.values().all(|c| c == "1"),
+        "each busy pod's cost is its 1 running task, its worker found as own@<pod name>: {costs:?}"
+    );
+    wait_for("both tasks recorded", T, || async { (hlen(&redis.url(), "done").await == 2).then_some(()) }).await;
+    wait_replicas(&client, &ns, "app-worker", 0).await;
+    let after = deployment(&client, &ns, "app-worker").await.unwrap();
+    let template =
+        |d: &k8s_openapi::api::apps::v1::Deployment| serde_json::to_value(&d.spec.as_ref().unwrap().template).unwrap();
+    assert_eq!(template(&after), template(&before), "the app's template is never written");
+    let matches = condition(&taskqueue(&client, &ns, "own").await, "WorkerMatches").unwrap();
+    assert_eq!(matches.0, "True", "{matches:?}");
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}

@@ -11,6 +11,7 @@ pub const SCALING_LIMITED: &str = "ScalingLimited";
 pub const PAUSED: &str = "Paused";
 pub const QUEUE_SHARED: &str = "QueueShared";
 pub const WORKERS_HEARD: &str = "WorkersHeard";
+pub const WORKER_MATCHES: &str = "WorkerMatches";
 
 /// Condition messages are cut to this many bytes: a spec with hundreds of conflicting routes
 /// would otherwise make a status too large to read (or to store).

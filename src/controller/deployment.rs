@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::crd::TaskQueue;
+use crate::crd::{TaskQueue, WorkerSpec};
 use crate::quantity;
 use crate::validate::ValidSpec;
 
@@ -38,11 +38,27 @@ pub fn selector_string(tq: &TaskQueue) -> String {
     selector_labels(tq).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
+/// A Deployment's pod selector as a label selector string (for listing its pods).
+pub fn selector_of(d: &Deployment) -> Option<String> {
+    let s = &d.spec.as_ref()?.selector;
+    let mut parts: Vec<String> = s.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            _ => return None, // not a selector the API server would have accepted
+        });
+    }
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
 /// `[prefix...] celery -A <app> worker --queues=<q>[,<extra>...] --concurrency=<n> -n <node>@%h
 /// [...]`, as the container command (exec form, so Celery, or a wrapper that execs it, is PID 1
 /// and gets SIGTERM for warm shutdown).
-pub fn worker_command(tq: &TaskQueue, valid: &ValidSpec) -> Vec<String> {
-    let w = &tq.spec.worker;
+pub fn worker_command(w: &WorkerSpec, valid: &ValidSpec) -> Vec<String> {
     let mut cmd = w.command_prefix.clone();
     cmd.extend([
         "celery".to_string(),
@@ -78,9 +94,8 @@ fn quantities(m: &BTreeMap<String, IntOrString>) -> Option<BTreeMap<String, Quan
     )
 }
 
-/// The full desired Deployment, ready for server-side apply.
-pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
-    let w = &tq.spec.worker;
+/// The full desired Deployment of `spec.worker` `w`, ready for server-side apply.
+pub fn build(tq: &TaskQueue, w: &WorkerSpec, valid: &ValidSpec, replicas: i32) -> Deployment {
     let mut template = valid.pod_template.clone().unwrap_or_default();
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     meta.labels.get_or_insert_with(BTreeMap::new).extend(labels(tq));
@@ -91,7 +106,7 @@ pub fn build(tq: &TaskQueue, valid: &ValidSpec, replicas: i32) -> Deployment {
     let mut c = user.unwrap_or_default();
     c.name = CONTAINER.into();
     c.image = Some(w.image.clone());
-    c.command = Some(worker_command(tq, valid));
+    c.command = Some(worker_command(w, valid));
     // Owned as empty, so args added by hand count as drift and are removed.
     c.args = Some(Vec::new());
     let mut env = vec![EnvVar {
@@ -278,7 +293,7 @@ mod tests {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
         assert_eq!(
-            worker_command(&t, &v).join(" "),
+            worker_command(t.spec.worker.as_ref().unwrap(), &v).join(" "),
             "celery -A app.worker worker --queues=celery,reports,notifications --concurrency=3 -n general-worker@%h --prefetch-multiplier=1 --loglevel=INFO"
         );
         let minimal = tq(
@@ -286,14 +301,14 @@ mod tests {
         );
         let v = validate(&minimal.spec, "urgent-pool").unwrap();
         assert_eq!(
-            worker_command(&minimal, &v).join(" "),
+            worker_command(minimal.spec.worker.as_ref().unwrap(), &v).join(" "),
             "celery -A app.worker worker --queues=urgent --concurrency=1 -n urgent-pool@%h"
         );
         let wrapped = tq(json!({"queue": "urgent", "broker": {"urlSecretRef": {"name": "b"}},
             "worker": {"image": "i", "app": "app.worker", "commandPrefix": ["newrelic-admin", "run-program"]}}));
         let v = validate(&wrapped.spec, "urgent").unwrap();
         assert_eq!(
-            worker_command(&wrapped, &v),
+            worker_command(wrapped.spec.worker.as_ref().unwrap(), &v),
             [
                 "newrelic-admin",
                 "run-program",
@@ -314,7 +329,7 @@ mod tests {
     fn deployment_is_owned_labelled_and_merged() {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
-        let d = build(&t, &v, 4);
+        let d = build(&t, t.spec.worker.as_ref().unwrap(), &v, 4);
         assert_eq!(d.metadata.name.as_deref(), Some("general"));
         assert_eq!(d.metadata.namespace.as_deref(), Some("prod"));
         let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
@@ -349,13 +364,25 @@ mod tests {
     fn fingerprints_follow_the_template_and_the_replicas() {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
-        assert_eq!(fingerprint(&build(&t, &v, 1)), fingerprint(&build(&t, &v, 1)));
-        assert_ne!(fingerprint(&build(&t, &v, 1)), fingerprint(&build(&t, &v, 2)));
-        assert_eq!(template_fingerprint(&build(&t, &v, 1)), template_fingerprint(&build(&t, &v, 9)));
+        assert_eq!(
+            fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 1)),
+            fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 1))
+        );
+        assert_ne!(
+            fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 1)),
+            fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 2))
+        );
+        assert_eq!(
+            template_fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 1)),
+            template_fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 9))
+        );
         let mut t2 = general();
-        t2.spec.worker.concurrency = 4;
+        t2.spec.worker.as_mut().unwrap().concurrency = 4;
         let v2 = validate(&t2.spec, "general").unwrap();
-        assert_ne!(template_fingerprint(&build(&t, &v, 1)), template_fingerprint(&build(&t2, &v2, 1)));
+        assert_ne!(
+            template_fingerprint(&build(&t, t.spec.worker.as_ref().unwrap(), &v, 1)),
+            template_fingerprint(&build(&t2, t2.spec.worker.as_ref().unwrap(), &v2, 1))
+        );
     }
 
     /// What the API server answers for `d`: defaults added, quantities canonical, empty lists dropped.
@@ -376,7 +403,7 @@ mod tests {
     fn drift_ignores_what_the_server_adds_and_finds_every_managed_field() {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
-        let desired = build(&t, &v, 3);
+        let desired = build(&t, t.spec.worker.as_ref().unwrap(), &v, 3);
         let stored = as_stored(&desired);
         let parse = |v: serde_json::Value| serde_json::from_value::<Deployment>(v).unwrap();
         assert_eq!(drift(&parse(stored.clone()), &desired), None, "defaults, canonical quantities, order");
@@ -418,7 +445,7 @@ mod tests {
     fn ownership_is_by_uid() {
         let t = general();
         let v = validate(&t.spec, "general").unwrap();
-        let d = build(&t, &v, 1);
+        let d = build(&t, t.spec.worker.as_ref().unwrap(), &v, 1);
         assert!(owned_by(&d, &t));
         let mut other = general();
         other.metadata.uid = Some("uid-2".into());

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod poller;
 pub mod reconcile;
 pub mod routes;
+pub mod scale_target;
 pub mod secrets;
 
 use std::collections::HashSet;

@@ -15,11 +15,12 @@ use kube::ResourceExt;
 
 use super::conditions::{
     find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, QUEUE_SHARED, READY, ROUTES_ACCEPTED,
-    SCALING_LIMITED, SPEC_VALID, WORKERS_HEARD,
+    SCALING_LIMITED, SPEC_VALID, WORKERS_HEARD, WORKER_MATCHES,
 };
 use super::deployment::{self, owned_by, selector_string};
 use super::memory::{Applied, Memory};
 use super::poller::Heard;
+use super::scale_target::TargetCheck;
 use crate::broker::unacked::{TAG_PAGE, TAG_PAGES};
 use crate::crd::{TaskQueue, TaskQueueStatus, PAUSED_ANNOTATION};
 use crate::demand::{self, Demand, QueueReading};
@@ -38,14 +39,19 @@ const NOT_HEARD_RECHECK: Duration = Duration::from_secs(30);
 /// A Deployment someone else owns is looked at again this often: its removal raises no event
 /// here (only Deployments labelled as ours are watched).
 const FOREIGN_RECHECK: Duration = Duration::from_secs(60);
+/// A scale target (`spec.scaleTargetRef`) is not watched: it is read on each reconcile and
+/// looked at again this often, so its readiness and edits show.
+const TARGET_RECHECK: Duration = Duration::from_secs(15);
 
 /// Everything one reconcile looked at.
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub valid: Result<ValidSpec, InvalidSpec>,
     pub broker: BrokerView,
-    /// The Deployment named like the TaskQueue, ours or not.
+    /// The Deployment named like the TaskQueue, ours or not; with `scaleTargetRef`, the target.
     pub deployment: Option<Deployment>,
+    /// What the scale target's worker command says (`scaleTargetRef`, target found).
+    pub target: Option<TargetCheck>,
     pub routes: RoutesView,
     /// What the heartbeats say of this pool (None: not registered or not listened long enough).
     pub heard: Option<Heard>,
@@ -118,6 +124,8 @@ pub struct Plan {
     pub events: Vec<Announcement>,
     pub memory: Memory,
     pub scale: Option<ScaleChange>,
+    /// Replicas to set on the scale target (`scaleTargetRef`): only `spec.replicas` is written.
+    pub scale_target: Option<i32>,
     /// Replicas go down: give idle workers the lowest deletion cost first.
     pub scale_in: bool,
     pub paused: bool,
@@ -145,6 +153,7 @@ pub fn plan(tq: &TaskQueue, seen: &Seen) -> Plan {
             template: None,
             restores: None,
             repair: None,
+            scale_target: None,
             status: TaskQueueStatus::default(),
             events: Vec::new(),
             memory: Memory::default(),
@@ -248,9 +257,11 @@ impl Draft<'_> {
         self.transition(SPEC_VALID); // valid again: forget the announced problem
         self.routes();
         let demand = self.broker(valid);
-        match &self.seen.deployment {
-            Some(d) if !owned_by(d, self.tq) => self.foreign(d),
-            observed => self.scale(valid, observed.as_ref(), demand),
+        match (&valid.scale_target, &self.seen.deployment) {
+            (Some(_), None) => self.target_missing(valid),
+            (Some(_), Some(d)) if written_by_a_taskqueue(d) => self.target_taken(d),
+            (None, Some(d)) if !owned_by(d, self.tq) => self.foreign(d),
+            (_, observed) => self.scale(valid, observed.as_ref(), demand),
         }
     }
 
@@ -368,6 +379,76 @@ impl Draft<'_> {
         self.out.requeue = Some(FOREIGN_RECHECK);
     }
 
+    /// `scaleTargetRef` names no Deployment (yet): nothing to scale.
+    fn target_missing(&mut self, valid: &ValidSpec) {
+        let ns = self.tq.namespace().unwrap_or_default();
+        let msg = format!(
+            "Deployment {ns}/{} (spec.scaleTargetRef.name) does not exist; create it (e.g. with the app's chart) or fix \
+             the name",
+            valid.deployment
+        );
+        self.conds.set(DEPLOYMENT_OWNED, false, "ScaleTargetNotFound", msg);
+        self.conds.set(READY, false, "ScaleTargetNotFound", "the Deployment to scale does not exist");
+        self.warn_on_failure(DEPLOYMENT_OWNED);
+        self.deployment_status(None, None);
+        self.status.selector = None;
+        self.out.requeue = Some(TARGET_RECHECK);
+    }
+
+    /// A Deployment the operator writes for some TaskQueue is not a scale target.
+    fn target_taken(&mut self, d: &Deployment) {
+        let owner = d.owner_references().iter().find(|o| o.controller == Some(true)).map(|o| o.name.clone());
+        let msg = format!(
+            "Deployment {} is written by the operator for TaskQueue {} (its controller); spec.scaleTargetRef scales \
+             only Deployments the operator does not write: point it at the app's own Deployment, or scale through \
+             TaskQueue {0}",
+            d.name_any(),
+            owner.unwrap_or_default()
+        );
+        self.conds.set(DEPLOYMENT_OWNED, false, "ScaleTargetConflict", msg);
+        self.conds.set(READY, false, "ScaleTargetConflict", "the Deployment to scale is another TaskQueue's");
+        self.warn_on_failure(DEPLOYMENT_OWNED);
+        self.deployment_status(None, None);
+        self.status.selector = None;
+        self.out.requeue = Some(FOREIGN_RECHECK);
+    }
+
+    /// `WorkerMatches` (scale targets): what the target's worker command says against what the
+    /// operator relies on. Absent when the command is not in the template (nothing to judge).
+    fn worker_matches(&mut self) -> bool {
+        let Some(check) = &self.seen.target else { return true };
+        if !check.problems.is_empty() {
+            self.conds.set(WORKER_MATCHES, false, "WorkerMismatch", check.problems.join("; "));
+            self.warn_on_failure(WORKER_MATCHES);
+            return false;
+        }
+        if check.read {
+            self.conds.set(WORKER_MATCHES, true, "Matches", check.summary.clone());
+        }
+        self.transition(WORKER_MATCHES);
+        true
+    }
+
+    /// `DeploymentOwned` for the main path: the Deployment is ours, or the scale target.
+    fn owned_condition(&mut self, valid: &ValidSpec) {
+        let name = &valid.deployment;
+        let msg = match (&valid.scale_target, &self.seen.target) {
+            (None, _) => format!("Deployment {name} is managed by this TaskQueue"),
+            (Some(_), Some(c)) if !c.read => format!(
+                "Deployment {name} (spec.scaleTargetRef) is scaled by this TaskQueue: the operator sets only its \
+                 replicas and its pods' deletion costs; {}",
+                c.summary
+            ),
+            (Some(_), _) => format!(
+                "Deployment {name} (spec.scaleTargetRef) is scaled by this TaskQueue: the operator sets only its \
+                 replicas and its pods' deletion costs"
+            ),
+        };
+        let reason = if valid.scale_target.is_some() { "ScaleTarget" } else { "Owned" };
+        self.conds.set(DEPLOYMENT_OWNED, true, reason, msg);
+        self.transition(DEPLOYMENT_OWNED);
+    }
+
     /// `WorkersHeard`: once the pool has had Ready pods for `NOT_HEARD_AFTER`, whether any of
     /// its workers is heard by heartbeat on the channel the operator listens to. None heard
     /// means the operator's key prefix (or broker, or db) is not the app's: it then counts
@@ -416,9 +497,7 @@ impl Draft<'_> {
 
     /// The main path: decide the replicas, build the Deployment, say why.
     fn scale(&mut self, valid: &ValidSpec, observed: Option<&Deployment>, demand: Option<Demand>) {
-        let name = self.tq.name_any();
-        self.conds.set(DEPLOYMENT_OWNED, true, "Owned", format!("Deployment {name} is managed by this TaskQueue"));
-        self.transition(DEPLOYMENT_OWNED);
+        self.owned_condition(valid);
         let current = self.current_replicas(observed);
         let paused = self.out.paused;
         let observation = self.observation(demand.as_ref().map(|d| d.load));
@@ -430,25 +509,20 @@ impl Draft<'_> {
         }
         self.pause_condition(paused);
 
-        let desired = deployment::build(self.tq, valid, decision.replicas);
-        let template = deployment::template_fingerprint(&desired);
-        self.out.template = Some(template);
-        let refused =
-            self.memory.rejected.clone().filter(|r| r.template == template && self.seen.instant < r.at + REJECT_RETRY);
-        if let Some(r) = refused {
-            self.refused(current, &r.message);
-            self.deployment_status(observed, current);
-            return;
-        }
-        self.memory.rejected = None;
-        self.memory.warned.remove(READY);
-        if let Some(write) = self.needs_write(observed, &desired) {
-            if let Some(why) = &write.restores {
-                self.announce(EventType::Normal, "Restored", format!("{why}; restored from the spec"));
+        let matches = match (&self.tq.spec.worker, observed) {
+            (Some(w), _) => {
+                if !self.write_worker(w, valid, observed, current, decision.replicas) {
+                    return;
+                }
+                true
             }
-            (self.out.restores, self.out.repair) = (write.restores, write.repair);
-            self.out.deployment = Some(desired);
-        }
+            (None, target) => {
+                let set = target.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(1);
+                self.out.scale_target = (set != decision.replicas).then_some(decision.replicas);
+                self.status.selector = target.and_then(deployment::selector_of);
+                self.worker_matches()
+            }
+        };
         self.scaled(current, &decision);
         if decision.at_max {
             self.conds.set(SCALING_LIMITED, true, "AtMaxReplicas", decision.state.clone());
@@ -464,6 +538,12 @@ impl Draft<'_> {
             let msg =
                 format!("replicas held at {}: the broker could not be read (see BrokerReachable)", decision.replicas);
             self.conds.set(READY, false, "BrokerNotRead", msg);
+        } else if !matches {
+            let msg = format!(
+                "replicas follow the broker ({ready}/{} ready), but the worker command does not fit (see WorkerMatches)",
+                decision.replicas
+            );
+            self.conds.set(READY, false, "WorkerMismatch", msg);
         } else if ready < decision.replicas {
             self.conds.set(READY, false, "WorkersNotReady", format!("{ready}/{} worker pods ready", decision.replicas));
         } else {
@@ -485,7 +565,42 @@ impl Draft<'_> {
         if let Some(at) = heard_at {
             requeue = Some(requeue.map_or(at, |r| r.min(at)));
         }
+        if valid.scale_target.is_some() {
+            requeue = Some(requeue.map_or(TARGET_RECHECK, |r| r.min(TARGET_RECHECK)));
+        }
         self.out.requeue = requeue;
+    }
+
+    /// The worker Deployment from `spec.worker`: set `out.deployment` when it must be written.
+    /// False when the API server refused this very template lately (the status says so).
+    fn write_worker(
+        &mut self,
+        w: &crate::crd::WorkerSpec,
+        valid: &ValidSpec,
+        observed: Option<&Deployment>,
+        current: Option<i32>,
+        replicas: i32,
+    ) -> bool {
+        let desired = deployment::build(self.tq, w, valid, replicas);
+        let template = deployment::template_fingerprint(&desired);
+        self.out.template = Some(template);
+        let refused =
+            self.memory.rejected.clone().filter(|r| r.template == template && self.seen.instant < r.at + REJECT_RETRY);
+        if let Some(r) = refused {
+            self.refused(current, &r.message);
+            self.deployment_status(observed, current);
+            return false;
+        }
+        self.memory.rejected = None;
+        self.memory.warned.remove(READY);
+        if let Some(write) = self.needs_write(observed, &desired) {
+            if let Some(why) = &write.restores {
+                self.announce(EventType::Normal, "Restored", format!("{why}; restored from the spec"));
+            }
+            (self.out.restores, self.out.repair) = (write.restores, write.repair);
+            self.out.deployment = Some(desired);
+        }
+        true
     }
 
     /// The API server refused this Deployment: it stays as it was, and the status says why.
@@ -629,6 +744,11 @@ impl Draft<'_> {
     }
 }
 
+/// Whether `d`'s controller is a TaskQueue (a Deployment the operator writes).
+fn written_by_a_taskqueue(d: &Deployment) -> bool {
+    d.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "TaskQueue")
+}
+
 /// The scaling knobs of a validated spec.
 fn bounds(valid: &ValidSpec, paused: bool) -> Bounds {
     Bounds {
@@ -664,6 +784,9 @@ fn event_reason(reason: &str) -> &'static str {
         "BrokerPermissionDenied",
         "BrokerNotAllowed",
         "WorkersNotHeard",
+        "WorkerMismatch",
+        "ScaleTargetNotFound",
+        "ScaleTargetConflict",
     ];
     KNOWN.iter().copied().find(|k| *k == reason).unwrap_or("Warning")
 }
@@ -715,6 +838,7 @@ mod tests {
             deployment,
             routes: RoutesView::Published("0 route(s)".into()),
             heard: None,
+            target: None,
             memory,
             now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
             instant: t0() + Duration::from_secs(100),
@@ -762,8 +886,74 @@ mod tests {
         assert_eq!(unsure.requeue, Some(Duration::from_secs(5)), "the subscription settles: soon again");
     }
 
+    #[test]
+    fn a_scale_target_gets_only_its_replicas_and_a_verdict_on_its_command() {
+        let tq: TaskQueue = serde_json::from_value(json!({
+            "apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue",
+            "metadata": {"name": "ai", "namespace": "prod", "uid": "tq-uid", "generation": 1},
+            "spec": {"queue": "ai_processing", "broker": {"urlSecretRef": {"name": "b"}},
+                     "scaleTargetRef": {"name": "app-worker"}, "scaling": {"maxReplicas": 10}}
+        }))
+        .unwrap();
+        let target = |command: serde_json::Value, replicas: i32| -> Deployment {
+            serde_json::from_value(json!({
+                "metadata": {"name": "app-worker", "namespace": "prod", "uid": "d-uid", "generation": 3,
+                             "ownerReferences": [{"apiVersion": "v1", "kind": "Other", "name": "x", "uid": "u", "controller": true}]},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "worker"}},
+                         "template": {"spec": {"containers": [{"name": "app", "image": "app:1", "command": command}]}}},
+                "status": {"replicas": replicas, "readyReplicas": replicas}
+            }))
+            .unwrap()
+        };
+        let seen_with = |d: Option<Deployment>| {
+            let mut s = seen(&tq, read(9), d.clone(), Memory::default());
+            if let (Ok(v), Some(d)) = (s.valid.as_mut(), &d) {
+                let t = super::super::scale_target::check(d, v.scale_target.as_ref().unwrap(), &v.queues, false);
+                super::super::scale_target::resolve(v, &t);
+                s.target = Some(t);
+            }
+            s
+        };
+        let cond = |p: &Plan, t: &str| find(&p.status.conditions, t).map(|c| (c.status.clone(), c.reason.clone()));
+
+        let missing = plan(&tq, &seen_with(None));
+        assert_eq!(cond(&missing, DEPLOYMENT_OWNED), Some(("False".into(), "ScaleTargetNotFound".into())));
+        assert_eq!((missing.scale_target, missing.deployment.is_none()), (None, true), "nothing to write");
+
+        // 9 pending at -c 3: 3 replicas; only the count is written, never a Deployment.
+        let fits = plan(
+            &tq,
+            &seen_with(Some(target(json!(["celery", "-A", "a", "worker", "-Q", "ai_processing", "-c", "3"]), 1))),
+        );
+        assert_eq!((fits.scale_target, fits.deployment.is_none()), (Some(3), true));
+        assert_eq!(cond(&fits, WORKER_MATCHES), Some(("True".into(), "Matches".into())));
+        assert_eq!(cond(&fits, DEPLOYMENT_OWNED), Some(("True".into(), "ScaleTarget".into())));
+        assert_eq!(fits.status.selector.as_deref(), Some("app=worker"));
+        assert!(fits.requeue.is_some_and(|r| r <= TARGET_RECHECK), "the target is not watched: looked at again");
+
+        // Workers on another queue: still scaled (the app's owners decide), and said loudly.
+        let other =
+            plan(&tq, &seen_with(Some(target(json!(["celery", "-A", "a", "worker", "-Q", "other", "-c", "3"]), 3))));
+        assert_eq!(other.scale_target, None, "already at 3");
+        assert_eq!(cond(&other, WORKER_MATCHES), Some(("False".into(), "WorkerMismatch".into())));
+        assert_eq!(cond(&other, READY), Some(("False".into(), "WorkerMismatch".into())));
+        assert!(other.events.iter().any(|e| e.reason == "WorkerMismatch"), "{:?}", other.events);
+
+        // A Deployment the operator writes for a TaskQueue is not a scale target.
+        let mut taken = target(json!(["celery"]), 1);
+        taken.metadata.owner_references.as_mut().unwrap()[0].kind = "TaskQueue".into();
+        let taken = plan(&tq, &seen_with(Some(taken)));
+        assert_eq!(cond(&taken, DEPLOYMENT_OWNED), Some(("False".into(), "ScaleTargetConflict".into())));
+        assert_eq!(taken.scale_target, None);
+    }
+
     fn ours(tq: &TaskQueue, replicas: i32, generation: i64) -> Deployment {
-        let mut d = deployment::build(tq, validate(&tq.spec, "ai").as_ref().unwrap(), replicas);
+        let mut d = deployment::build(
+            tq,
+            tq.spec.worker.as_ref().unwrap(),
+            validate(&tq.spec, "ai").as_ref().unwrap(),
+            replicas,
+        );
         d.metadata.generation = Some(generation).filter(|g| *g > 0);
         d
     }

@@ -29,6 +29,7 @@ use super::memory::{Applied, Memory, Rejected, StatusWrite, STATUS_CACHE_LAG};
 use super::plan::{self, Announcement, BrokerView, Plan, RoutesView, Seen};
 use super::poller::{BrokerState, Key, Target};
 use super::routes::{RouteInput, SharedVerdicts};
+use super::scale_target::{self, TargetCheck};
 use super::secrets::SecretCache;
 use crate::broker::workers::pool_name;
 use crate::broker::{BrokerEndpoint, DepthQuery, ReadError};
@@ -134,8 +135,13 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
 
 /// What the decision needs. An invalid spec is not read further: no broker, no API reads.
 async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error> {
-    let valid = validate_with(&tq.spec, &tq.name_any(), &ctx.pod_policy);
+    let mut valid = validate_with(&tq.spec, &tq.name_any(), &ctx.pod_policy);
     let memory = ctx.memory.lock().expect("lock").get(key).cloned().unwrap_or_default();
+    // A scale target is read first: its command names the workers the broker side listens for.
+    let (target_deployment, target) = match &mut valid {
+        Ok(v) if v.scale_target.is_some() => observe_target(ctx, tq, v).await?,
+        _ => (None, None),
+    };
     let broker = match &valid {
         Ok(v) => observe_broker(ctx, tq, key, v).await,
         Err(_) => {
@@ -144,6 +150,7 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
         }
     };
     let deployment = match (&valid, &broker) {
+        (Ok(v), _) if v.scale_target.is_some() => target_deployment,
         (Ok(_), BrokerView::Waiting(_)) => None, // not looked at before the first read (see `reconcile`)
         (Ok(_), _) => observe_deployment(ctx, tq, &memory).await?,
         (Err(_), _) => cached_deployment(ctx, tq),
@@ -155,10 +162,31 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
         deployment,
         routes: observe_routes(ctx, tq),
         heard: ctx.broker.heard(key, Instant::now()),
+        target,
         memory,
         now: Time(jiff::Timestamp::from_second(now).unwrap_or(jiff::Timestamp::UNIX_EPOCH)),
         instant: Instant::now(),
     })
+}
+
+/// The Deployment `spec.scaleTargetRef` names, read whole (it is not labelled as ours, so not
+/// in the watch cache), and what its worker command says; the spec takes the worker name and
+/// concurrency from it.
+async fn observe_target(
+    ctx: &Context,
+    tq: &TaskQueue,
+    valid: &mut ValidSpec,
+) -> Result<(Option<Deployment>, Option<TargetCheck>), Error> {
+    let Some(target) = valid.scale_target.clone() else { return Ok((None, None)) };
+    let ns = tq.namespace().unwrap_or_default();
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let d = api.get_opt(&target.name).await.map_err(|e| Error::GetDeployment(format!("{ns}/{}", target.name), e))?;
+    let check = d.as_ref().map(|d| {
+        let check = scale_target::check(d, &target, &valid.queues, !valid.tasks_per_replica_from_target);
+        scale_target::resolve(valid, &check);
+        check
+    });
+    Ok((d, check))
 }
 
 /// Resolve the broker from the Secrets, register what the poller must read, and return the
@@ -250,7 +278,7 @@ async fn resolve_target(
         queries: valid.queues.iter().map(|q| DepthQuery::new(q, opts)).collect(),
         interval: valid.poll_interval,
         weight: i64::from(valid.max_replicas).saturating_mul(valid.tasks_per_replica),
-        pool: pool_name(&valid.node_name, &tq.name_any()),
+        pool: pool_name(&valid.node_name, &valid.deployment),
     })
 }
 
@@ -311,11 +339,15 @@ fn observe_routes(ctx: &Context, tq: &TaskQueue) -> RoutesView {
 /// Write the planned Deployment. A write the API server refuses (a 4xx other than a conflict or
 /// throttling) is returned to be planned for; anything else is an error retried with backoff.
 async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> Result<Option<Rejected>, Error> {
+    if let Some(replicas) = plan.scale_target {
+        scale_target(ctx, tq, seen, plan, replicas).await?;
+        return Ok(None);
+    }
     let Some(desired) = &plan.deployment else { return Ok(None) };
     let (ns, name) = (tq.namespace().unwrap_or_default(), tq.name_any());
     let observed_uid = seen.deployment.as_ref().and_then(|d| d.metadata.uid.clone());
     if let (true, Ok(valid), Some(uid)) = (plan.scale_in, &seen.valid, observed_uid) {
-        mark_idle_pods(ctx, tq, valid, &uid).await;
+        mark_idle_pods(ctx, tq, valid, &selector_string(tq), &uid).await;
     }
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(ops) = &plan.repair {
@@ -348,15 +380,39 @@ async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> R
     }
 }
 
+/// Set the scale target's `spec.replicas`, and nothing else of it (a merge patch: the app's
+/// chart keeps the template). Before a scale-in, its idle pods get the lowest deletion cost.
+async fn scale_target(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan, replicas: i32) -> Result<(), Error> {
+    let (Ok(valid), Some(d)) = (&seen.valid, &seen.deployment) else { return Ok(()) };
+    let ns = tq.namespace().unwrap_or_default();
+    let name = &valid.deployment;
+    if let (true, Some(selector), Some(uid)) = (plan.scale_in, deployment::selector_of(d), d.metadata.uid.as_deref()) {
+        mark_idle_pods(ctx, tq, valid, &selector, uid).await;
+    }
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let params = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+    // Guarded by the uid read: a Deployment deleted and created again under the name since is
+    // not scaled on the strength of the old one's reading.
+    let patch = json!({"metadata": {"uid": d.metadata.uid}, "spec": {"replicas": replicas}});
+    ctx.metrics.write("deployment");
+    let written = api
+        .patch(name, &params, &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Error::ApplyDeployment(format!("{ns}/{name}"), e))?;
+    plan.memory.applied =
+        Some(Applied { generation: written.metadata.generation.unwrap_or(0), fingerprint: 0, replicas });
+    Ok(())
+}
+
 /// Right before a scale-in: set each worker pod's deletion cost to its running tasks, so the
 /// ReplicaSet removes idle workers first. Only pods of the Deployment's own ReplicaSets (uid
 /// `deployment`) are touched. Best effort: a failure is logged, the scale-in goes on.
-async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec, deployment: &str) {
+async fn mark_idle_pods(ctx: &Context, tq: &TaskQueue, valid: &ValidSpec, selector: &str, deployment: &str) {
     let key = ObjectRef::from_obj(tq);
     let ns = tq.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &ns);
-    let lp = ListParams::default().labels(&selector_string(tq));
+    let lp = ListParams::default().labels(selector);
     let list = match tokio::try_join!(pods.list(&lp), sets.list(&lp)) {
         Ok((pods, sets)) => deletion_cost::owned_pods(pods.items, &sets.items, deployment),
         Err(e) => {

@@ -155,7 +155,7 @@ async fn main() {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let settings = Settings { namespace: Some(ns.clone()), ..Settings::default() };
+    let settings = Settings { namespaces: vec![ns.clone()], ..Settings::default() };
     let operator = tokio::spawn(controller::run(client.clone(), settings, async move {
         let _ = stop_rx.await;
     }));

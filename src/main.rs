@@ -51,9 +51,10 @@ struct Cli {
 enum Command {
     /// Run the controller (kubeconfig or in-cluster config, as kubectl finds it).
     Run {
-        /// Watch only this namespace (default: all namespaces).
-        #[arg(long, env = "WATCH_NAMESPACE")]
-        namespace: Option<String>,
+        /// Watch only these namespaces, comma-separated or repeated (default: all namespaces).
+        /// The operator then needs rights only there (the chart writes a Role in each).
+        #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',', value_parser = parse_namespace)]
+        namespaces: Vec<String>,
         /// Connect and reply timeout for broker reads, e.g. `2s`.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         broker_timeout: Duration,
@@ -297,6 +298,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     taskqueue_operator::validate::parse_duration_str(s)
 }
 
+/// A namespace name (`""` is left out: an empty WATCH_NAMESPACE means all).
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"))
+    }
+}
+
 /// A byte count: `4194304`, `512Ki`, `4Mi` (Kubernetes' binary suffixes), at least 1 KiB.
 /// The page's address: loopback only (see `http`).
 fn parse_page_addr(s: &str) -> Result<std::net::SocketAddr, String> {
@@ -398,7 +413,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Run {
-            namespace,
+            namespaces,
             broker_timeout,
             max_broker_reply,
             routes_configmap,
@@ -430,7 +445,7 @@ async fn main() -> ExitCode {
             let leader = leader_election.then(|| LeaseConfig::named(&lease_namespace, &lease_name, &identity()));
             let broker_limits = Limits { max_reply: max_broker_reply, ..Limits::default() };
             let settings = Settings {
-                namespace,
+                namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
                 broker_timeout,
                 broker_limits,
                 routes_configmap,

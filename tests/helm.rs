@@ -195,6 +195,18 @@ fn chart_lints_and_renders_secure_ha_defaults_with_least_privilege_rbac() {
     assert!(k.contains(&"Role/prod".to_string()) && k.contains(&"RoleBinding/prod".to_string()), "{k:?}");
     let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
     assert_eq!(args.as_array().unwrap()[8..], [json!("--namespace"), json!("prod")]);
+    // Several: a Role and RoleBinding in each, and nowhere else.
+    let docs = render(&["watchNamespaces={team-a,team-b}", "watchNamespace=team-a"]);
+    let k = kinds(&docs);
+    assert!(!k.iter().any(|k| k.starts_with("Cluster")), "{k:?}");
+    for ns in ["team-a", "team-b"] {
+        for kind in ["Role", "RoleBinding"] {
+            assert_eq!(k.iter().filter(|x| **x == format!("{kind}/{ns}")).count(), 1, "{kind} in {ns}: {k:?}");
+        }
+    }
+    assert_eq!(k.iter().filter(|x| x.starts_with("Role/") || x.starts_with("RoleBinding/")).count(), 6, "{k:?}");
+    let args = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args.as_array().unwrap()[8..], [json!("--namespace"), json!("team-a,team-b")]);
     // The pod policy: nothing beyond an ordinary pod unless allowed, each value its own word.
     let policy_args = |docs: &[Value]| -> Vec<String> {
         let args = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].clone();
@@ -351,6 +363,8 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     ensure_crd(&client).await;
     let release_ns = namespace(&client, "helm").await;
     let work = namespace(&client, "helm-seed").await;
+    let work2 = namespace(&client, "helm-two").await;
+    let elsewhere = namespace(&client, "helm-not").await;
     let release = format!("tqo-{}", release_ns.trim_start_matches("helm-"));
     // --skip-crds: the CRD is installed by the other tests (and the 1.20 test server would need
     // --validate=false for its CEL rules); one namespace watched, so no test sees another's.
@@ -364,6 +378,8 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
         "--wait=false",
         "--set",
         &format!("watchNamespace={work}"),
+        "--set",
+        &format!("watchNamespaces={{{work2}}}"),
     ]);
     // The token of the chart's ServiceAccount (the 1.20 tokens controller writes it).
     let token = wait_for("the ServiceAccount token", T, || async {
@@ -381,7 +397,7 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     apply_seed(&client, &work, &redis.url()).await;
     let _operator = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-            .args(["run", "--namespace", &work, "--broker-timeout", "1s", "--metrics-addr"])
+            .args(["run", "--namespace", &format!("{work},{work2}"), "--broker-timeout", "1s", "--metrics-addr"])
             .arg(format!("127.0.0.1:{}", free_port()))
             .arg(format!("--lease-name={release}")) // as the chart's pods run it
             .env("KUBECONFIG", &kubeconfig)
@@ -415,6 +431,15 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     .await;
     assert_eq!(condition(&tq, "BrokerReachable").map(|c| c.0).as_deref(), Some("True"));
     assert!(!events(&client, &work, "ai-processing", "ScaledUp").await.is_empty(), "events written");
+    // The second watched namespace is served on its Role alone; a third is not watched at all.
+    for ns in [&work2, &elsewhere] {
+        broker_secret(&client, ns, &redis.url()).await;
+        create_taskqueue(&client, ns, pool("second", "secondq", json!({"minReplicas": 1}))).await;
+    }
+    wait_for("Deployment second in the second namespace", T, || deployment(&client, &work2, "second")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(deployment(&client, &elsewhere, "second").await.is_none(), "a namespace not watched is left alone");
+    assert!(taskqueue(&client, &elsewhere, "second").await.status.is_none());
     let lease = Api::<Lease>::namespaced(client.clone(), &release_ns).get(&release).await.unwrap();
     assert_eq!(lease.spec.unwrap().holder_identity, Some(format!("{release}-0")));
     let logs = std::fs::read_to_string(&log).unwrap();
@@ -442,13 +467,15 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
 
     // And no more than that.
     let sa = format!("system:serviceaccount:{release_ns}:{release}");
-    assert!(can_i(&sa, "get", "secrets", &work), "Secrets by name");
+    assert!(can_i(&sa, "get", "secrets", &work) && can_i(&sa, "get", "secrets", &work2), "Secrets by name");
     for (verb, resource, ns) in [
         ("list", "secrets", work.as_str()),
         ("watch", "secrets", work.as_str()),
         ("delete", "deployments", work.as_str()),
         ("create", "pods", work.as_str()),
         ("get", "secrets", "kube-system"),
+        ("get", "secrets", elsewhere.as_str()),
+        ("patch", "configmaps", elsewhere.as_str()),
         ("list", "deployments", "default"),
         ("create", "leases", work.as_str()),
     ] {
@@ -456,7 +483,9 @@ async fn the_operator_runs_the_seed_on_the_chart_service_account_alone() {
     }
 
     helm(&["uninstall", &release, "--namespace", &release_ns]);
-    delete_namespace(&client, &work).await;
+    for ns in [&work, &work2, &elsewhere] {
+        delete_namespace(&client, ns).await;
+    }
     delete_namespace(&client, &release_ns).await;
 }
 

@@ -12,6 +12,7 @@ pub mod poller;
 pub mod reconcile;
 pub mod routes;
 pub mod scale_target;
+pub mod scope;
 pub mod secrets;
 
 use std::collections::HashSet;
@@ -36,8 +37,8 @@ pub use secrets::SecretCache;
 /// Settings of `taskqueue-operator run`.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Watch one namespace instead of all.
-    pub namespace: Option<String>,
+    /// Watch these namespaces (each with a watch of its own) instead of all (empty).
+    pub namespaces: Vec<String>,
     /// Deadline of one whole broker read (connect, Sentinel discovery, LLENs, delivery tags,
     /// new unacked messages).
     pub broker_timeout: Duration,
@@ -65,7 +66,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            namespace: None,
+            namespaces: Vec::new(),
             broker_timeout: Duration::from_secs(2),
             broker_limits: crate::broker::resp::Limits::default(),
             secret_ttl: Duration::from_secs(30),
@@ -84,18 +85,30 @@ impl Default for Settings {
 /// adds memory.
 pub const DEFAULT_CONCURRENCY: u16 = 32;
 
-fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+/// One watch per namespace in `namespaces` (one over all of them when empty), each with the
+/// default backoff and `modify` applied to every object.
+fn watches<K>(
+    client: &Client,
+    namespaces: &[String],
+    config: &watcher::Config,
+    modify: impl Fn(&mut K) + Clone + Send + Sync + 'static,
+) -> Vec<scope::Watch<K>>
 where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let one = |ns: &str, api: Api<K>| {
+        let stream = watcher(api, config.clone()).default_backoff().modify(modify.clone()).boxed();
+        (ns.to_string(), stream)
+    };
+    if namespaces.is_empty() {
+        return vec![one("", Api::all(client.clone()))];
     }
+    namespaces.iter().map(|ns| one(ns, Api::namespaced(client.clone(), ns))).collect()
 }
 
 /// A background task of the controller ended: the process must not go on with stale readings
@@ -112,39 +125,27 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), TaskDied> {
     let (dep_store, dep_writer) = reflector::store::<CachedDeployment>();
-    let dep_stream = watcher(
-        api::<CachedDeployment>(&client, &settings.namespace),
-        watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR),
-    )
-    .default_backoff()
+    let ours = watcher::Config::default().labels(deployment::MANAGED_BY_SELECTOR);
     // Only what every reconcile reads (see cached.rs).
-    .modify(CachedDeployment::trim)
-    .reflect(dep_writer)
-    .inspect({
-        let metrics = settings.metrics.clone();
-        move |e| {
-            // The first full list of our Deployments: caches are filled, the API is reachable.
-            if let Ok(watcher::Event::InitDone) = e {
-                metrics.set_ready();
-            }
-        }
-    })
-    .applied_objects();
+    let dep_watches = watches(&client, &settings.namespaces, &ours, CachedDeployment::trim);
+    // The first full list of our Deployments in every namespace: caches are filled, the API is
+    // reachable.
+    let metrics = settings.metrics.clone();
+    let dep_stream = scope::reflect(dep_watches, dep_writer, move || metrics.set_ready()).applied_objects();
     let (trigger_tx, trigger_rx) = futures::channel::mpsc::unbounded();
     let (tq_store, tq_writer) = reflector::store::<TaskQueue>();
     // Wakes the routes publisher: its table depends on nothing but the TaskQueues.
     let tq_changed = Arc::new(tokio::sync::Notify::new());
     // Tells the broker poller to look for deleted TaskQueues.
     let tq_maybe_deleted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tq_stream = watcher(api::<TaskQueue>(&client, &settings.namespace), watcher::Config::default())
-        .default_backoff()
-        // managedFields and kubectl's copy of the last applied object are the bulk of an object
-        // and nothing here reads them.
-        .modify(|t| {
-            t.managed_fields_mut().clear();
-            t.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
-        .reflect(tq_writer)
+    // managedFields and kubectl's copy of the last applied object are the bulk of an object and
+    // nothing here reads them.
+    let trim = |t: &mut TaskQueue| {
+        t.managed_fields_mut().clear();
+        t.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    };
+    let tq_watches = watches(&client, &settings.namespaces, &watcher::Config::default(), trim);
+    let tq_stream = scope::reflect(tq_watches, tq_writer, || {})
         .inspect({
             let (changed, maybe_deleted) = (tq_changed.clone(), tq_maybe_deleted.clone());
             move |_| {
@@ -216,7 +217,7 @@ pub async fn run(
         "secret refresher",
         refresh_secrets(ctx.clone(), controller.store(), trigger_refresh, settings.secret_ttl),
     ));
-    info!(namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller starting");
+    info!(namespaces = scope::label(&settings.namespaces), "controller starting");
     let reconciling = controller.run(reconcile_guarded, error_policy, ctx).for_each(|res| {
         let metrics = metrics.clone();
         async move {

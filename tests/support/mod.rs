@@ -330,7 +330,7 @@ impl Operator {
     pub fn start_with(client: &Client, ns: &str, f: impl FnOnce(&mut Settings)) -> Self {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let mut settings = Settings {
-            namespace: Some(ns.to_string()),
+            namespaces: vec![ns.to_string()],
             broker_timeout: Duration::from_secs(1),
             secret_ttl: Duration::from_secs(1),
             ..Settings::default()

@@ -34,3 +34,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- with .Values.image.registry }}{{ . }}/{{ end }}{{ .Values.image.repository }}
 {{- if .Values.image.digest }}@{{ .Values.image.digest }}{{ else }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{ end }}
 {{- end -}}
+{{- /* The watched namespaces, comma-separated (empty: all): watchNamespaces plus watchNamespace. */ -}}
+{{- define "tqo.watchNamespaces" -}}
+{{- $ns := .Values.watchNamespaces | default list -}}
+{{- if .Values.watchNamespace }}{{ $ns = append $ns .Values.watchNamespace }}{{ end -}}
+{{- join "," ($ns | uniq) -}}
+{{- end -}}

@@ -453,6 +453,10 @@ async fn main() -> ExitCode {
                 concurrency,
                 pod_policy: pod_policy_allow,
                 broker_allow,
+                status_manager: taskqueue_operator::controller::installations::status_manager(
+                    &lease_namespace,
+                    &lease_name,
+                ),
                 ..Settings::default()
             };
             // The page on its own loopback listener unless the metrics one is loopback already.

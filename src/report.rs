@@ -6,8 +6,16 @@ use crate::crd::TaskQueue;
 
 /// Conditions that are fine when True; the others (`ScalingLimited`, `Paused`, `QueueShared`)
 /// are worth a look when True.
-const GOOD_WHEN_TRUE: &[&str] =
-    &["Ready", "SpecValid", "BrokerReachable", "DeploymentOwned", "RoutesAccepted", "WorkersHeard", "WorkerMatches"];
+const GOOD_WHEN_TRUE: &[&str] = &[
+    "Ready",
+    "SpecValid",
+    "BrokerReachable",
+    "DeploymentOwned",
+    "RoutesAccepted",
+    "WorkersHeard",
+    "WorkerMatches",
+    "KeysMatch",
+];
 
 /// The conditions of `tq` that are not OK, as `Type=Status(Reason)`.
 pub fn not_ok(tq: &TaskQueue) -> Vec<String> {

@@ -471,6 +471,63 @@ async fn an_existing_deployment_is_only_scaled_and_its_worker_command_checked() 
 
 #[tokio::test]
 #[ignore = "needs the local stack: make test"]
+async fn two_installations_on_one_namespace_say_so_and_only_one_writes() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ns = namespace(&client, "twice").await;
+    let redis = Redis::start().await;
+    broker_secret(&client, &ns, &redis.url()).await;
+    let mut tq = pool("both", "bothq", json!({"minReplicas": 0, "pollInterval": "500ms"}));
+    tq["spec"]["routes"] = json!([{"pattern": "app.both.*"}]);
+    create_taskqueue(&client, &ns, tq).await;
+    let a = Operator::start_with(&client, &ns, |s| s.status_manager = "taskqueue-operator@ops/a".into());
+    celery(&redis.url(), &["sendq", "bothq", "4"]);
+    wait_replicas(&client, &ns, "both", 1).await;
+    // A second installation watching the same namespace, with settings of its own (its routes
+    // ConfigMap's name, which its RoutesAccepted names): its status differs from a's, so both
+    // write (two installations that agree on every word write nothing, and do no harm).
+    let b = Operator::start_with(&client, &ns, |s| {
+        s.status_manager = "taskqueue-operator@team/b".into();
+        s.routes_configmap = "celery-task-routes-b".into();
+    });
+    // b sees a's status writes (made after b started): it stands back and says so once.
+    let b_said = || async {
+        let all = events(&client, &ns, "both", "OtherInstallation").await;
+        all.into_iter().filter_map(|e| e.note).filter(|n| n.contains("this one stands back")).collect::<Vec<_>>()
+    };
+    let stood_back = wait_for("b's OtherInstallation Event", T, || async {
+        let notes = b_said().await;
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await;
+    assert!(stood_back[0].contains("taskqueue-operator@ops/a"), "{stood_back:?}");
+    let b_writes = || metric(&b.metrics_text(), "taskqueue_api_writes_total{kind=\"status\"}");
+    let b_deployment_writes = || metric(&b.metrics_text(), "taskqueue_api_writes_total{kind=\"deployment\"}");
+    let (status_before, deployment_before) = (b_writes(), b_deployment_writes());
+    // From now on only a writes: more work scales the pool, b writes neither status nor Deployment.
+    celery(&redis.url(), &["sendq", "bothq", "8"]);
+    wait_replicas(&client, &ns, "both", 3).await;
+    let tq = wait_for("a's status: 12 pending", T, || async {
+        Some(taskqueue(&client, &ns, "both").await).filter(|t| t.status.as_ref().and_then(|s| s.pending) == Some(12))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!((b_writes(), b_deployment_writes()), (status_before, deployment_before), "b wrote nothing since");
+    assert_eq!(b_said().await.len(), 1, "said once");
+    // a says so too when b had written before standing back (then a saw b's field manager);
+    // when b saw a's write first it never wrote, and a had nothing to see.
+    if status_before > 0.0 {
+        let conflict = condition(&tq, "InstallationConflict").expect("a names b");
+        assert!(conflict.2.contains("taskqueue-operator@team/b"), "{conflict:?}");
+    }
+    println!("b wrote {status_before} status(es) before it stood back");
+    b.stop().await;
+    a.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
 async fn a_pattern_claimed_twice_goes_to_the_older_taskqueue() {
     let client = client().await;
     ensure_crd(&client).await;

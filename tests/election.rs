@@ -23,10 +23,25 @@ struct Replica {
 
 impl Replica {
     fn start(ns: &str, name: &str) -> Self {
+        Self::release(ns, ns, "taskqueue-operator", name)
+    }
+
+    /// A replica of release `lease` installed in `ops`, watching `watch`.
+    fn release(watch: &str, ops: &str, lease: &str, name: &str) -> Self {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("tq-election-{name}-{port}.log"));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_taskqueue-operator"))
-            .args(["run", "--namespace", ns, "--lease-namespace", ns, "--broker-timeout", "1s"])
+            .args([
+                "run",
+                "--namespace",
+                watch,
+                "--lease-namespace",
+                ops,
+                "--lease-name",
+                lease,
+                "--broker-timeout",
+                "1s",
+            ])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
             .env("POD_NAME", name)
             .env("RUST_LOG", "info,kube=warn")
@@ -54,7 +69,11 @@ impl Replica {
 }
 
 async fn holder(client: &kube::Client, ns: &str) -> Option<String> {
-    let lease = Api::<Lease>::namespaced(client.clone(), ns).get_opt("taskqueue-operator").await.ok()??;
+    holder_of(client, ns, "taskqueue-operator").await
+}
+
+async fn holder_of(client: &kube::Client, ns: &str, lease: &str) -> Option<String> {
+    let lease = Api::<Lease>::namespaced(client.clone(), ns).get_opt(lease).await.ok()??;
     lease.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
@@ -67,6 +86,40 @@ async fn the_leader(client: &kube::Client, ns: &str, replicas: &[Replica]) -> us
         (holder(client, ns).await.as_deref() == Some(replicas[one].name.as_str())).then_some(one)
     })
     .await
+}
+
+/// Two releases installed in one namespace (one per team, each watching its own): each elects its
+/// leader on a Lease named after it, so both lead and both teams' pools scale.
+#[tokio::test]
+#[ignore = "needs the local stack: make test"]
+async fn two_releases_in_one_namespace_each_lead_on_their_own_lease() {
+    let client = client().await;
+    ensure_crd(&client).await;
+    let ops = namespace(&client, "releases").await;
+    let redis = Redis::start().await;
+    let mut teams = Vec::new();
+    for team in ["team-a", "team-b"] {
+        let work = namespace(&client, team).await;
+        broker_secret(&client, &work, &redis.url()).await;
+        create_taskqueue(&client, &work, pool("work", &format!("{team}_q"), json!({"pollInterval": "500ms"}))).await;
+        let replica = Replica::release(&work, &ops, team, &format!("{team}-0"));
+        teams.push((team, work, replica));
+    }
+    for (team, _, replica) in &teams {
+        wait_for(&format!("{team} leads on Lease {team}"), Duration::from_secs(60), || async {
+            let leads = replica.leading() == Some(true);
+            (leads && holder_of(&client, &ops, team).await.as_deref() == Some(replica.name.as_str())).then_some(())
+        })
+        .await;
+    }
+    for (team, work, _) in &teams {
+        lpush(&redis.url(), &format!("{team}_q"), 4).await;
+        wait_replicas(&client, work, "work", 1).await;
+    }
+    for (_, work, _) in &teams {
+        delete_namespace(&client, work).await;
+    }
+    delete_namespace(&client, &ops).await;
 }
 
 #[tokio::test]

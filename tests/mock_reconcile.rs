@@ -44,6 +44,8 @@ fn harness() -> Harness {
         dashboard: Default::default(),
         pod_policy: Default::default(),
         broker_allow: Default::default(),
+        status_manager: "taskqueue-operator@test/tq".into(),
+        started: 0,
     });
     Harness { ctx, handle, deployments: writer }
 }

@@ -358,24 +358,8 @@ async fn pods_scaled_in_while_running_a_task_finish_it_and_lose_nothing() {
 
     // Watch the pods until the scale-in: their deletion costs as the operator set them.
     let lp = ListParams::default().labels("app.kubernetes.io/instance=busy");
-    let mut costs = std::collections::BTreeMap::new();
-    let started = std::time::Instant::now();
-    let scaled_in = loop {
-        assert!(started.elapsed() < T, "no scale-in within {T:?}; costs seen: {costs:?}");
-        // The Deployment first: its pods, terminating, still show the costs set before it.
-        let done = deployment(&client, &ns, "busy").await.is_some_and(|d| replicas(&d) < 2);
-        for p in pods.list(&lp).await.unwrap().items {
-            let cost =
-                p.metadata.annotations.as_ref().and_then(|a| a.get("controller.kubernetes.io/pod-deletion-cost"));
-            if let (Some(name), Some(cost)) = (p.metadata.name.clone(), cost) {
-                costs.insert(name, cost.clone());
-            }
-        }
-        if done {
-            break std::time::Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut costs = costs_until_scale_in(&client, &ns, "busy", &lp).await;
+    let scaled_in = std::time::Instant::now();
     println!("deletion costs before the scale-in: {costs:?}");
     assert_eq!(costs.remove("decoy"), None, "a pod the Deployment does not own gets no cost");
     assert!(
@@ -691,17 +675,7 @@ async fn a_pool_whose_key_prefix_is_not_the_apps_says_which_setting() {
     wait_for("the pool's pod Ready", T, || async { (!ready_pods(&client, &ns, "pfx").await.is_empty()).then_some(()) })
         .await;
     let ready_at = std::time::Instant::now();
-    let heard = |status: &'static str| {
-        let (client, ns) = (client.clone(), ns.clone());
-        async move {
-            wait_for(&format!("WorkersHeard={status}"), T, || async {
-                let t = taskqueue(&client, &ns, "pfx").await;
-                condition(&t, "WorkersHeard").filter(|c| c.0 == status).map(|c| c.2)
-            })
-            .await
-        }
-    };
-    let message = heard("False").await;
+    let message = wait_condition(&client, &ns, "pfx", "WorkersHeard", "False").await;
     println!("WorkersHeard=False {:.0} s after the pod was Ready: {message}", ready_at.elapsed().as_secs_f64());
     assert!(message.contains("globalKeyprefix") && message.contains("other:/0.celeryev/worker.heartbeat"), "{message}");
     assert!(!events(&client, &ns, "pfx", "WorkersNotHeard").await.is_empty(), "a Warning Event too");
@@ -709,7 +683,7 @@ async fn a_pool_whose_key_prefix_is_not_the_apps_says_which_setting() {
     let api: Api<taskqueue_operator::crd::TaskQueue> = Api::namespaced(client.clone(), &ns);
     let fix = kube::api::Patch::Merge(json!({"spec": {"broker": {"transportOptions": {"globalKeyprefix": null}}}}));
     api.patch("pfx", &Default::default(), &fix).await.unwrap();
-    let message = heard("True").await;
+    let message = wait_condition(&client, &ns, "pfx", "WorkersHeard", "True").await;
     println!("after the fix: WorkersHeard=True: {message}");
     operator.stop().await;
     delete_namespace(&client, &ns).await;
@@ -772,25 +746,8 @@ async fn an_apps_own_deployment_is_scaled_and_its_busy_pods_are_kept() {
     .await;
     println!("WorkersHeard=True: {heard}");
 
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels("app=shop,role=worker");
-    let mut costs = std::collections::BTreeMap::new();
-    let started = std::time::Instant::now();
-    loop {
-        assert!(started.elapsed() < T, "no scale-in within {T:?}; costs seen: {costs:?}");
-        let done = deployment(&client, &ns, "app-worker").await.is_some_and(|d| replicas(&d) < 2);
-        for p in pods.list(&lp).await.unwrap().items {
-            let cost =
-                p.metadata.annotations.as_ref().and_then(|a| a.get("controller.kubernetes.io/pod-deletion-cost"));
-            if let (Some(name), Some(cost)) = (p.metadata.name.clone(), cost) {
-                costs.insert(name, cost.clone());
-            }
-        }
-        if done {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let costs = costs_until_scale_in(&client, &ns, "app-worker", &lp).await;
     println!("deletion costs before the scale-in: {costs:?}");
     assert!(
         costs.len() == 2 && costs.values().all(|c| c == "1"),
@@ -806,4 +763,72 @@ async fn an_apps_own_deployment_is_scaled_and_its_busy_pods_are_kept() {
     assert_eq!(matches.0, "True", "{matches:?}");
     operator.stop().await;
     delete_namespace(&client, &ns).await;
+}
+
+/// The `sep` the app's kombu uses, told from the queue's binding once the pool is heard: a
+/// pool whose spec says `:` (the app uses kombu's default) shows `KeysMatch=False` naming the
+/// setting, and True once the spec is fixed.
+#[tokio::test]
+#[ignore = "needs the lab's node: make test"]
+async fn a_pool_whose_separator_is_not_the_apps_says_which_setting() {
+    let _node = NODE.read().await;
+    let Some((_, client, ns, _redis)) = setup("a_pool_whose_separator_is_not_the_apps_says_which_setting", "sep").await
+    else {
+        return;
+    };
+    let operator = Operator::start(&client, &ns);
+    let mut tq = real_pool("sep", "sepq", json!({"minReplicas": 1, "maxReplicas": 2, "pollInterval": "1s"}));
+    tq["spec"]["broker"]["transportOptions"] = json!({"sep": ":"});
+    create_taskqueue(&client, &ns, tq).await;
+    let started = std::time::Instant::now();
+    let message = wait_condition(&client, &ns, "sep", "KeysMatch", "False").await;
+    println!("KeysMatch=False {:.0} s after the TaskQueue was created: {message}", started.elapsed().as_secs_f64());
+    assert!(
+        message.contains("spec.broker.transportOptions.sep \":\"") && message.contains("sep \"\\u{6}\\u{16}\""),
+        "{message}"
+    );
+    assert!(!events(&client, &ns, "sep", "SeparatorMismatch").await.is_empty(), "a Warning Event too");
+    let api: Api<taskqueue_operator::crd::TaskQueue> = Api::namespaced(client.clone(), &ns);
+    let fix = kube::api::Patch::Merge(json!({"spec": {"broker": {"transportOptions": {"sep": null}}}}));
+    api.patch("sep", &Default::default(), &fix).await.unwrap();
+    let message = wait_condition(&client, &ns, "sep", "KeysMatch", "True").await;
+    println!("after the fix: KeysMatch=True: {message}");
+    operator.stop().await;
+    delete_namespace(&client, &ns).await;
+}
+
+/// The deletion costs the operator put on the pods `lp` selects, watched until Deployment `name`
+/// goes below 2 replicas (the Deployment first: its pods, terminating, still show the costs).
+async fn costs_until_scale_in(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    lp: &ListParams,
+) -> std::collections::BTreeMap<String, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut costs = std::collections::BTreeMap::new();
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < T, "no scale-in within {T:?}; costs seen: {costs:?}");
+        let done = deployment(client, ns, name).await.is_some_and(|d| replicas(&d) < 2);
+        for p in pods.list(lp).await.unwrap().items {
+            let cost =
+                p.metadata.annotations.as_ref().and_then(|a| a.get("controller.kubernetes.io/pod-deletion-cost"));
+            if let (Some(name), Some(cost)) = (p.metadata.name.clone(), cost) {
+                costs.insert(name, cost.clone());
+            }
+        }
+        if done {
+            return costs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The message of condition `type_` of TaskQueue `name` once it has `status`.
+async fn wait_condition(client: &kube::Client, ns: &str, name: &str, type_: &str, status: &str) -> String {
+    wait_for(&format!("{type_}={status}"), T, || async {
+        condition(&taskqueue(client, ns, name).await, type_).filter(|c| c.0 == status).map(|c| c.2)
+    })
+    .await
 }

@@ -36,11 +36,67 @@ impl DepthQuery {
         };
         key.into_bytes()
     }
+
+    /// kombu's binding set of the queue's own exchange (Celery's automatic queues), written by
+    /// every worker that consumes the queue and every producer that declares it.
+    pub fn binding_key(&self) -> String {
+        format!("{}_kombu.binding.{}", self.prefix, self.queue)
+    }
+
+    /// Which separator the members of [`Self::binding_key`] were written with: kombu writes
+    /// `routing_key SEP pattern SEP queue`, i.e. `Q SEP SEP Q` for Celery's automatic queue.
+    pub fn separator_seen(&self, members: &[Vec<u8>]) -> Separator {
+        let q = self.queue.as_bytes();
+        let mut other = None;
+        for m in members {
+            let Some(middle) = m.strip_prefix(q).and_then(|r| r.strip_suffix(q)) else { continue };
+            let (a, b) = middle.split_at(middle.len() / 2);
+            if middle.len() % 2 != 0 || a != b {
+                continue; // a routing key or pattern of its own: not the automatic binding
+            }
+            if a == self.sep.as_bytes() {
+                return Separator::Matches;
+            }
+            other = Some(String::from_utf8_lossy(a).into_owned());
+        }
+        other.map_or(Separator::Unknown, Separator::Other)
+    }
+}
+
+/// What a queue's binding says of kombu's `sep`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Separator {
+    Matches,
+    /// Written with this separator instead.
+    Other(String),
+    /// No automatic binding seen.
+    Unknown,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binding_tells_the_separator_it_was_written_with() {
+        let q = DepthQuery::new("mail", &TransportOptions::default());
+        assert_eq!(q.binding_key(), "_kombu.binding.mail");
+        assert_eq!(q.separator_seen(&[b"mail\x06\x16\x06\x16mail".to_vec()]), Separator::Matches);
+        assert_eq!(q.separator_seen(&[b"mail::mail".to_vec()]), Separator::Other(":".into()));
+        assert_eq!(
+            q.separator_seen(&[b"rk\x06\x16\x06\x16mail".to_vec(), b"mail:x:mail".to_vec()]),
+            Separator::Unknown
+        );
+        assert_eq!(q.separator_seen(&[]), Separator::Unknown);
+        let colon = TransportOptions { sep: ":".into(), global_keyprefix: "p:".into(), ..TransportOptions::default() };
+        let q = DepthQuery::new("mail", &colon);
+        assert_eq!(q.binding_key(), "p:_kombu.binding.mail");
+        assert_eq!(
+            q.separator_seen(&[b"mail::mail".to_vec(), b"mail\x06\x16\x06\x16mail".to_vec()]),
+            Separator::Matches,
+            "one of the members matches (both apps write there)"
+        );
+    }
 
     #[test]
     fn default_layout_matches_kombu() {

@@ -182,6 +182,11 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// The queries this plan reads.
+    pub fn queries(&self) -> &[DepthQuery] {
+        &self.queries
+    }
+
     pub fn new(queries: Vec<DepthQuery>) -> Self {
         let prefixes: Vec<String> =
             queries.iter().map(|q| q.prefix.clone()).collect::<BTreeSet<_>>().into_iter().collect();

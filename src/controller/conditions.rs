@@ -12,6 +12,10 @@ pub const PAUSED: &str = "Paused";
 pub const QUEUE_SHARED: &str = "QueueShared";
 pub const WORKERS_HEARD: &str = "WorkersHeard";
 pub const WORKER_MATCHES: &str = "WorkerMatches";
+/// True when other installations of the operator also watch the TaskQueue (`installations.rs`).
+pub const INSTALLATION_CONFLICT: &str = "InstallationConflict";
+/// Whether kombu's bindings of the pool's queues use the spec's `sep` (see `plan::separator`).
+pub const KEYS_MATCH: &str = "KeysMatch";
 
 /// Condition messages are cut to this many bytes: a spec with hundreds of conflicting routes
 /// would otherwise make a status too large to read (or to store).

@@ -32,6 +32,9 @@ pub struct Memory {
     pub status_write: Option<StatusWrite>,
     /// Since when the pool has had Ready pods (for `WorkersHeard`).
     pub ready_since: Option<Instant>,
+    /// Other installations last seen writing this TaskQueue, and when (see `installations`):
+    /// a write of ours takes their fields over, so their entries do not stay to be seen.
+    pub others: Option<(Vec<crate::controller::installations::Other>, Instant)>,
 }
 
 /// A status write: a hash of what it said, and when. The watch cache shows our own write a

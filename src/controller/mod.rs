@@ -5,6 +5,7 @@ pub mod conditions;
 pub mod deletion_cost;
 pub mod deployment;
 pub mod events;
+pub mod installations;
 pub mod memory;
 pub mod orphans;
 pub mod plan;
@@ -61,6 +62,8 @@ pub struct Settings {
     pub pod_policy: crate::pod_policy::PodPolicy,
     /// Which broker addresses TaskQueues may name (`--broker-allow`; empty: any).
     pub broker_allow: crate::broker::allow::BrokerAllow,
+    /// The field manager of status writes: this installation's own (`installations.rs`).
+    pub status_manager: String,
 }
 
 impl Default for Settings {
@@ -77,6 +80,7 @@ impl Default for Settings {
             concurrency: DEFAULT_CONCURRENCY,
             pod_policy: crate::pod_policy::PodPolicy::default(),
             broker_allow: crate::broker::allow::BrokerAllow::default(),
+            status_manager: deployment::MANAGER.to_string(),
         }
     }
 }
@@ -141,7 +145,7 @@ pub async fn run(
     // managedFields and kubectl's copy of the last applied object are the bulk of an object and
     // nothing here reads them.
     let trim = |t: &mut TaskQueue| {
-        t.managed_fields_mut().clear();
+        installations::trim(t.managed_fields_mut()); // who wrote the status, and when
         t.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
     };
     let tq_watches = watches(&client, &settings.namespaces, &watcher::Config::default(), trim);
@@ -181,6 +185,8 @@ pub async fn run(
         dashboard: settings.dashboard.clone(),
         pod_policy: settings.pod_policy,
         broker_allow: settings.broker_allow.clone(),
+        status_manager: settings.status_manager.clone(),
+        started: jiff::Timestamp::now().as_second(),
     });
     let mut tasks = JoinSet::new();
     let mut holder = Arc::default();

@@ -14,10 +14,11 @@ use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
 use super::conditions::{
-    find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, PAUSED, QUEUE_SHARED, READY, ROUTES_ACCEPTED,
-    SCALING_LIMITED, SPEC_VALID, WORKERS_HEARD, WORKER_MATCHES,
+    find, Conditions, BROKER_REACHABLE, DEPLOYMENT_OWNED, INSTALLATION_CONFLICT, KEYS_MATCH, PAUSED, QUEUE_SHARED,
+    READY, ROUTES_ACCEPTED, SCALING_LIMITED, SPEC_VALID, WORKERS_HEARD, WORKER_MATCHES,
 };
 use super::deployment::{self, owned_by, selector_string};
+use super::installations::{Other, Verdict};
 use super::memory::{Applied, Memory};
 use super::poller::Heard;
 use super::scale_target::TargetCheck;
@@ -33,6 +34,9 @@ pub const REJECT_RETRY: Duration = Duration::from_secs(60);
 const NOT_HEARD_AFTER: Duration = Duration::from_secs(60);
 /// While the heartbeat subscription settles, look again this often.
 const HEARD_SETTLE: Duration = Duration::from_secs(5);
+/// Bindings are sampled once a minute (`poller::read_bindings`): a pool heard whose bindings are
+/// not seen yet is looked at again after this.
+const BINDINGS_RECHECK: Duration = Duration::from_secs(61);
 /// While `WorkersHeard=False`, look again this often (a fix in the app raises no event here).
 const NOT_HEARD_RECHECK: Duration = Duration::from_secs(30);
 
@@ -52,6 +56,8 @@ pub struct Seen {
     pub deployment: Option<Deployment>,
     /// What the scale target's worker command says (`scaleTargetRef`, target found).
     pub target: Option<TargetCheck>,
+    /// Whether another installation of the operator reconciles this TaskQueue too.
+    pub installations: Verdict,
     pub routes: RoutesView,
     /// What the heartbeats say of this pool (None: not registered or not listened long enough).
     pub heard: Option<Heard>,
@@ -126,6 +132,8 @@ pub struct Plan {
     pub scale: Option<ScaleChange>,
     /// Replicas to set on the scale target (`scaleTargetRef`): only `spec.replicas` is written.
     pub scale_target: Option<i32>,
+    /// Another installation reconciles this TaskQueue: write nothing (only `events`).
+    pub stand_back: bool,
     /// Replicas go down: give idle workers the lowest deletion cost first.
     pub scale_in: bool,
     pub paused: bool,
@@ -154,6 +162,7 @@ pub fn plan(tq: &TaskQueue, seen: &Seen) -> Plan {
             restores: None,
             repair: None,
             scale_target: None,
+            stand_back: false,
             status: TaskQueueStatus::default(),
             events: Vec::new(),
             memory: Memory::default(),
@@ -163,6 +172,24 @@ pub fn plan(tq: &TaskQueue, seen: &Seen) -> Plan {
             requeue: None,
         },
     };
+    match &seen.installations {
+        Verdict::StandBack(other) => {
+            d.stand_back(other);
+            return d.finish();
+        }
+        Verdict::First(others) => {
+            d.memory.others = Some((others.clone(), seen.instant));
+            d.installation_conflict(others);
+        }
+        Verdict::Alone => match d.memory.others.clone() {
+            // Our own write took their fields over: remembered for as long as a write counts.
+            Some((others, at)) if seen.instant < at + super::installations::RECENT => d.installation_conflict(&others),
+            _ => {
+                d.memory.others = None;
+                d.memory.warned.remove(INSTALLATION_CONFLICT);
+            }
+        },
+    }
     match &seen.valid {
         Err(invalid) => d.invalid_spec(invalid),
         Ok(valid) => d.valid_spec(valid),
@@ -231,6 +258,39 @@ impl Draft<'_> {
         if let Some(c) = find(&self.conds.list, type_) {
             let (reason, note) = (event_reason(&c.reason), c.message.clone());
             self.announce(EventType::Warning, reason, note);
+        }
+    }
+
+    /// Another installation (whose name sorts first) reconciles this TaskQueue: one Warning
+    /// Event per installation seen, nothing written.
+    fn stand_back(&mut self, other: &Other) {
+        self.out.stand_back = true;
+        if self.memory.warned.get(INSTALLATION_CONFLICT) != Some(&other.manager) {
+            self.memory.warned.insert(INSTALLATION_CONFLICT, other.manager.clone());
+            let note = format!(
+                "another installation of the operator ({}, status written at {}) also reconciles this TaskQueue; this \
+                 one stands back and writes nothing. Give each installation its own namespaces (chart value \
+                 watchNamespaces) and remove this one from this namespace",
+                other.manager, other.at
+            );
+            self.announce(EventType::Warning, "OtherInstallation", note);
+        }
+    }
+
+    /// This installation goes on, and says that others watch the TaskQueue too.
+    fn installation_conflict(&mut self, others: &[Other]) {
+        let names: Vec<String> = others.iter().map(|o| format!("{} (at {})", o.manager, o.at)).collect();
+        let msg = format!(
+            "other installations of the operator also watch this TaskQueue: {}; they stand back while this \
+             installation (whose field manager sorts first) reconciles it. Give each installation its own namespaces \
+             (chart value watchNamespaces)",
+            names.join(", ")
+        );
+        self.conds.set(INSTALLATION_CONFLICT, true, "OtherInstallation", msg);
+        let announced = others.iter().map(|o| o.manager.as_str()).collect::<Vec<_>>().join(",");
+        if self.memory.warned.get(INSTALLATION_CONFLICT) != Some(&announced) {
+            self.memory.warned.insert(INSTALLATION_CONFLICT, announced);
+            self.warn(INSTALLATION_CONFLICT);
         }
     }
 
@@ -471,7 +531,7 @@ impl Draft<'_> {
             Some(h) if h.live > 0 => {
                 let msg = format!("the pool's workers send heartbeats on {}", h.channel);
                 self.conds.set(WORKERS_HEARD, true, "Heard", msg);
-                return None;
+                return self.separator(h);
             }
             Some(_) if now < due => {
                 self.conds.keep(WORKERS_HEARD);
@@ -493,6 +553,33 @@ impl Draft<'_> {
         self.warn_on_failure(WORKERS_HEARD);
         // A fix in the app (not the spec) changes nothing the operator watches: look again.
         Some(NOT_HEARD_RECHECK)
+    }
+
+    /// `KeysMatch`: with the pool heard (so the key prefix is the app's), whether kombu's binding
+    /// of its queues was written with the spec's `sep`. A different one names the priority
+    /// lists differently: tasks sent with a priority would not be counted. Absent until a
+    /// binding has been seen; bindings are read once a minute, so then look again in a minute.
+    fn separator(&mut self, h: &Heard) -> Option<Duration> {
+        let ours = &self.tq.spec.broker.transport_options.sep;
+        if let Some((queue, key, theirs)) = &h.other_sep {
+            let msg = format!(
+                "kombu's binding of queue {queue} ({key:?}) was written with sep {theirs:?}, not \
+                 spec.broker.transportOptions.sep {ours:?}: kombu names the priority lists with it ({:?}, ...), so \
+                 tasks sent with a priority are not counted. Set spec.broker.transportOptions.sep to the \
+                 app's broker_transport_options sep",
+                format!("{queue}{theirs}3")
+            );
+            self.conds.set(KEYS_MATCH, false, "SeparatorMismatch", msg);
+            self.warn_on_failure(KEYS_MATCH);
+        } else if h.sep_matches {
+            let msg = format!("kombu's bindings of the pool's queues use sep {ours:?}, as the spec says");
+            self.conds.set(KEYS_MATCH, true, "Matches", msg);
+            self.transition(KEYS_MATCH);
+        } else {
+            self.conds.keep(KEYS_MATCH);
+            return Some(BINDINGS_RECHECK);
+        }
+        None
     }
 
     /// The main path: decide the replicas, build the Deployment, say why.
@@ -785,6 +872,8 @@ fn event_reason(reason: &str) -> &'static str {
         "BrokerNotAllowed",
         "WorkersNotHeard",
         "WorkerMismatch",
+        "OtherInstallation",
+        "SeparatorMismatch",
         "ScaleTargetNotFound",
         "ScaleTargetConflict",
     ];
@@ -839,6 +928,7 @@ mod tests {
             routes: RoutesView::Published("0 route(s)".into()),
             heard: None,
             target: None,
+            installations: Verdict::Alone,
             memory,
             now: Time(jiff::Timestamp::from_second(1_000_000).unwrap()),
             instant: t0() + Duration::from_secs(100),
@@ -855,7 +945,13 @@ mod tests {
             ready_replicas: Some(2),
             ..Default::default()
         });
-        let heard = |live| Heard { live, pool: "ai-worker@ai".into(), channel: "/0.celeryev/worker.heartbeat".into() };
+        let heard = |live| Heard {
+            live,
+            pool: "ai-worker@ai".into(),
+            channel: "/0.celeryev/worker.heartbeat".into(),
+            other_sep: None,
+            sep_matches: false,
+        };
         let at = |secs: u64, live: usize, memory: Memory| Seen {
             instant: t0() + Duration::from_secs(secs),
             heard: Some(heard(live)),
@@ -881,6 +977,25 @@ mod tests {
         assert_eq!(cond(&heard_now), Some(("True".into(), "Heard".into())));
         // Not listened long enough (None): nothing judged.
         assert_eq!(later.requeue, Some(Duration::from_secs(30)), "while not heard, looked at again");
+        assert_eq!(heard_now.requeue, Some(BINDINGS_RECHECK), "no binding seen yet: a look once they are read");
+        let keys = |p: &Plan| {
+            find(&p.status.conditions, KEYS_MATCH).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        assert_eq!(keys(&heard_now), None, "nothing judged before a binding is seen");
+        let other = Heard {
+            other_sep: Some(("ai_processing".into(), "_kombu.binding.ai_processing".into(), ":".into())),
+            ..heard(2)
+        };
+        let mismatch = plan(&tq, &Seen { heard: Some(other), ..at(180, 2, later.memory.clone()) });
+        let (status, reason, msg) = keys(&mismatch).unwrap();
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "SeparatorMismatch"));
+        assert!(msg.contains("spec.broker.transportOptions.sep") && msg.contains("sep \":\""), "{msg}");
+        assert!(mismatch.events.iter().any(|e| e.reason == "SeparatorMismatch"));
+        let fine = plan(
+            &tq,
+            &Seen { heard: Some(Heard { sep_matches: true, ..heard(2) }), ..at(190, 2, mismatch.memory.clone()) },
+        );
+        assert_eq!(keys(&fine).map(|k| k.0), Some("True".into()));
         let unsure = plan(&tq, &Seen { heard: None, ..at(300, 0, first.memory.clone()) });
         assert_eq!(cond(&unsure), None);
         assert_eq!(unsure.requeue, Some(Duration::from_secs(5)), "the subscription settles: soon again");
@@ -945,6 +1060,44 @@ mod tests {
         let taken = plan(&tq, &seen_with(Some(taken)));
         assert_eq!(cond(&taken, DEPLOYMENT_OWNED), Some(("False".into(), "ScaleTargetConflict".into())));
         assert_eq!(taken.scale_target, None);
+    }
+
+    #[test]
+    fn another_installation_is_said_once_and_the_one_that_stands_back_writes_nothing() {
+        let tq = plain();
+        let other = Other { manager: "taskqueue-operator@ops/a".into(), at: "2026-12-08T02:00:00Z".into() };
+        let back = plan(
+            &tq,
+            &Seen { installations: Verdict::StandBack(other.clone()), ..seen(&tq, read(9), None, Memory::default()) },
+        );
+        assert!(back.stand_back && back.deployment.is_none() && back.scale.is_none());
+        assert_eq!(back.events.len(), 1, "{:?}", back.events);
+        assert!(back.events[0].reason == "OtherInstallation" && back.events[0].note.contains("ops/a"));
+        let again = plan(
+            &tq,
+            &Seen { installations: Verdict::StandBack(other.clone()), ..seen(&tq, read(9), None, back.memory) },
+        );
+        assert!(again.stand_back && again.events.is_empty(), "said once");
+
+        let first = plan(
+            &tq,
+            &Seen { installations: Verdict::First(vec![other]), ..seen(&tq, read(9), None, Memory::default()) },
+        );
+        assert!(!first.stand_back && first.deployment.is_some(), "the first goes on");
+        let c = find(&first.status.conditions, INSTALLATION_CONFLICT).unwrap();
+        assert!(c.status == "True" && c.message.contains("ops/a"), "{c:?}");
+        assert!(first.events.iter().any(|e| e.reason == "OtherInstallation"));
+        // Our write took their fields over, so they are not seen next time: still said, for as
+        // long as a write of theirs counts.
+        let next = plan(&tq, &seen(&tq, read(9), None, first.memory));
+        assert!(find(&next.status.conditions, INSTALLATION_CONFLICT).is_some(), "remembered");
+        assert!(!next.events.iter().any(|e| e.reason == "OtherInstallation"), "not said again");
+        let later = Seen {
+            instant: t0() + Duration::from_secs(100) + super::super::installations::RECENT,
+            ..seen(&tq, read(9), None, next.memory)
+        };
+        let alone = plan(&tq, &later);
+        assert!(find(&alone.status.conditions, INSTALLATION_CONFLICT).is_none(), "gone once they are");
     }
 
     fn ours(tq: &TaskQueue, replicas: i32, generation: i64) -> Deployment {

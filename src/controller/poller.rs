@@ -23,6 +23,7 @@ use tracing::error;
 
 use super::orphans::{Consumers, Judge};
 use crate::broker::heartbeat::{self, PushHook, SharedPush, SharedWorkers};
+use crate::broker::keys::Separator;
 use crate::broker::reader::{InFlight, ReadPlan};
 use crate::broker::resp::Limits;
 use crate::broker::unacked::{Streamed, Tags};
@@ -57,6 +58,11 @@ pub struct Heard {
     pub pool: String,
     /// The heartbeat channel listened to.
     pub channel: String,
+    /// A queue whose kombu binding was written with another `sep` than the spec's: (queue,
+    /// binding key, the separator seen).
+    pub other_sep: Option<(String, String, String)>,
+    /// Whether a binding of the pool's queues was seen written with the spec's `sep`.
+    pub sep_matches: bool,
 }
 
 /// The latest read for one TaskQueue: one entry per query of its target, in order.
@@ -188,6 +194,9 @@ pub struct BrokerState {
     /// Per endpoint: when `notify-keyspace-events` was last asked, and what it said (None: the
     /// user may not ask).
     push_config: Mutex<HashMap<BrokerEndpoint, (Instant, Option<bool>)>>,
+    /// Per endpoint, a few members of each queue's kombu binding set (`binding_key`), read with
+    /// the push configuration: which `sep` the app writes.
+    bindings: Mutex<HashMap<BrokerEndpoint, BindingSamples>>,
     /// Per endpoint, the unacked messages seen so far (each value is read once) and the
     /// connection their values are read on.
     unacked: Mutex<HashMap<BrokerEndpoint, (Tags, Streamed)>>,
@@ -218,6 +227,7 @@ impl BrokerState {
             readers: Mutex::default(),
             heartbeats: Mutex::default(),
             push_config: Mutex::default(),
+            bindings: Mutex::default(),
             prepared: Mutex::default(),
             servers: Mutex::default(),
             unacked: Mutex::default(),
@@ -274,7 +284,20 @@ impl BrokerState {
         let live = workers.lock().expect("lock").live_in_pool(&target.pool, now, Duration::from_secs(10))?;
         let prefix = &target.queries.first()?.prefix;
         let channel = crate::broker::heartbeat::channels(prefix, target.endpoint.db).swap_remove(1);
-        Some(Heard { live, pool: target.pool.clone(), channel })
+        let (mut other_sep, mut sep_matches) = (None, false);
+        if let Some(bindings) = self.bindings.lock().expect("lock").get(&target.endpoint) {
+            for q in &target.queries {
+                let members = bindings.get(&q.binding_key()).map_or(&[][..], Vec::as_slice);
+                match q.separator_seen(members) {
+                    Separator::Matches => sep_matches = true,
+                    Separator::Other(sep) if other_sep.is_none() => {
+                        other_sep = Some((q.queue.clone(), q.binding_key(), sep));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some(Heard { live, pool: target.pool.clone(), channel, other_sep, sep_matches })
     }
 
     /// The live workers seen on the broker of a registered TaskQueue (by heartbeat).
@@ -485,6 +508,8 @@ impl BrokerState {
         if depths.is_ok() && due {
             let configured = heartbeat::notifications_configured(&mut conn).await;
             self.push_config.lock().expect("lock").insert(endpoint.clone(), (Instant::now(), configured));
+            let bindings = read_bindings(&mut conn, prepared.plan.queries()).await;
+            self.bindings.lock().expect("lock").insert(endpoint.clone(), bindings);
         }
         depths
     }
@@ -559,6 +584,7 @@ impl BrokerState {
             unused
         };
         self.push_config.lock().expect("lock").retain(|e, _| want.contains(e));
+        self.bindings.lock().expect("lock").retain(|e, _| want.contains(e));
         self.unacked.lock().expect("lock").retain(|e, _| want.contains(e));
         self.servers.lock().expect("lock").retain(|e, _| want.contains(e));
         for e in unused {
@@ -733,6 +759,31 @@ const PUSH_SEEN: Duration = Duration::from_secs(600);
 
 /// How often a broker's `notify-keyspace-events` is asked (one more command, once a minute).
 const CONFIG_EVERY: Duration = Duration::from_secs(60);
+
+/// A few members of each binding set read (binding key -> members).
+type BindingSamples = HashMap<String, Vec<Vec<u8>>>;
+
+/// Members a binding set is sampled for: the automatic binding is the set's only member in a
+/// Celery app, so a few are plenty, and the reply stays small whatever the set holds.
+const BINDING_SAMPLE: usize = 4;
+
+/// A few members of each query's binding set, in one round trip; a set that cannot be read
+/// (wrong type, no permission) is left out: the check is advice, not part of the read.
+async fn read_bindings<C: redis::aio::ConnectionLike + Send>(conn: &mut C, queries: &[DepthQuery]) -> BindingSamples {
+    let keys: Vec<String> = queries.iter().map(|q| q.binding_key()).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for k in &keys {
+        pipe.cmd("SRANDMEMBER").arg(k).arg(BINDING_SAMPLE);
+    }
+    let Ok(redis::Value::Array(replies)) = pipe.query_async::<redis::Value>(conn).await else {
+        return HashMap::new();
+    };
+    keys.into_iter()
+        .zip(replies)
+        .filter_map(|(k, v)| redis::from_redis_value::<Vec<Vec<u8>>>(v).ok().map(|m| (k, m)))
+        .collect()
+}
 
 /// What makes a reader read before its poll interval is up: a new target, or a push to one of
 /// its queues.

@@ -25,6 +25,7 @@ use super::conditions::BROKER_REACHABLE;
 use super::deletion_cost::{self, DELETION_COST};
 use super::deployment::{self, selector_string, MANAGER};
 use super::events::EventPublisher;
+use super::installations;
 use super::memory::{Applied, Memory, Rejected, StatusWrite, STATUS_CACHE_LAG};
 use super::plan::{self, Announcement, BrokerView, Plan, RoutesView, Seen};
 use super::poller::{BrokerState, Key, Target};
@@ -64,6 +65,10 @@ pub struct Context {
     pub pod_policy: PodPolicy,
     /// Which broker addresses TaskQueues may name.
     pub broker_allow: crate::broker::allow::BrokerAllow,
+    /// This installation's field manager for status writes (`installations.rs`).
+    pub status_manager: String,
+    /// When this process started (Unix seconds): older writes of others are not live.
+    pub started: i64,
 }
 
 impl Context {
@@ -123,6 +128,14 @@ pub async fn reconcile(tq: Arc<TaskQueue>, ctx: Arc<Context>) -> Result<Action, 
     if !ctx.is_leader() {
         return Ok(Action::await_change());
     }
+    if plan.stand_back {
+        // Another installation reconciles this object: write nothing, say so once.
+        for a in std::mem::take(&mut plan.events) {
+            event(&ctx, &tq, a).await;
+        }
+        ctx.memory.lock().expect("lock").insert(key, plan.memory);
+        return Ok(Action::requeue(installations::RECENT / 3));
+    }
     if let Some(refused) = apply(&ctx, &tq, &seen, &mut plan).await? {
         seen.memory.rejected = Some(refused);
         plan = plan::plan(&tq, &seen);
@@ -163,6 +176,11 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
         routes: observe_routes(ctx, tq),
         heard: ctx.broker.heard(key, Instant::now()),
         target,
+        installations: installations::verdict(
+            tq.managed_fields(),
+            &ctx.status_manager,
+            ctx.started.max(now - installations::RECENT.as_secs() as i64),
+        ),
         memory,
         now: Time(jiff::Timestamp::from_second(now).unwrap_or(jiff::Timestamp::UNIX_EPOCH)),
         instant: Instant::now(),
@@ -524,7 +542,7 @@ async fn write_status(
     let api: Api<TaskQueue> = Api::namespaced(ctx.client.clone(), &tq.namespace().unwrap_or_default());
     ctx.metrics.write("status");
     let patch = json!({"apiVersion": "taskqueue.dev/v1alpha1", "kind": "TaskQueue", "status": status});
-    api.patch_status(&tq.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+    api.patch_status(&tq.name_any(), &PatchParams::apply(&ctx.status_manager).force(), &Patch::Apply(&patch))
         .await
         .map_err(|e| Error::WriteStatus(tq.name_any(), e))?;
     Ok(Some(StatusWrite { hash, at: Instant::now() }))

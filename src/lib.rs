@@ -18,6 +18,7 @@ pub mod routing;
 pub mod scaling;
 pub mod timeline;
 pub mod validate;
+pub mod wait_target;
 
 /// A deterministic xorshift generator for the property tests: the same cases every run.
 #[cfg(test)]

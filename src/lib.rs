@@ -16,6 +16,7 @@ pub mod quantity;
 pub mod report;
 pub mod routing;
 pub mod scaling;
+pub mod throughput;
 pub mod timeline;
 pub mod validate;
 pub mod wait_target;

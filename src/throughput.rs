@@ -129,6 +129,47 @@ mod tests {
         assert!((e.mean_task.as_secs_f64() - 10.0).abs() < 1.0, "{e:?}");
     }
 
+    /// Recorded from a real Celery 5 worker (`-c 2`, the demo app's `record` task at
+    /// `TASK_SCALE=0.5`: 0.5 s each) on a real redis-server, subscribed to
+    /// `/0.celeryev/worker.*`: 100 tasks, 20 s idle, 40 tasks, then idle (one line per message,
+    /// `t` in seconds since the recording began).
+    const RECORDED: &str = include_str!("../tests/data/heartbeats-0.5s-c2.jsonl");
+
+    fn replay(span: Duration, until: f64) -> Window {
+        let t0 = Instant::now();
+        let mut w = Window::new(span);
+        for line in RECORDED.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let t = v["t"].as_f64().unwrap();
+            if t > until {
+                break;
+            }
+            let payload = v["payload"].as_str().unwrap().as_bytes();
+            if let Some(crate::broker::workers::WorkerEvent::Alive { hostname, active, processed: Some(p), .. }) =
+                crate::broker::heartbeat::parse_event(payload)
+            {
+                w.add(&hostname, Sample { at: t0 + Duration::from_secs_f64(t), active, processed: p });
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn a_real_workers_heartbeats_give_its_task_duration() {
+        // The whole recording (busy, idle, busy, idle): 140 tasks of 0.5 s.
+        let e = replay(Duration::from_secs(120), f64::MAX).estimate().unwrap();
+        assert_eq!(e.completions, 140);
+        let mean = e.mean_task.as_secs_f64();
+        assert!((mean - 0.5).abs() <= 0.5 * 0.15, "mean task {mean:.3} s, want 0.5 s within 15 %");
+        // In the middle of the first burst (a 10 s window): 2 slots / 0.5 s = 4 tasks a second.
+        let busy = replay(Duration::from_secs(10), 25.0).estimate().unwrap();
+        assert!((busy.completions_per_second - 4.0).abs() <= 0.6, "{busy:?}");
+        assert!((busy.mean_task.as_secs_f64() - 0.5).abs() <= 0.075, "{busy:?}");
+        println!("recorded: whole {mean:.3} s over {} tasks; first burst {busy:?}", e.completions);
+        // Before the first task ends there is nothing to say.
+        assert_eq!(replay(Duration::from_secs(120), 9.0).estimate(), None);
+    }
+
     #[test]
     fn too_few_completions_or_a_restart_give_no_estimate_yet() {
         let t0 = Instant::now();

@@ -55,7 +55,8 @@ pub fn parse_event(payload: &[u8]) -> Option<WorkerEvent> {
             let freq = Duration::from_secs_f64(freq.min(3600.0));
             let pid = event.get("pid").and_then(|p| p.as_i64());
             let online = event.get("type").and_then(|t| t.as_str()) == Some("worker-online");
-            Some(WorkerEvent::Alive { hostname, active, freq, pid, online })
+            let processed = event.get("processed").and_then(|p| p.as_i64()).filter(|p| *p >= 0);
+            Some(WorkerEvent::Alive { hostname, active, freq, pid, online, processed })
         }
         "worker-offline" => Some(WorkerEvent::Offline { hostname }),
         _ => None,
@@ -216,7 +217,8 @@ mod tests {
                 active: 3,
                 freq: Duration::from_secs(2),
                 pid: Some(12),
-                online: false
+                online: false,
+                processed: Some(10)
             })
         );
         let off = envelope(serde_json::json!({"hostname": "demo@pod-a", "type": "worker-offline", "freq": 2.0}));

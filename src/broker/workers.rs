@@ -26,6 +26,8 @@ pub enum WorkerEvent {
         pid: Option<i64>,
         /// `worker-online`: the worker has just started.
         online: bool,
+        /// Tasks the worker received since it started (for `throughput`).
+        processed: Option<i64>,
     },
     Offline {
         hostname: String,
@@ -65,7 +67,7 @@ impl Workers {
 
     pub fn apply(&mut self, event: WorkerEvent, now: Instant) {
         match event {
-            WorkerEvent::Alive { hostname, active, freq, pid, online } => {
+            WorkerEvent::Alive { hostname, active, freq, pid, online, .. } => {
                 let early = self.listening.is_none_or(|l| now.saturating_duration_since(l) <= freq * 2);
                 let since = match self.beats.get(&hostname) {
                     _ if online => Some(now),
@@ -181,7 +183,14 @@ mod tests {
     }
 
     fn event(h: &str, active: i64, pid: i64, online: bool) -> WorkerEvent {
-        WorkerEvent::Alive { hostname: h.into(), active, freq: Duration::from_secs(2), pid: Some(pid), online }
+        WorkerEvent::Alive {
+            hostname: h.into(),
+            active,
+            freq: Duration::from_secs(2),
+            pid: Some(pid),
+            online,
+            processed: None,
+        }
     }
 
     #[test]

@@ -79,8 +79,14 @@ mod tests {
         consumers.add("", "q", "q@q");
         let mut w = Workers::default();
         w.listening(t0);
-        let beat =
-            |h: &str, online| WorkerEvent::Alive { hostname: h.into(), active: 0, freq: s(2), pid: Some(1), online };
+        let beat = |h: &str, online| WorkerEvent::Alive {
+            hostname: h.into(),
+            active: 0,
+            freq: s(2),
+            pid: Some(1),
+            online,
+            processed: None,
+        };
         w.apply(beat("q@q-abc-11111", true), t0 + s(100));
         let workers = HashMap::from([(String::new(), SharedWorkers::new(w.into()))]);
         let judge = Judge::new(&consumers, &workers, t0 + s(101));

@@ -301,11 +301,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// A namespace name (`""` is left out: an empty WATCH_NAMESPACE means all).
 fn parse_namespace(s: &str) -> Result<String, String> {
     let s = s.trim();
-    let ok = s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+    if s.is_empty() || taskqueue_operator::validate::dns_label(s) {
         Ok(s.to_string())
     } else {
         Err(format!("{s:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"))
@@ -327,12 +323,7 @@ fn parse_page_addr(s: &str) -> Result<std::net::SocketAddr, String> {
 
 /// A Lease name: a DNS subdomain (lower-case letters, digits, '-' and '.', at most 253).
 fn parse_lease_name(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric());
-    ok.then(|| s.to_string()).ok_or_else(|| {
+    taskqueue_operator::validate::dns_subdomain(s).then(|| s.to_string()).ok_or_else(|| {
         format!("{s:?} is not a Lease name: lower-case letters, digits, '-' and '.', at most 253, starting and ending alphanumeric")
     })
 }

@@ -259,21 +259,34 @@ fn check_broker(spec: &TaskQueueSpec, p: &mut Problems) {
 /// Celery's worker name before `@` when `-n` is not given (`celery@<hostname>`).
 pub const DEFAULT_NODE_NAME: &str = "celery";
 
+/// A Kubernetes object name (RFC 1123 subdomain: Deployments, Leases): lowercase letters,
+/// digits, '-' and '.', at most 253, starting and ending alphanumeric.
+pub fn dns_subdomain(s: &str) -> bool {
+    dns_name(s, true) && s.len() <= 253
+}
+
+/// A Kubernetes label-style name (RFC 1123 label: namespaces, containers): lowercase letters,
+/// digits and '-', at most 63, starting and ending alphanumeric.
+pub fn dns_label(s: &str) -> bool {
+    dns_name(s, false) && s.len() <= 63
+}
+
+fn dns_name(s: &str, dots: bool) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// `spec.scaleTargetRef`: names the API server would accept.
 fn check_scale_target(t: &ScaleTargetRef, p: &mut Problems) {
-    let dns = |s: &str, dots: bool| {
-        !s.is_empty()
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-    };
-    if !dns(&t.name, true) || t.name.len() > 253 {
+    if !dns_subdomain(&t.name) {
         p.add(
             "spec.scaleTargetRef.name",
             format!("{:?} is not a Deployment name (lowercase letters, digits, '-' and '.'); name the existing Deployment to scale", t.name),
         );
     }
-    if let Some(c) = t.container.as_deref().filter(|c| !dns(c, false) || c.len() > 63) {
+    if let Some(c) = t.container.as_deref().filter(|c| !dns_label(c)) {
         p.add(
             "spec.scaleTargetRef.container",
             format!("{c:?} is not a container name (lowercase letters, digits and '-', at most 63); name the container that runs `celery worker`, or omit it"),

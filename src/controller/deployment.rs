@@ -248,9 +248,14 @@ pub fn owned_by(d: &Deployment, tq: &TaskQueue) -> bool {
     controller_uid(d).is_some_and(|uid| tq.meta().uid.as_deref() == Some(uid))
 }
 
-/// The uid of the object's controller (the owner reference marked `controller`, at most one).
+/// The object's controller: the owner reference marked `controller` (at most one).
+pub fn controller_of(obj: &impl Resource) -> Option<&OwnerReference> {
+    obj.meta().owner_references.iter().flatten().find(|o| o.controller == Some(true))
+}
+
+/// The uid of the object's controller.
 pub fn controller_uid(obj: &impl Resource) -> Option<&str> {
-    obj.meta().owner_references.iter().flatten().find(|o| o.controller == Some(true)).map(|o| o.uid.as_str())
+    controller_of(obj).map(|o| o.uid.as_str())
 }
 
 #[cfg(test)]

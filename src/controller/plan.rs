@@ -447,17 +447,13 @@ impl Draft<'_> {
              the name",
             valid.deployment
         );
-        self.conds.set(DEPLOYMENT_OWNED, false, "ScaleTargetNotFound", msg);
-        self.conds.set(READY, false, "ScaleTargetNotFound", "the Deployment to scale does not exist");
-        self.warn_on_failure(DEPLOYMENT_OWNED);
-        self.deployment_status(None, None);
-        self.status.selector = None;
-        self.out.requeue = Some(TARGET_RECHECK);
+        let ready = "the Deployment to scale does not exist";
+        self.no_target("ScaleTargetNotFound", msg, ready, TARGET_RECHECK);
     }
 
     /// A Deployment the operator writes for some TaskQueue is not a scale target.
     fn target_taken(&mut self, d: &Deployment) {
-        let owner = d.owner_references().iter().find(|o| o.controller == Some(true)).map(|o| o.name.clone());
+        let owner = deployment::controller_of(d).map(|o| o.name.clone());
         let msg = format!(
             "Deployment {} is written by the operator for TaskQueue {} (its controller); spec.scaleTargetRef scales \
              only Deployments the operator does not write: point it at the app's own Deployment, or scale through \
@@ -465,12 +461,19 @@ impl Draft<'_> {
             d.name_any(),
             owner.unwrap_or_default()
         );
-        self.conds.set(DEPLOYMENT_OWNED, false, "ScaleTargetConflict", msg);
-        self.conds.set(READY, false, "ScaleTargetConflict", "the Deployment to scale is another TaskQueue's");
+        let ready = "the Deployment to scale is another TaskQueue's";
+        self.no_target("ScaleTargetConflict", msg, ready, FOREIGN_RECHECK);
+    }
+
+    /// Nothing to scale: `DeploymentOwned` and `Ready` say why, with a Warning Event, and no
+    /// replica figures; looked at again after `recheck` (the target is not watched).
+    fn no_target(&mut self, reason: &'static str, msg: String, ready: &str, recheck: Duration) {
+        self.conds.set(DEPLOYMENT_OWNED, false, reason, msg);
+        self.conds.set(READY, false, reason, ready);
         self.warn_on_failure(DEPLOYMENT_OWNED);
         self.deployment_status(None, None);
         self.status.selector = None;
-        self.out.requeue = Some(FOREIGN_RECHECK);
+        self.out.requeue = Some(recheck);
     }
 
     /// `WorkerMatches` (scale targets): what the target's worker command says against what the
@@ -492,19 +495,20 @@ impl Draft<'_> {
     /// `DeploymentOwned` for the main path: the Deployment is ours, or the scale target.
     fn owned_condition(&mut self, valid: &ValidSpec) {
         let name = &valid.deployment;
-        let msg = match (&valid.scale_target, &self.seen.target) {
-            (None, _) => format!("Deployment {name} is managed by this TaskQueue"),
-            (Some(_), Some(c)) if !c.read => format!(
-                "Deployment {name} (spec.scaleTargetRef) is scaled by this TaskQueue: the operator sets only its \
-                 replicas and its pods' deletion costs; {}",
-                c.summary
-            ),
-            (Some(_), _) => format!(
-                "Deployment {name} (spec.scaleTargetRef) is scaled by this TaskQueue: the operator sets only its \
-                 replicas and its pods' deletion costs"
+        let (reason, mut msg) = match valid.scale_target {
+            None => ("Owned", format!("Deployment {name} is managed by this TaskQueue")),
+            Some(_) => (
+                "ScaleTarget",
+                format!(
+                    "Deployment {name} (spec.scaleTargetRef) is scaled by this TaskQueue: the operator sets only its \
+                     replicas and its pods' deletion costs"
+                ),
             ),
         };
-        let reason = if valid.scale_target.is_some() { "ScaleTarget" } else { "Owned" };
+        // A command that could not be read: say what is not checked.
+        if let Some(c) = self.seen.target.as_ref().filter(|c| !c.read) {
+            msg = format!("{msg}; {}", c.summary);
+        }
         self.conds.set(DEPLOYMENT_OWNED, true, reason, msg);
         self.transition(DEPLOYMENT_OWNED);
     }
@@ -596,17 +600,17 @@ impl Draft<'_> {
         }
         self.pause_condition(paused);
 
-        let matches = match (&self.tq.spec.worker, observed) {
-            (Some(w), _) => {
+        let matches = match &self.tq.spec.worker {
+            Some(w) => {
                 if !self.write_worker(w, valid, observed, current, decision.replicas) {
                     return;
                 }
                 true
             }
-            (None, target) => {
-                let set = target.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(1);
+            None => {
+                let set = observed.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(1);
                 self.out.scale_target = (set != decision.replicas).then_some(decision.replicas);
-                self.status.selector = target.and_then(deployment::selector_of);
+                self.status.selector = observed.and_then(deployment::selector_of);
                 self.worker_matches()
             }
         };
@@ -833,7 +837,7 @@ impl Draft<'_> {
 
 /// Whether `d`'s controller is a TaskQueue (a Deployment the operator writes).
 fn written_by_a_taskqueue(d: &Deployment) -> bool {
-    d.owner_references().iter().any(|o| o.controller == Some(true) && o.kind == "TaskQueue")
+    deployment::controller_of(d).is_some_and(|o| o.kind == "TaskQueue")
 }
 
 /// The scaling knobs of a validated spec.

@@ -287,12 +287,11 @@ impl BrokerState {
         let (mut other_sep, mut sep_matches) = (None, false);
         if let Some(bindings) = self.bindings.lock().expect("lock").get(&target.endpoint) {
             for q in &target.queries {
-                let members = bindings.get(&q.binding_key()).map_or(&[][..], Vec::as_slice);
+                let key = q.binding_key();
+                let members = bindings.get(&key).map_or(&[][..], Vec::as_slice);
                 match q.separator_seen(members) {
                     Separator::Matches => sep_matches = true,
-                    Separator::Other(sep) if other_sep.is_none() => {
-                        other_sep = Some((q.queue.clone(), q.binding_key(), sep));
-                    }
+                    Separator::Other(sep) if other_sep.is_none() => other_sep = Some((q.queue.clone(), key, sep)),
                     _ => {}
                 }
             }

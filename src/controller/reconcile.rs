@@ -152,8 +152,8 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
     let memory = ctx.memory.lock().expect("lock").get(key).cloned().unwrap_or_default();
     // A scale target is read first: its command names the workers the broker side listens for.
     let (target_deployment, target) = match &mut valid {
-        Ok(v) if v.scale_target.is_some() => observe_target(ctx, tq, v).await?,
-        _ => (None, None),
+        Ok(v) => observe_target(ctx, tq, v).await?,
+        Err(_) => (None, None),
     };
     let broker = match &valid {
         Ok(v) => observe_broker(ctx, tq, key, v).await,
@@ -187,7 +187,7 @@ async fn observe(ctx: &Context, tq: &TaskQueue, key: &Key) -> Result<Seen, Error
     })
 }
 
-/// The Deployment `spec.scaleTargetRef` names, read whole (it is not labelled as ours, so not
+/// With `spec.scaleTargetRef`: the Deployment it names, read whole (it is not labelled as ours, so not
 /// in the watch cache), and what its worker command says; the spec takes the worker name and
 /// concurrency from it.
 async fn observe_target(
@@ -358,7 +358,7 @@ fn observe_routes(ctx: &Context, tq: &TaskQueue) -> RoutesView {
 /// throttling) is returned to be planned for; anything else is an error retried with backoff.
 async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> Result<Option<Rejected>, Error> {
     if let Some(replicas) = plan.scale_target {
-        scale_target(ctx, tq, seen, plan, replicas).await?;
+        set_target_replicas(ctx, tq, seen, plan, replicas).await?;
         return Ok(None);
     }
     let Some(desired) = &plan.deployment else { return Ok(None) };
@@ -400,7 +400,13 @@ async fn apply(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan) -> R
 
 /// Set the scale target's `spec.replicas`, and nothing else of it (a merge patch: the app's
 /// chart keeps the template). Before a scale-in, its idle pods get the lowest deletion cost.
-async fn scale_target(ctx: &Context, tq: &TaskQueue, seen: &Seen, plan: &mut Plan, replicas: i32) -> Result<(), Error> {
+async fn set_target_replicas(
+    ctx: &Context,
+    tq: &TaskQueue,
+    seen: &Seen,
+    plan: &mut Plan,
+    replicas: i32,
+) -> Result<(), Error> {
     let (Ok(valid), Some(d)) = (&seen.valid, &seen.deployment) else { return Ok(()) };
     let ns = tq.namespace().unwrap_or_default();
     let name = &valid.deployment;
